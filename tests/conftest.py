@@ -1,0 +1,108 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+# ---------------------------------------------------------------- data: tiny audio fixtures
+
+# Common Voice 23 column order; the loader reads columns by name, not position.
+CV_COLUMNS = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
+              "down_votes", "age", "gender", "accents", "variant", "locale", "segment")
+
+# (split, clip stem, speaker, seconds, sentence). Sentences carry '"' and Turkish capitals on
+# purpose: quote-aware TSV readers and locale-free lowercasing both get them wrong.
+CV_ROWS = (
+    ("train", "common_voice_tr_1", "spk_a", 0.6, 'Bu "çok" güzel bir gün.'),
+    ("train", "common_voice_tr_2", "spk_a", 1.1, "İstanbul'da IŞIK var"),
+    ("train", "common_voice_tr_3", "spk_b", 0.8, "Ağaç, dal ve yaprak!"),
+    ("train", "common_voice_tr_4", "spk_c", 1.4, 'O dedi ki: "gel"'),
+    ("dev", "common_voice_tr_5", "spk_d", 0.7, "Merhaba dünya"),
+    ("dev", "common_voice_tr_6", "spk_d", 0.9, "Nasılsın?"),
+    ("test", "common_voice_tr_7", "spk_e", 1.0, "Görüşürüz"),
+)
+
+
+def write_audio(path, seconds: float, sampling_rate: int, *, channels: int = 1,
+                freq: float = 220.0, seed: int = 0) -> np.ndarray:
+    """Write a tone plus a little noise; the format follows the suffix (.wav/.flac/.mp3/.ogg).
+
+    Returns the written float32 signal ``[samples, channels]``.
+    """
+    import soundfile as sf
+
+    n = int(round(seconds * sampling_rate))
+    t = np.arange(n) / sampling_rate
+    rng = np.random.default_rng(seed)
+    chans = [0.3 * np.sin(2 * np.pi * freq * (c + 1) * t) + 0.01 * rng.standard_normal(n)
+             for c in range(channels)]
+    data = np.stack(chans, axis=1).astype(np.float32)
+    fmt = {".mp3": "MP3", ".ogg": "OGG"}.get(os.path.splitext(str(path))[1].lower())
+    sf.write(str(path), data, sampling_rate, format=fmt)
+    return data
+
+
+def make_cv_folder(root, rows=CV_ROWS, *, sampling_rate: int = 48000, durations: bool = True):
+    """A Common Voice language folder (clips/*.mp3, <split>.tsv, clip_durations.tsv) in ``root``."""
+    root = str(root)
+    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+    by_split: dict[str, list] = {}
+    for k, (split, stem, speaker, seconds, sentence) in enumerate(rows):
+        write_audio(os.path.join(root, "clips", stem + ".mp3"), seconds, sampling_rate,
+                    freq=150.0 + 40 * k, seed=k)
+        by_split.setdefault(split, []).append((stem, speaker, seconds, sentence))
+    for split in ("train", "dev", "test", "validated", "other"):
+        with open(os.path.join(root, f"{split}.tsv"), "w", encoding="utf-8") as f:
+            f.write("\t".join(CV_COLUMNS) + "\n")
+            for k, (stem, speaker, _, sentence) in enumerate(by_split.get(split, [])):
+                values = dict(client_id=speaker, path=stem + ".mp3", sentence_id=f"s{k}",
+                              sentence=sentence, up_votes="2", down_votes="0", locale="tr")
+                f.write("\t".join(values.get(c, "") for c in CV_COLUMNS) + "\n")
+    if durations:
+        with open(os.path.join(root, "clip_durations.tsv"), "w", encoding="utf-8") as f:
+            f.write("clip\tduration[ms]\n")
+            for _, stem, _, seconds, _ in rows:
+                f.write(f"{stem}.mp3\t{int(round(seconds * 1000))}\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cv_dir(tmp_path_factory):
+    """A read-only tiny Common Voice Turkish folder shared by the data tests."""
+    return make_cv_folder(tmp_path_factory.mktemp("cv") / "tr")
+
+
+@pytest.fixture
+def audio_writer():
+    """The :func:`write_audio` helper, as a fixture."""
+    return write_audio
+
+
+@pytest.fixture
+def cv_maker():
+    """The :func:`make_cv_folder` helper, as a fixture."""
+    return make_cv_folder
+
+
+# ---------------------------------------------------------------- measured numbers, printed at the end
+
+_MEASURED: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def report():
+    """`report(name, value)`: a measured figure (parity error, loss...) printed in pytest's summary."""
+    def add(name: str, value) -> None:
+        _MEASURED.append((name, f"{value:.3e}" if isinstance(value, float) else str(value)))
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASURED:
+        terminalreporter.section("measured")
+        width = max(len(name) for name, _ in _MEASURED)
+        for name, value in _MEASURED:
+            terminalreporter.write_line(f"{name:<{width}}  {value}")

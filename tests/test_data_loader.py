@@ -1,0 +1,185 @@
+import functools
+import gc
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+from xlsr_jax.data.audio import normalize_waveform
+from xlsr_jax.data.buckets import bucket_boundaries
+from xlsr_jax.data.loader import BatchLoader
+from xlsr_jax.data.prepare import PreparedDataset, prepare_dataset
+from xlsr_jax.data.sources import Example, parse_source
+from xlsr_jax.text import Vocab, normalize_text
+
+
+class FakeAudio:
+    """Deterministic waveforms without files: clip ``i`` is a tone whose pitch depends on ``i``."""
+
+    def __init__(self, lengths, fail_at=None):
+        self.lengths, self.fail_at = lengths, fail_at
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise OSError(f"clip {i}: disk on fire")
+        n = int(self.lengths[i])
+        return (0.1 * np.sin(np.arange(n) * 0.01 * (i + 1)) + 0.001 * i).astype(np.float32)
+
+
+def fake_dataset(n=53, seed=0, fail_at=None, max_len=16000) -> PreparedDataset:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1000, max_len, size=n).astype(np.int64)
+    labels = [rng.integers(0, 30, size=max(1, int(l) // 400)).astype(np.int32) for l in lengths]
+    return PreparedDataset(texts=[f"t{i}" for i in range(n)], labels=labels, lengths=lengths,
+                           audio=FakeAudio(lengths, fail_at),
+                           examples=[Example(f"/x/{i}.wav", f"t{i}") for i in range(n)])
+
+
+def make_loader(ds, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("boundaries", bucket_boundaries(ds.lengths, 4))
+    return BatchLoader(ds, **kw)
+
+
+def assert_same_batch(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_plan_covers_every_example_once_per_epoch():
+    ds = fake_dataset()
+    loader = make_loader(ds)
+    assert loader.batches_per_epoch == len(loader) == 14  # ceil(53 / 4)
+    plans = [loader.epoch_batches(e) for e in range(3)]
+    for plan in plans:
+        assert len(plan) == loader.batches_per_epoch
+        rows = np.concatenate([idx for _, idx in plan])
+        np.testing.assert_array_equal(np.sort(rows[rows >= 0]), np.arange(len(ds)))
+        assert (rows < 0).sum() == 14 * 4 - 53
+        for bucket, idx in plan:  # every example fits its batch's bucket
+            assert np.all(ds.lengths[idx[idx >= 0]] <= loader.boundaries[bucket])
+    assert [b for b, _ in plans[0]] != [b for b, _ in plans[1]]  # lengths in random order
+    assert make_loader(ds).epoch_batches(1)[3][1].tolist() == plans[1][3][1].tolist()
+
+
+def test_exact_resume_and_determinism():
+    ds = fake_dataset()
+    loader = make_loader(ds, seed=7)
+    stream = loader.iter_from_step(0)
+    reference = list(itertools.islice(stream, 2 * loader.batches_per_epoch + 5))
+    stream.close()
+    for step in (0, 1, 13, 14, 15, 30):
+        resumed = make_loader(ds, seed=7).iter_from_step(step)
+        assert_same_batch(next(resumed), reference[step])
+        assert_same_batch(next(resumed), reference[step + 1])
+        resumed.close()
+    other_seed = next(make_loader(ds, seed=8).iter_from_step(0))
+    assert not np.array_equal(other_seed["index"], reference[0]["index"])
+
+
+def test_batch_contents_and_static_shapes():
+    ds = fake_dataset()
+    loader = make_loader(ds, label_multiple=8)
+    plan = loader.epoch_batches(0)
+    shapes = set()
+    for (bucket, idx), batch in zip(plan, loader.iter_epoch(0)):
+        samples, label_len = loader.shapes[bucket]
+        assert batch["input_values"].shape == batch["attention_mask"].shape == (4, samples)
+        assert batch["labels"].shape == (4, label_len) and label_len % 8 == 0
+        assert batch["input_values"].dtype == np.float32 and batch["labels"].dtype == np.int32
+        assert batch["attention_mask"].dtype == np.int32 and batch["index"].dtype == np.int64
+        np.testing.assert_array_equal(batch["index"], idx)
+        np.testing.assert_array_equal(batch["example_mask"], (idx >= 0).astype(np.float32))
+        for r, i in enumerate(idx):
+            if i < 0:
+                assert not batch["attention_mask"][r].any() and (batch["labels"][r] == -100).all()
+                assert not batch["input_values"][r].any()
+                continue
+            n, label = ds.lengths[i], ds.labels[i]
+            np.testing.assert_allclose(batch["input_values"][r, :n],
+                                       normalize_waveform(ds.audio[i]), atol=1e-6)
+            assert not batch["input_values"][r, n:].any()
+            assert batch["attention_mask"][r].sum() == n and batch["attention_mask"][r, :n].all()
+            np.testing.assert_array_equal(batch["labels"][r, : len(label)], label)
+            assert (batch["labels"][r, len(label):] == -100).all()
+        shapes.add((batch["input_values"].shape, batch["labels"].shape))
+    assert len(shapes) == len({b for b, _ in plan})
+
+
+def test_eval_order_is_stable_and_sorted():
+    ds = fake_dataset()
+    loader = make_loader(ds, shuffle=False)
+    plan = loader.epoch_batches(0)
+    buckets = [b for b, _ in plan]
+    assert buckets == sorted(buckets)
+    assert [i.tolist() for _, i in plan] == [i.tolist() for _, i in loader.epoch_batches(5)]
+    rows = np.concatenate([i for _, i in plan])
+    np.testing.assert_array_equal(rows[rows >= 0], np.argsort(loader.buckets, kind="stable"))
+
+
+def test_process_split_concatenates_to_global_batch():
+    ds = fake_dataset()
+    whole = make_loader(ds, batch_size=4).iter_from_step(3)
+    halves = [make_loader(ds, batch_size=4, process_index=p, process_count=2).iter_from_step(3)
+              for p in (0, 1)]
+    for _ in range(5):
+        full, parts = next(whole), [next(h) for h in halves]
+        assert parts[0]["input_values"].shape[0] == 2
+        for key in full:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
+    with pytest.raises(ValueError, match="batch_size=5.*process_count=2"):
+        make_loader(ds, batch_size=5, process_count=2)
+
+
+def test_padding_beats_random_batching():
+    rng = np.random.default_rng(0)
+    seconds = np.clip(rng.lognormal(np.log(4.0), 0.45, 4000), 1.0, 10.0)
+    lengths = (seconds * 16000).astype(np.int64)
+    ds = PreparedDataset(texts=[""] * len(lengths), labels=[np.zeros(3, np.int32)] * len(lengths),
+                         lengths=lengths, audio=None, examples=[])
+    loader = BatchLoader(ds, batch_size=16, boundaries=bucket_boundaries(lengths, 16))
+    batches = rng.permutation(len(lengths))[: len(lengths) // 16 * 16].reshape(-1, 16)
+    padded = lengths[batches].max(axis=1).sum() * 16
+    random_padding = 1 - lengths[batches].sum() / padded
+    assert loader.padding_fraction < 0.07 < 0.3 < random_padding
+
+
+def test_prefetch_propagates_errors_and_stops():
+    ds = fake_dataset(fail_at=5)
+    loader = make_loader(ds, prefetch=2)
+    with pytest.raises(OSError, match="clip 5: disk on fire"):
+        for _ in loader.iter_epoch(0):
+            pass
+
+    def prefetch_threads():
+        gc.collect()
+        return [t for t in threading.enumerate() if t.name == "xlsr_jax-prefetch" and t.is_alive()]
+
+    ok = make_loader(fake_dataset(), prefetch=3)
+    for k, _ in enumerate(ok.iter_from_step(0)):  # infinite; abandon it half-way
+        if k == 2:
+            break
+    for _ in range(50):
+        if not prefetch_threads():
+            break
+        threading.Event().wait(0.05)
+    assert not prefetch_threads()
+
+
+def test_real_cache_end_to_end(cv_dir, tmp_path):
+    examples = parse_source(f"cv:{cv_dir}:train+dev")
+    normalize = functools.partial(normalize_text, language="tr")
+    vocab = Vocab.build(normalize(e.text) for e in examples)
+    ds, _ = prepare_dataset(examples, vocab=vocab, normalize=normalize, sampling_rate=16000,
+                            cache_dir=tmp_path, num_workers=0)
+    loader = BatchLoader(ds, batch_size=2, boundaries=bucket_boundaries(ds.lengths, 2))
+    seen = []
+    for batch in loader.iter_epoch(0):
+        seen.extend(batch["index"][batch["index"] >= 0].tolist())
+        for i, row in zip(batch["index"], batch["labels"]):
+            text = "".join(vocab.tokens[t] for t in row[row >= 0]).replace("|", " ")
+            assert text == ds.texts[i]
+    assert sorted(seen) == list(range(6))

@@ -1,0 +1,119 @@
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import pytest
+
+from xlsr_jax.data.sources import Example, load_sources, parse_source
+
+
+def test_cv_folder_default_split(cv_dir):
+    examples = parse_source(f"cv:{cv_dir}")
+    assert len(examples) == 4
+    first = examples[0]
+    assert first == Example(
+        path=os.path.join(cv_dir, "clips", "common_voice_tr_1.mp3"),
+        text='Bu "çok" güzel bir gün.',  # quotes survive: QUOTE_NONE
+        speaker="spk_a",
+        duration_s=0.6,
+        source=f"cv:{cv_dir}",
+    )
+    assert examples[3].text == 'O dedi ki: "gel"'
+    assert all(os.path.isabs(e.path) and os.path.isfile(e.path) for e in examples)
+
+
+def test_cv_splits_and_nested_layout(cv_dir, tmp_path):
+    assert len(parse_source(f"cv:{cv_dir}:train+dev")) == 6
+    assert [e.text for e in parse_source(f"cv:{cv_dir}:test")] == ["Görüşürüz"]
+    # The unpacked archive layout: cv-corpus-XX/tr/ below the given folder.
+    nested = tmp_path / "cv-corpus-23.0-2025-09-05"
+    shutil.copytree(cv_dir, nested / "tr")
+    examples = parse_source(f"cv:{tmp_path}:dev")
+    assert [os.path.basename(e.path) for e in examples] == [
+        "common_voice_tr_5.mp3", "common_voice_tr_6.mp3"]
+    with pytest.raises(FileNotFoundError, match=r"nosuch\.tsv.*train"):
+        parse_source(f"cv:{cv_dir}:nosuch")
+
+
+def test_cv_without_durations(cv_maker, tmp_path):
+    root = cv_maker(tmp_path / "tr", rows=[("train", "a", "s", 0.2, "x")], durations=False)
+    (example,) = parse_source(f"cv:{root}")
+    assert example.duration_s is None and example.text == "x"
+
+
+def test_cv_archive_extracted_once(cv_dir, tmp_path):
+    archive = tmp_path / "cv-corpus-23.0-2025-09-05-tr.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cv_dir, arcname="cv-corpus-23.0-2025-09-05/tr")
+    cache = tmp_path / "cache"
+    examples = parse_source(f"cv:{archive}:train+dev", cache_dir=cache)
+    assert len(examples) == 6
+    dest = cache / "cv-corpus-23.0-2025-09-05-tr"
+    assert examples[0].path == str(dest / "cv-corpus-23.0-2025-09-05" / "tr" / "clips" /
+                                   "common_voice_tr_1.mp3")
+    assert os.path.isfile(examples[0].path)
+    assert [p.name for p in cache.iterdir()] == [dest.name]  # no partial folder left behind
+    # Second call reuses the extraction (a marker file we add survives).
+    (dest / "marker").write_text("x")
+    assert parse_source(f"cv:{archive}", cache_dir=cache)[0].path == examples[0].path
+    assert (dest / "marker").exists()
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/abs/evil.txt", "tr/../../evil.txt"])
+def test_cv_archive_rejects_unsafe_members(tmp_path, name):
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tar:
+        member = tarfile.TarInfo(name)  # by hand: tar.add() would strip a leading '/'
+        member.size = 1
+        tar.addfile(member, io.BytesIO(b"x"))
+    with pytest.raises(ValueError, match="unsafe member"):
+        parse_source(f"cv:{archive}", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "bad").exists()
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_manifests(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "m.tsv").write_text('audio_path\ttext\tduration\n'
+                                    'a/1.wav\tsays "hi"\t1.5\n/abs/2.flac\tb\t\n')
+    (tmp_path / "m.csv").write_text('file,transcription,client_id\na/1.wav,"x, y",spk\n')
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"audio": {"path": "a/1.wav"}, "sentence": "z", "duration_s": 2}) + "\n\n"
+        + json.dumps({"audio_filepath": "2.wav", "text": "w", "speaker": "s9"}) + "\n")
+    tsv = parse_source(f"manifest:{tmp_path / 'm.tsv'}")
+    assert tsv[0] == Example(str(tmp_path / "a" / "1.wav"), 'says "hi"', "", 1.5,
+                             f"manifest:{tmp_path / 'm.tsv'}")
+    assert tsv[1].path == "/abs/2.flac" and tsv[1].duration_s is None
+    (csv_ex,) = parse_source(f"manifest:{tmp_path / 'm.csv'}")
+    assert (csv_ex.text, csv_ex.speaker) == ("x, y", "spk")
+    jsonl = parse_source(f"manifest:{tmp_path / 'm.jsonl'}")
+    assert [(e.path, e.text, e.duration_s, e.speaker) for e in jsonl] == [
+        (str(tmp_path / "a" / "1.wav"), "z", 2.0, ""), (str(tmp_path / "2.wav"), "w", None, "s9")]
+
+
+def test_manifest_missing_column_lists_columns(tmp_path):
+    (tmp_path / "m.tsv").write_text("wav\tsentence\nx.wav\thi\n")
+    with pytest.raises(ValueError, match=r"m\.tsv.*no path column.*columns found: \['wav', "):
+        parse_source(f"manifest:{tmp_path / 'm.tsv'}")
+    with pytest.raises(FileNotFoundError, match="nope.tsv"):
+        parse_source(f"manifest:{tmp_path / 'nope.tsv'}")
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(ValueError, match="hub datasets are not supported yet"):
+        parse_source("hf:mozilla-foundation/common_voice_17_0:tr:train")
+    with pytest.raises(ValueError, match="valid schemes: cv:PATH"):
+        parse_source("s3://bucket/data")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        parse_source(f"cv:{tmp_path / 'nowhere'}:train")
+    with pytest.raises(FileNotFoundError, match="no Common Voice TSVs"):
+        parse_source(f"cv:{tmp_path}")
+
+
+def test_load_sources_concatenates(cv_dir):
+    both = load_sources([f"cv:{cv_dir}:train", f"cv:{cv_dir}:test"])
+    assert len(both) == 5 and both[-1].source == f"cv:{cv_dir}:test"
+    assert load_sources(f"cv:{cv_dir}:train,cv:{cv_dir}:dev") == load_sources(
+        [f"cv:{cv_dir}:train", f"cv:{cv_dir}:dev"])

@@ -1,0 +1,96 @@
+"""Audio decoding and waveform normalisation (host-side numpy).
+
+Decoding goes through soundfile (libsndfile reads MP3, WAV, FLAC, OGG) and librosa's soxr
+resampler; never through torchcodec / datasets' decoding, whose wheels are not portable.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import soundfile as sf
+
+
+# Containers libsndfile 1.2 decodes itself; anything else (m4a, aac, webm, wma, ...) goes to
+# librosa.load, i.e. audioread / ffmpeg.
+SOUNDFILE_EXTENSIONS = frozenset({
+    ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".caf",
+    ".w64", ".rf64",
+})
+
+
+class AudioError(Exception):
+    """A clip could not be decoded; the message names the file."""
+
+
+def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``sampling_rate``: ``[samples]``.
+
+    Channels are averaged; other rates are resampled with soxr (high quality, see
+    :func:`resample`). Containers libsndfile lacks (m4a, webm, ...) fall back to
+    ``librosa.load`` (audioread / ffmpeg).
+    """
+    try:
+        try:
+            data, rate = sf.read(path, dtype="float32", always_2d=True)  # [samples, channels]
+            wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
+            if not os.path.exists(path):
+                raise FileNotFoundError("no such file") from sf_err
+            # For formats libsndfile reads, its error is final: the file is broken, and
+            # audioread would start ffmpeg for seconds per bad clip to say the same.
+            if os.path.splitext(path)[1].lower() in SOUNDFILE_EXTENSIONS:
+                raise
+            wav, rate = _librosa_load(path, sampling_rate), sampling_rate
+        if rate != sampling_rate:
+            wav = resample(wav, rate, sampling_rate)
+    except Exception as err:  # noqa: BLE001 - any decoder failure becomes a named AudioError
+        raise AudioError(f"{path}: cannot decode ({err or type(err).__name__})") from err
+    wav = np.ascontiguousarray(wav, dtype=np.float32)
+    if wav.size == 0:
+        raise AudioError(f"{path}: cannot decode (no samples)")
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path}: cannot decode (non-finite samples)")
+    return wav
+
+
+def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """``[samples]`` at ``orig_sr`` -> ``[samples']`` at ``target_sr`` with soxr (high quality).
+
+    Same numbers as ``librosa.resample(..., res_type="soxr_hq")``, which calls soxr itself, but
+    without librosa's first-call import of scipy.signal (~3 s in every decoding worker).
+    """
+    try:
+        import soxr
+    except ImportError:  # librosa without soxr installed: let librosa pick its default
+        import librosa
+
+        return librosa.resample(wav, orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
+    return soxr.resample(wav, orig_sr, target_sr, quality="soxr_hq")
+
+
+def _librosa_load(path: str, sampling_rate: int) -> np.ndarray:
+    import librosa
+
+    with warnings.catch_warnings():
+        # librosa warns "PySoundFile failed. Trying audioread instead." - that is the point here.
+        warnings.simplefilter("ignore")
+        wav, _ = librosa.load(path, sr=sampling_rate, mono=True, res_type="soxr_hq")
+    return wav
+
+
+def normalize_waveform(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance of one utterance ``[samples]`` -> float32 ``[samples]``.
+
+    Same formula as ``Wav2Vec2FeatureExtractor(do_normalize=True)``:
+    ``(x - mean) / sqrt(var + 1e-7)``. Statistics in float64 so long clips do not drift.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        return x
+    x64 = x.astype(np.float64)
+    mean = x64.mean()
+    var = x64.var()
+    return ((x64 - mean) / np.sqrt(var + 1e-7)).astype(np.float32)
