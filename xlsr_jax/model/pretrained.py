@@ -8,6 +8,7 @@ get a fresh CTC head of `vocab_size`.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -179,6 +180,7 @@ def save_pytorch_weights(
     """Write `config.json` and `model.safetensors` that transformers' `Wav2Vec2ForCTC` loads."""
     from safetensors.numpy import save_file
 
+    config = copy.deepcopy(config)  # the caller's (often the model's own) config stays as it was
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = flax_to_pytorch(jax.device_get(params), weight_norm_style)

@@ -10,35 +10,16 @@ with `deterministic=False`; every shape is static so the whole model jits once p
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any, Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from transformers import Wav2Vec2Config
 
+from xlsr_jax.model.common import Dtype, dense_init
+from xlsr_jax.model.encoder import Encoder
+from xlsr_jax.model.feature_encoder import FeatureEncoder, FeatureProjection
 from xlsr_jax.model.masking import compute_span_mask
-
-Dtype = Any
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
 
 
 def check_config(config: Wav2Vec2Config) -> None:
@@ -79,261 +60,6 @@ def frame_mask_from_attention_mask(config: Wav2Vec2Config, attention_mask: jax.A
     """
     lengths = feat_extract_output_lengths(config, attention_mask.astype(jnp.int32).sum(-1))
     return jnp.arange(num_frames)[None, :] < lengths[:, None]
-
-
-# --- initialisers matching Hugging Face's `_init_weights` -------------------------------------------------
-
-
-def _dense_init(config: Wav2Vec2Config):
-    return nn.initializers.normal(stddev=config.initializer_range)
-
-
-def _uniform(limit: float):
-    def init(rng, shape, dtype=jnp.float32):
-        return jax.random.uniform(rng, shape, dtype, -limit, limit)
-
-    return init
-
-
-# torch's kaiming_normal_ (fan_in, gain sqrt(2)), untruncated.
-_kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-
-# --- feature encoder ----------------------------------------------------------------------------------
-
-
-class ConvLayer(nn.Module):
-    """One strided conv of the feature encoder, with its norm and activation. x: [batch, time, channels]."""
-
-    config: Wav2Vec2Config
-    layer_id: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c, i = self.config, self.layer_id
-        in_dim = c.conv_dim[i - 1] if i > 0 else 1
-        x = nn.Conv(
-            c.conv_dim[i],
-            kernel_size=(c.conv_kernel[i],),
-            strides=(c.conv_stride[i],),
-            padding="VALID",
-            use_bias=c.conv_bias,
-            dtype=self.dtype,
-            kernel_init=_kaiming_normal,
-            bias_init=_uniform(math.sqrt(1.0 / (in_dim * c.conv_kernel[i]))),
-            name="conv",
-        )(x)
-        if c.feat_extract_norm == "layer":
-            x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="layer_norm")(x)
-        elif i == 0:  # "group": torch GroupNorm(num_groups=channels) normalises each channel over time
-            x = nn.GroupNorm(num_groups=c.conv_dim[0], epsilon=1e-5, dtype=self.dtype, name="layer_norm")(x)
-        return activation(c.feat_extract_activation)(x)
-
-
-class ConvLayerCollection(nn.Module):
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        layer_cls = nn.remat(ConvLayer) if self.gradient_checkpointing else ConvLayer
-        for i in range(len(self.config.conv_dim)):
-            x = layer_cls(self.config, i, self.dtype, name=str(i))(x)
-        return x
-
-
-class FeatureEncoder(nn.Module):
-    """input_values [batch, samples] -> features [batch, frames, conv_dim[-1]]."""
-
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
-
-    @nn.compact
-    def __call__(self, input_values: jax.Array) -> jax.Array:
-        x = input_values.astype(self.dtype)[..., None]
-        return ConvLayerCollection(self.config, self.dtype, self.gradient_checkpointing, name="conv_layers")(x)
-
-
-class FeatureProjection(nn.Module):
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, features: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
-        """features [batch, frames, conv_dim[-1]] -> (hidden [batch, frames, hidden], normed features)."""
-        c = self.config
-        normed = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(features)
-        limit = math.sqrt(1.0 / c.conv_dim[-1])
-        hidden = nn.Dense(
-            c.hidden_size,
-            dtype=self.dtype,
-            kernel_init=_uniform(limit),
-            bias_init=_uniform(limit),
-            name="projection",
-        )(normed)
-        hidden = nn.Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
-        return hidden, normed
-
-
-# --- transformer encoder ------------------------------------------------------------------------------
-
-
-class WeightNormConv(nn.Module):
-    """Grouped conv with torch-style weight norm over dim 2; params in PyTorch layout.
-
-    weight_v [out, in/groups, kernel], weight_g [1, 1, kernel]: kernel = g * v / ||v||, norm over (0, 1).
-    """
-
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        width, groups, hidden = c.num_conv_pos_embeddings, c.num_conv_pos_embedding_groups, c.hidden_size
-        std = 2 * math.sqrt(1.0 / (width * hidden))
-        weight_v = self.param(
-            "weight_v", nn.initializers.normal(stddev=std), (hidden, hidden // groups, width), jnp.float32
-        )
-        weight_g = self.param(
-            "weight_g", lambda _: jnp.linalg.norm(weight_v, axis=(0, 1), keepdims=True)
-        )
-        bias = self.param("bias", nn.initializers.zeros, (hidden,), jnp.float32)
-        kernel = weight_g * weight_v / jnp.linalg.norm(weight_v, axis=(0, 1), keepdims=True)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(1,),
-            padding=[(width // 2, width // 2)],
-            dimension_numbers=("NWC", "OIW", "NWC"),
-            feature_group_count=groups,
-        )
-        return y + bias.astype(self.dtype)
-
-
-class PositionalConvEmbedding(nn.Module):
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [batch, frames, hidden] -> relative positional embedding, same shape."""
-        y = WeightNormConv(self.config, self.dtype, name="conv")(x)
-        if self.config.num_conv_pos_embeddings % 2 == 0:  # torch's SamePad: drop the extra frame
-            y = y[:, :-1]
-        return activation(self.config.feat_extract_activation)(y)
-
-
-class Attention(nn.Module):
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
-        """x [batch, frames, hidden]; bias float32 [batch, 1, 1, frames] additive key mask."""
-        c = self.config
-        heads = c.num_attention_heads
-        head_dim = c.hidden_size // heads
-        dense = functools.partial(nn.Dense, c.hidden_size, dtype=self.dtype, kernel_init=_dense_init(c))
-        split = lambda y: y.reshape(*y.shape[:2], heads, head_dim)  # noqa: E731
-        q = split(dense(name="q_proj")(x))
-        k = split(dense(name="k_proj")(x))
-        v = split(dense(name="v_proj")(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
-        probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-        return dense(name="out_proj")(out)
-
-
-class FeedForward(nn.Module):
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        c = self.config
-        init = _dense_init(c)
-        x = nn.Dense(c.intermediate_size, dtype=self.dtype, kernel_init=init, name="intermediate_dense")(x)
-        x = activation(c.hidden_act)(x)
-        x = nn.Dropout(c.activation_dropout)(x, deterministic=deterministic)
-        x = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="output_dense")(x)
-        return nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
-
-
-class EncoderLayer(nn.Module):
-    """Post-LN layer (base models) or pre-LN "stable" layer (large / XLSR), per `do_stable_layer_norm`."""
-
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
-        c = self.config
-        norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype)
-        attention = Attention(c, self.dtype, name="attention")
-        dropout = nn.Dropout(c.hidden_dropout)
-        feed_forward = FeedForward(c, self.dtype, name="feed_forward")
-        layer_norm, final_layer_norm = norm(name="layer_norm"), norm(name="final_layer_norm")
-        if c.do_stable_layer_norm:
-            x = x + dropout(attention(layer_norm(x), bias, deterministic), deterministic=deterministic)
-            return x + feed_forward(final_layer_norm(x), deterministic)
-        x = layer_norm(x + dropout(attention(x, bias, deterministic), deterministic=deterministic))
-        return final_layer_norm(x + feed_forward(x, deterministic))
-
-
-def _skip_layer(layer: nn.Module, x, bias):
-    return x
-
-
-def _run_layer(layer: nn.Module, x, bias):
-    return layer(x, bias, False)
-
-
-class EncoderLayerCollection(nn.Module):
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
-        c = self.config
-        # `deterministic` is argument 3 counting self; it must be static to pick dropout on or off.
-        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.gradient_checkpointing else EncoderLayer
-        for i in range(c.num_hidden_layers):
-            layer = layer_cls(c, self.dtype, name=str(i))
-            if deterministic or c.layerdrop <= 0.0:
-                x = layer(x, bias, deterministic)
-            else:
-                # LayerDrop: skip the whole layer with probability `layerdrop`, really skipping its compute.
-                skip = jax.random.uniform(self.make_rng("dropout")) < c.layerdrop
-                x = nn.cond(skip, _skip_layer, _run_layer, layer, x, bias)
-        return x
-
-
-class Encoder(nn.Module):
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array, frame_mask: jax.Array, deterministic: bool) -> jax.Array:
-        """x [batch, frames, hidden], frame_mask bool [batch, frames] -> [batch, frames, hidden]."""
-        c = self.config
-        x = jnp.where(frame_mask[..., None], x, 0)  # padded frames must not leak into the positional conv
-        bias = jnp.where(frame_mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-        x = x + PositionalConvEmbedding(c, self.dtype, name="pos_conv_embed")(x)
-        layer_norm = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")
-        if not c.do_stable_layer_norm:
-            x = layer_norm(x)
-        x = nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
-        x = EncoderLayerCollection(c, self.dtype, self.gradient_checkpointing, name="layers")(
-            x, bias, deterministic
-        )
-        return layer_norm(x) if c.do_stable_layer_norm else x
 
 
 # --- whole model --------------------------------------------------------------------------------------
@@ -421,7 +147,7 @@ class FlaxWav2Vec2ForCTC(nn.Module):
         )
         self.final_dropout = nn.Dropout(self.config.final_dropout)
         self.lm_head = nn.Dense(
-            self.config.vocab_size, dtype=self.dtype, kernel_init=_dense_init(self.config), name="lm_head"
+            self.config.vocab_size, dtype=self.dtype, kernel_init=dense_init(self.config), name="lm_head"
         )
 
     def __call__(self, input_values, attention_mask=None, deterministic: bool = True, mask_time_indices=None):

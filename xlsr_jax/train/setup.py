@@ -1,0 +1,140 @@
+"""Building what a run needs from its config: vocabulary, datasets and loaders, model, sharded state."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from transformers import Wav2Vec2Config
+
+from xlsr_jax import parallel
+from xlsr_jax.config import Config, ModelConfig
+from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, load_sources, prepare_dataset
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, load_pretrained
+from xlsr_jax.model.pretrained import resolve_model_dir
+from xlsr_jax.text import Vocab, normalize_text
+from xlsr_jax.train.optim import build_optimizer
+from xlsr_jax.train.state import TrainState, create_state
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_RATE = 16000
+
+
+@dataclasses.dataclass
+class Data:
+    vocab: Vocab
+    train: BatchLoader
+    eval: BatchLoader | None
+    reports: dict[str, dict]
+
+
+def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """At most `limit` examples, drawn at random (a prefix would often be one speaker)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
+    return [examples[i] for i in keep]
+
+
+def resolve_vocab(config: Config, texts: list[str], output_dir: Path) -> Vocab:
+    """An explicit `data.vocab`, else the run's own vocab.json (resuming), else built from `texts`."""
+    if config.data.vocab:
+        return Vocab.load(config.data.vocab)
+    own = output_dir / "vocab.json"
+    if own.exists():
+        return Vocab.load(own)
+    return Vocab.build(texts)
+
+
+def model_overrides(config: ModelConfig, vocab: Vocab) -> dict[str, Any]:
+    """`Wav2Vec2Config` fields this run sets on top of the checkpoint's (or architecture's) own."""
+    return {**config.regularisation(), "vocab_size": len(vocab), "pad_token_id": vocab.pad_id,
+            "ctc_zero_infinity": True}
+
+
+def model_config(config: ModelConfig, vocab: Vocab) -> Wav2Vec2Config:
+    if config.pretrained:
+        base = Wav2Vec2Config.from_pretrained(resolve_model_dir(config.pretrained))
+    else:
+        base = Wav2Vec2Config(**config.architecture)
+    for key, value in model_overrides(config, vocab).items():
+        setattr(base, key, value)
+    return base
+
+
+def build_data(config: Config, output_dir: Path, mesh: Mesh, batch_size: int, eval_batch_size: int) -> Data:
+    """Sources -> vocab -> decoded, filtered datasets -> bucketed loaders for this process's rows."""
+    d = config.data
+    cache_dir = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax")
+    if not d.train:
+        raise ValueError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
+    archives = os.path.join(cache_dir, "cv")  # where Common Voice .tar.gz archives are extracted
+    train_examples = _subset(load_sources(list(d.train), cache_dir=archives), d.max_train_examples, config.train.seed)
+    eval_examples = _subset(load_sources(list(d.eval), cache_dir=archives), d.max_eval_examples, config.train.seed) \
+        if d.eval else []
+    normalize = functools.partial(normalize_text, language=d.language, lowercase=d.lowercase,
+                                  chars_to_ignore=d.chars_to_ignore)
+    vocab = resolve_vocab(config, [normalize(e.text) for e in train_examples + eval_examples], output_dir)
+    w2v_config = model_config(config.model, vocab)
+    common = dict(vocab=vocab, normalize=normalize, sampling_rate=SAMPLING_RATE,
+                  cache_dir=os.path.join(cache_dir, "audio"), num_workers=d.num_workers,
+                  frames_fn=lambda n: feat_extract_output_lengths(w2v_config, n))
+    train_set, train_report = prepare_dataset(train_examples, min_duration_s=d.min_duration_s,
+                                              max_duration_s=d.max_duration_s, name="train", **common)
+    loader_args = dict(process_index=jax.process_index(), process_count=jax.process_count(), prefetch=d.prefetch)
+    train = BatchLoader(train_set, batch_size=batch_size, seed=config.train.seed, shuffle=True,
+                        boundaries=bucket_boundaries(train_set.lengths, d.num_buckets), **loader_args)
+    reports, evaluation = {"train": train_report}, None
+    if eval_examples:
+        eval_set, reports["eval"] = prepare_dataset(eval_examples, drop_infeasible=False, name="eval", **common)
+        evaluation = BatchLoader(eval_set, batch_size=eval_batch_size, shuffle=False,
+                                 boundaries=bucket_boundaries(eval_set.lengths, d.eval_num_buckets), **loader_args)
+    return Data(vocab, train, evaluation, reports)
+
+
+def build_model(config: Config, vocab: Vocab) -> tuple[FlaxWav2Vec2ForCTC, dict | None]:
+    """The model, and host (numpy) params when starting from a pretrained checkpoint."""
+    m = config.model
+    dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
+    kwargs = dict(dtype=dtype, gradient_checkpointing=m.gradient_checkpointing,
+                  freeze_feature_encoder=m.freeze_feature_encoder)
+    if m.pretrained:
+        return load_pretrained(m.pretrained, seed=config.train.seed, **kwargs,
+                               **model_overrides(m, vocab))
+    return FlaxWav2Vec2ForCTC(model_config(m, vocab), **kwargs), None
+
+
+def _put(host_params: dict, shardings: Any) -> Any:
+    """Host numpy params -> global arrays; each process fills only the shards its devices hold."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host_params, shardings)
+
+
+def build_state(config: Config, model: FlaxWav2Vec2ForCTC, host_params: dict | None, mesh: Mesh,
+                total_steps: int) -> tuple[TrainState, Any, optax.GradientTransformation, optax.Schedule]:
+    """(state built already sharded, its shardings, optimizer, lr schedule)."""
+    abstract_params = model.abstract_params()
+    tx, schedule = build_optimizer(config.optim, total_steps, abstract_params, config.model.freeze_feature_encoder)
+    seed = config.train.seed
+    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, seed), abstract_params)
+    shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
+    if host_params is None:
+        def init(rng):
+            params = model.init(rng, jnp.zeros((1, 16000), jnp.float32), deterministic=True)["params"]
+            return create_state(params, tx, seed)
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    else:
+        params = _put(host_params, shardings.params)
+        state = jax.jit(lambda p: create_state(p, tx, seed), out_shardings=shardings)(params)
+    return state, shardings, tx, schedule
+

@@ -1,0 +1,109 @@
+"""Pure train and eval steps. Jitted once (per bucket shape) with shardings by the loop.
+
+A batch is a dict of global arrays, batch dimension first:
+  input_values float32 [B, S], attention_mask int32 [B, S], labels int32 [B, L] (-100 padded),
+  example_mask float32 [B] (0 for filler rows), index int64 [B].
+With gradient accumulation B = accum * micro; the step scans over the `accum` micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, frame_mask_from_attention_mask
+from xlsr_jax.train.state import TrainState
+
+MODEL_INPUTS = ("input_values", "attention_mask", "labels", "example_mask")
+
+
+def _loss(params, batch, rng, *, model: FlaxWav2Vec2ForCTC, blank_id: int, reduction: str, normalizer):
+    """Objective of one micro-batch, scaled so the micro-batches of a step sum to the step's loss."""
+    logits = model.apply({"params": params}, batch["input_values"], batch["attention_mask"],
+                         deterministic=False, rngs={"dropout": rng})
+    frame_mask = frame_mask_from_attention_mask(model.config, batch["attention_mask"], logits.shape[1])
+    loss, aux = ctc_loss(logits, frame_mask, batch["labels"], blank_id=blank_id, reduction=reduction,
+                         example_mask=batch["example_mask"])
+    if reduction == "mean":  # ctc_loss averaged over this micro-batch's examples; re-weight to the step's
+        loss = loss * jnp.maximum(batch["example_mask"].sum(), 1.0) / normalizer
+    return loss, aux["num_infeasible"]
+
+
+def _micro_batches(batch: dict, accum: int) -> dict:
+    """[accum * micro, ...] -> [accum, micro, ...] keeping each device's rows on that device.
+
+    Row r goes to micro-batch r % accum, so a device's contiguous block of rows spreads over all
+    micro-batches and the sharded (micro) axis needs no communication.
+    """
+    def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return {k: split(batch[k]) for k in MODEL_INPUTS}
+
+
+def train_step(state: TrainState, batch: dict, *, model: FlaxWav2Vec2ForCTC, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, blank_id: int, reduction: str, accum: int = 1
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update. A non-finite loss or gradient leaves params and optimizer state untouched
+    (the update is skipped and counted in `state.skipped`)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    normalizer = jnp.maximum(batch["example_mask"].sum(), 1.0) if reduction == "mean" else 1.0
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    kwargs = dict(model=model, blank_id=blank_id, reduction=reduction, normalizer=normalizer)
+    if accum == 1:
+        (loss, infeasible), grads = grad_fn(state.params, batch, rng, **kwargs)
+    else:
+        def body(carry, xs):
+            micro, index = xs
+            (loss, infeasible), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, index), **kwargs)
+            acc_grads, acc_loss, acc_inf = carry
+            return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss, acc_inf + infeasible), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, loss, infeasible), _ = jax.lax.scan(
+            body, init, (_micro_batches(batch, accum), jnp.arange(accum)))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "infeasible": infeasible,
+        "skipped": (~finite).astype(jnp.int32),
+        "examples": batch["example_mask"].sum(),
+    }
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict, *, model: FlaxWav2Vec2ForCTC, blank_id: int, reduction: str
+              ) -> dict[str, jax.Array]:
+    """Loss terms and greedy predictions of one batch.
+
+    Returns loss_sum float32 [] (sum over real examples of their loss, per-token for "mean"),
+    examples float32 [], pred_ids int32 [B, frames] and frames int32 [B] (valid frames per row).
+    """
+    logits = model.apply({"params": params}, batch["input_values"], batch["attention_mask"], deterministic=True)
+    frame_mask = frame_mask_from_attention_mask(model.config, batch["attention_mask"], logits.shape[1])
+    loss, _ = ctc_loss(logits, frame_mask, batch["labels"], blank_id=blank_id, reduction=reduction,
+                       example_mask=batch["example_mask"])
+    examples = batch["example_mask"].sum()
+    loss_sum = loss * jnp.maximum(examples, 1.0) if reduction == "mean" else loss
+    return {
+        "loss_sum": loss_sum,
+        "examples": examples,
+        "pred_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        "frames": frame_mask.sum(-1).astype(jnp.int32),
+    }
