@@ -1,4 +1,3 @@
-import functools
 import logging
 
 import numpy as np
@@ -8,7 +7,9 @@ from xlsr_jax.data.prepare import ctc_min_frames, prepare_dataset
 from xlsr_jax.data.sources import Example, parse_source
 from xlsr_jax.text import Vocab, normalize_text
 
-tr_normalize = functools.partial(normalize_text, language="tr")
+
+def tr_normalize(example):
+    return normalize_text(example.text, language="tr")
 
 
 def frames_320(samples: np.ndarray) -> np.ndarray:
@@ -23,7 +24,7 @@ def test_ctc_min_frames():
 
 def test_common_voice_end_to_end(cv_dir, tmp_path, caplog):
     examples = parse_source(f"cv:{cv_dir}:train+dev")
-    vocab = Vocab.build(tr_normalize(e.text) for e in examples)
+    vocab = Vocab.build(tr_normalize(e) for e in examples)
     with caplog.at_level(logging.INFO):
         ds, report = prepare_dataset(
             examples, vocab=vocab, normalize=tr_normalize, sampling_rate=16000,
@@ -56,7 +57,7 @@ def _examples(tmp_path, audio_writer):
 
 def test_filters_and_report(tmp_path, audio_writer):
     examples = _examples(tmp_path, audio_writer)
-    vocab = Vocab.build(tr_normalize(e.text) for e in examples)
+    vocab = Vocab.build(tr_normalize(e) for e in examples)
     common = dict(vocab=vocab, normalize=tr_normalize, sampling_rate=16000,
                   cache_dir=tmp_path / "cache", num_workers=0, min_duration_s=0.3,
                   max_duration_s=1.2, frames_fn=frames_320)
@@ -78,7 +79,7 @@ def test_repeats_count_towards_feasibility(tmp_path, audio_writer):
     audio_writer(tmp_path / "x.wav", 0.1, 16000)  # 1600 samples -> 5 frames
     examples = [Example(str(tmp_path / "x.wav"), "aabb"), Example(str(tmp_path / "x.wav"), "abab")]
     vocab = Vocab.build(["ab"])
-    ds, report = prepare_dataset(examples, vocab=vocab, normalize=str, sampling_rate=16000,
+    ds, report = prepare_dataset(examples, vocab=vocab, normalize=lambda e: e.text, sampling_rate=16000,
                                  cache_dir=tmp_path / "c", num_workers=0, frames_fn=frames_320)
     # 'aabb' needs 4 labels + 2 blanks = 6 > 5 frames; 'abab' needs 4.
     assert ds.texts == ["abab"] and report["infeasible"] == 1

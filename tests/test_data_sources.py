@@ -19,6 +19,7 @@ def test_cv_folder_default_split(cv_dir):
         speaker="spk_a",
         duration_s=0.6,
         source=f"cv:{cv_dir}",
+        language="tr",  # the TSV's locale column
     )
     assert examples[3].text == 'O dedi ki: "gel"'
     assert all(os.path.isabs(e.path) and os.path.isfile(e.path) for e in examples)
@@ -41,6 +42,20 @@ def test_cv_without_durations(cv_maker, tmp_path):
     root = cv_maker(tmp_path / "tr", rows=[("train", "a", "s", 0.2, "x")], durations=False)
     (example,) = parse_source(f"cv:{root}")
     assert example.duration_s is None and example.text == "x"
+
+
+def test_cv_language_from_locale_column_else_folder_name(cv_maker, tmp_path):
+    root = cv_maker(tmp_path / "de", rows=[("train", "a", "s", 0.2, "Ich")])
+    tsv = tmp_path / "de" / "train.tsv"
+    header, row = tsv.read_text(encoding="utf-8").splitlines()
+    assert parse_source(f"cv:{root}")[0].language == "tr"  # the fixture writes locale=tr
+    columns = header.split("\t")
+    keep = [i for i, c in enumerate(columns) if c != "locale"]
+    tsv.write_text("\n".join("\t".join(line.split("\t")[i] for i in keep) for line in (header, row)) + "\n",
+                   encoding="utf-8")
+    assert parse_source(f"cv:{root}")[0].language == "de"  # no column: the folder is named by its locale
+    other = cv_maker(tmp_path / "my_corpus", rows=[("train", "a", "s", 0.2, "x")])
+    assert parse_source(f"cv:{other}")[0].language == "tr"
 
 
 def test_cv_archive_extracted_once(cv_dir, tmp_path):

@@ -62,7 +62,7 @@ class DataConfig:
 
     train: tuple[str, ...] = ()  # source specs: cv:DIR[:SPLITS], manifest:FILE
     eval: tuple[str, ...] = ()
-    language: str | None = None  # for locale-aware lowercasing (tr, az)
+    language: str | None = None  # lowercasing rules (tr, az); null: each source's locale (Common Voice's)
     lowercase: bool = True
     chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE
     vocab: str | None = None  # an existing vocab.json; default: built from train + eval text

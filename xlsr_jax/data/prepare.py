@@ -44,7 +44,7 @@ def prepare_dataset(
     examples: Sequence[Example],
     *,
     vocab: Vocab,
-    normalize: Callable[[str], str],
+    normalize: Callable[[Example], str],
     sampling_rate: int,
     cache_dir: str | os.PathLike,
     num_workers: int,
@@ -66,7 +66,7 @@ def prepare_dataset(
     cache, _ = build_audio_cache(
         examples, cache_dir, sampling_rate=sampling_rate, num_workers=num_workers
     )
-    texts = [normalize(ex.text) for ex in examples]
+    texts = [normalize(ex) for ex in examples]
     report = dict.fromkeys(
         ("total", "kept", "skipped_decode", "empty_text", "too_short", "too_long", "infeasible"), 0
     )

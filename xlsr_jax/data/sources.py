@@ -30,6 +30,9 @@ PATH_COLUMNS = ("path", "audio", "audio_path", "audio_filepath", "file", "filena
 TEXT_COLUMNS = ("sentence", "text", "transcription", "transcript")
 DURATION_COLUMNS = ("duration_s", "duration")
 SPEAKER_COLUMNS = ("speaker", "client_id")
+LANGUAGE_COLUMNS = ("locale", "language", "lang")
+# A Common Voice language folder is named by its locale: tr, de, zh-CN, sv-SE, ...
+_LOCALE_NAME = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Example:
     speaker: str = ""
     duration_s: float | None = None
     source: str = ""  # the spec it came from
+    language: str = ""  # locale code (tr, de, zh-CN) when the source says it, for text normalisation
 
 
 def load_sources(specs: str | Sequence[str], **kw) -> list[Example]:
@@ -105,13 +109,17 @@ def _load_common_voice(
     root = find_cv_root(path)
     durations = _read_clip_durations(os.path.join(root, "clip_durations.tsv"))
     clips = os.path.join(os.path.abspath(root), "clips")
+    name = os.path.basename(os.path.abspath(root))
+    folder_locale = name if _LOCALE_NAME.match(name) else ""
     examples = []
     for split in splits:
         tsv = os.path.join(root, f"{split}.tsv")
         if not os.path.isfile(tsv):
             found = sorted(f[:-4] for f in os.listdir(root) if f.endswith(".tsv"))
             raise FileNotFoundError(f"{tsv}: no such split; splits found: {found}")
-        for row in _read_tsv(tsv, required={"path": ("path",), "sentence": ("sentence",)}):
+        rows = _read_tsv(tsv, required={"path": ("path",), "sentence": ("sentence",)},
+                         optional={"locale": ("locale",)})
+        for row in rows:
             name = row["path"]
             # Very old releases list clips without their extension.
             if not os.path.splitext(name)[1]:
@@ -122,6 +130,7 @@ def _load_common_voice(
                 speaker=row.get("client_id", ""),
                 duration_s=durations.get(name),
                 source=source,
+                language=row.get("locale") or folder_locale,
             ))
     log.info("%s: %d examples from %s (%s)", source, len(examples), root, "+".join(splits))
     return examples
@@ -214,7 +223,7 @@ def load_manifest(path: str, *, source: str = "") -> list[Example]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such manifest")
     required = {"path": PATH_COLUMNS, "text": TEXT_COLUMNS}
-    optional = {"duration": DURATION_COLUMNS, "speaker": SPEAKER_COLUMNS}
+    optional = {"duration": DURATION_COLUMNS, "speaker": SPEAKER_COLUMNS, "language": LANGUAGE_COLUMNS}
     if path.endswith(".jsonl"):
         rows = _read_jsonl(path, required, optional)
     elif path.endswith((".tsv", ".csv")):
@@ -235,6 +244,7 @@ def load_manifest(path: str, *, source: str = "") -> list[Example]:
             speaker=str(row.get("speaker") or row.get("client_id") or ""),
             duration_s=float(duration) if duration not in (None, "") else None,
             source=source or f"manifest:{path}",
+            language=str(row.get("language") or ""),
         ))
     return examples
 

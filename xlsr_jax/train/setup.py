@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from pathlib import Path
@@ -82,9 +81,12 @@ def build_data(config: Config, output_dir: Path, mesh: Mesh, batch_size: int, ev
     train_examples = _subset(load_sources(list(d.train), cache_dir=archives), d.max_train_examples, config.train.seed)
     eval_examples = _subset(load_sources(list(d.eval), cache_dir=archives), d.max_eval_examples, config.train.seed) \
         if d.eval else []
-    normalize = functools.partial(normalize_text, language=d.language, lowercase=d.lowercase,
-                                  chars_to_ignore=d.chars_to_ignore)
-    vocab = resolve_vocab(config, [normalize(e.text) for e in train_examples + eval_examples], output_dir)
+    def normalize(example: Example) -> str:
+        # data.language wins; else each source's own locale (Common Voice's locale column or folder name)
+        return normalize_text(example.text, language=d.language or example.language or None,
+                              lowercase=d.lowercase, chars_to_ignore=d.chars_to_ignore)
+
+    vocab = resolve_vocab(config, [normalize(e) for e in train_examples + eval_examples], output_dir)
     w2v_config = model_config(config.model, vocab)
     common = dict(vocab=vocab, normalize=normalize, sampling_rate=SAMPLING_RATE,
                   cache_dir=os.path.join(cache_dir, "audio"), num_workers=d.num_workers,
