@@ -1,4 +1,3 @@
-import functools
 import gc
 import itertools
 import threading
@@ -171,8 +170,10 @@ def test_prefetch_propagates_errors_and_stops():
 
 def test_real_cache_end_to_end(cv_dir, tmp_path):
     examples = parse_source(f"cv:{cv_dir}:train+dev")
-    normalize = functools.partial(normalize_text, language="tr")
-    vocab = Vocab.build(normalize(e.text) for e in examples)
+    def normalize(example):
+        return normalize_text(example.text, language="tr")
+
+    vocab = Vocab.build(normalize(e) for e in examples)
     ds, _ = prepare_dataset(examples, vocab=vocab, normalize=normalize, sampling_rate=16000,
                             cache_dir=tmp_path, num_workers=0)
     loader = BatchLoader(ds, batch_size=2, boundaries=bucket_boundaries(ds.lengths, 2))
