@@ -100,7 +100,7 @@ def train(config: Config) -> dict[str, float]:
     eval_batch_size = (config.eval.per_device_batch_size or config.train.per_device_batch_size) * dp
 
     # --- data
-    data = build_data(config, output_dir, mesh, batch_size, eval_batch_size)
+    data = build_data(config, output_dir, batch_size, eval_batch_size)
     steps = total_steps(config, data.train.batches_per_epoch)
     if is_main:
         save_config(config, output_dir / "config.yaml")

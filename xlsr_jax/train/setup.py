@@ -71,7 +71,7 @@ def model_config(config: ModelConfig, vocab: Vocab) -> Wav2Vec2Config:
     return base
 
 
-def build_data(config: Config, output_dir: Path, mesh: Mesh, batch_size: int, eval_batch_size: int) -> Data:
+def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_size: int) -> Data:
     """Sources -> vocab -> decoded, filtered datasets -> bucketed loaders for this process's rows."""
     d = config.data
     cache_dir = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax")
