@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import sys
 
 import jax
 import numpy as np
@@ -173,14 +172,6 @@ def test_pytorch_model_bin_loads_same_params(ctc_checkpoint, loaded, tmp_path):
     _assert_params_equal(params, loaded[1])
 
 
-def test_pytorch_model_bin_without_torch_names_the_extra(ctc_checkpoint, tmp_path, monkeypatch):
-    reference, _, _ = ctc_checkpoint
-    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
-    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(ImportError, match=r"pytorch_model\.bin.*xlsr-jax\[torch\]"):
-        read_state_dict(tmp_path)
-
-
 _UNPICKLED: list[str] = []
 
 
@@ -206,7 +197,7 @@ def test_pytorch_model_bin_is_read_weights_only(ctc_checkpoint, tmp_path):
     torch.load(tmp_path / "pytorch_model.bin", weights_only=False)
     assert _UNPICKLED == ["payload ran"]
     _UNPICKLED.clear()
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to unpickle the global .*_record_unpickling"):
         load_pretrained(tmp_path)
     assert _UNPICKLED == []
 

@@ -1,7 +1,8 @@
 """Load Hugging Face wav2vec2 checkpoints (folders or hub ids) into the Flax model, and save them back.
 
-Reads `model.safetensors` (also sharded) with numpy, or `pytorch_model.bin` through
-`torch.load(..., weights_only=True)` when torch is installed: a downloaded pickle must never run code.
+Reads `model.safetensors` (also sharded) with numpy, or `pytorch_model.bin` (also sharded) without torch
+through `torch_bin.load_torch_state_dict`, whose unpickler refuses anything but tensors: a downloaded
+pickle must never run code, and accelerator installs have no torch.
 Pretraining checkpoints (XLSR-53 is a `Wav2Vec2ForPreTraining`) lose their quantizer/projection heads and
 get a fresh CTC head of `vocab_size`.
 """
@@ -22,6 +23,7 @@ from flax import traverse_util
 from transformers import Wav2Vec2Config
 
 from xlsr_jax.model.convert import PRETRAINING_PREFIXES, flax_to_pytorch, pytorch_to_flax
+from xlsr_jax.model.torch_bin import load_torch_state_dict
 from xlsr_jax.model.wav2vec2 import FlaxWav2Vec2ForCTC
 
 logger = logging.getLogger(__name__)
@@ -65,18 +67,9 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
 
 
 def _read_torch_bin(files: list[Path]) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            f"{files[0]} is a PyTorch checkpoint: reading it needs torch. Install the extra "
-            "`pip install 'xlsr-jax[torch]'`, or convert the folder to safetensors."
-        ) from err
     state = {}
     for file in files:
-        # weights_only=True: a pickle from the Hub must only ever hold tensors, never code.
-        loaded = torch.load(str(file), map_location="cpu", weights_only=True)
-        state.update({k: v.detach().float().numpy() for k, v in loaded.items()})
+        state.update({k: v.astype(np.float32, copy=False) for k, v in load_torch_state_dict(file).items()})
     return state
 
 
