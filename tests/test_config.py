@@ -1,12 +1,17 @@
-"""The config tree: YAML + overrides, errors that name the key, the resolved file round trip."""
+"""The config tree: YAML + overrides, errors that name the key and its source, the resolved file round
+trip, the commented tree."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from xlsr_jax.config import Config, ConfigError, load_config, save_config
+from xlsr_jax.config import (Config, ConfigError, DataConfig, describe_config, from_dict, load_config,
+                             merge_overrides, save_config)
+from xlsr_jax.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -43,28 +48,163 @@ def test_overrides_are_parsed_as_yaml_and_typed():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.max_step=3", "unknown key train.max_step; did you mean 'max_steps'"),
-    ("trian.max_steps=3", "unknown key trian; did you mean 'train'"),
+    ("train.max_step=3", "unknown key train.max_step; did you mean 'max_steps'?"),
+    ("trian.max_steps=3", "unknown key trian; did you mean 'train'?"),
     ("optim.learning_rate=fast", "optim.learning_rate: expected a number, got 'fast'"),
-    ("train.per_device_batch_size=2.5", "train.per_device_batch_size: expected an integer"),
-    ("train.precision=fp16", "train.precision must be float32 or bfloat16"),
+    ("train.per_device_batch_size=2.5", "train.per_device_batch_size: expected an integer, got 2.5"),
+    ("train.precision=fp8", "train.precision must be float32 or bfloat16"),
     ("model.mask_time_prob=1.5", "model.mask_time_prob must be in [0, 1]"),
-    ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: expected true or false"),
-    ("train.max_steps", "expected section.key=value"),
+    ("model.gradient_checkpointing=maybe",
+     "model.gradient_checkpointing: expected true or false, got 'maybe'"),
+    ("mesh.rules=[[a, [1]]]", "mesh.rules[0][1][0]: expected a string, got 1"),
+    ("checkpoint.best_metric=wer",
+     "checkpoint.best_metric must be null or an eval/ metric (eval/wer, eval/cer, eval/loss)"),
+    ("checkpoint.best_mode=lowest", "checkpoint.best_mode must be min or max"),
 ])
-def test_bad_keys_and_values_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=None) as err:
-        load_config(CONFIGS / "demo.yaml", [override])
-    assert message in str(err.value)
-    assert "demo.yaml" in str(err.value)
+def test_an_override_error_names_the_override_not_the_file(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", ["optim.warmup_steps=10", override])
+    assert str(err.value) == f"--set {override}: {message}"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.max_steps"], "--set train.max_steps: expected section.key=value"),
+    (["train=3", "train.max_steps=3"], "--set train.max_steps=3: train is not a section"),
+])
+def test_a_malformed_override_names_itself(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", overrides)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {max_step: 3}", "unknown key train.max_step; did you mean 'max_steps'?"),
+    ("train: {precision: fp8}", "train.precision must be float32 or bfloat16"),
+    ("model: {pretrained: null}", "model.architecture is required when model.pretrained is not set"),
+    ("data: {min_duration_s: 30}", "data.max_duration_s must be greater than data.min_duration_s >= 0"),
+])
+def test_a_file_error_names_the_file_even_with_overrides(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["optim.learning_rate=1e-3", "train.seed=1"])
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_file_that_is_not_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:3: not valid YAML \(expected the node content"):
+        load_config(path)
+
+
+def test_a_cross_field_error_names_each_source_of_its_keys(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml",
+                    ["train.max_steps=-1", "optim.learning_rate=1", "train.num_train_epochs=0"])
+    assert str(err.value) == ("--set train.max_steps=-1, --set train.num_train_epochs=0: train.max_steps set "
+                              "train.max_steps > 0 or train.num_train_epochs > 0")
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {min_duration_s: 30}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.max_duration_s=25"])
+    assert str(err.value) == (f"{path}, --set data.max_duration_s=25: "
+                              "data.max_duration_s must be greater than data.min_duration_s >= 0")
+
+
+def test_an_override_can_repair_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {pretrained: null}\ntrain: {precision: fp8}\n")
+    c = load_config(path, ["model.architecture={hidden_size: 32}", "train.precision=bfloat16"])
+    assert (c.model.architecture, c.train.precision) == ({"hidden_size": 32}, "bfloat16")
+
+
+def test_merge_overrides_leaves_the_file_tree_alone():
+    tree = {"model": {"architecture": {"hidden_size": 8}}}
+    merged = merge_overrides(tree, ["model.architecture.hidden_size=16"])
+    assert merged["model"]["architecture"]["hidden_size"] == 16
+    assert tree == {"model": {"architecture": {"hidden_size": 8}}}
+
+
+def test_config_error_is_a_user_error_and_a_value_error():
+    with pytest.raises(UserError):
+        load_config(None, ["train.max_step=3"])
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_best_checkpoint_keys():
+    assert (Config().checkpoint.best_metric, Config().checkpoint.best_mode) == ("eval/wer", "min")
+    c = load_config(None, ["checkpoint.best_metric=null", "checkpoint.best_mode=max"])
+    assert (c.checkpoint.best_metric, c.checkpoint.best_mode) == (None, "max")
+    assert load_config(None, ["checkpoint.best_metric=eval/cer"]).checkpoint.best_metric == "eval/cer"
 
 
 def test_from_scratch_needs_an_architecture():
-    with pytest.raises(ConfigError, match="model.architecture is required"):
+    with pytest.raises(ConfigError) as err:
         load_config(None, ["model.pretrained=null"])
+    assert str(err.value) == ("--set model.pretrained=null: model.architecture is required when "
+                              "model.pretrained is not set")
 
 
 def test_resolved_config_round_trips(tmp_path):
     c = load_config(CONFIGS / "demo.yaml", ["train.max_steps=11", "data.eval=[cv:/x:dev, cv:/y:dev]"])
     save_config(c, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == c
+
+
+# --- describe_config ---------------------------------------------------------------------------------------
+
+CHANGED = ["optim.learning_rate=0.001", "checkpoint.best_metric=null", "data.chars_to_ignore=\"'#\\nb\"",
+           "mesh.rules=[['.*q_proj/kernel', [null, fsdp]]]", "model.architecture.extra={a: [1, 2]}"]
+
+
+def _section_lines(text: str) -> dict[str, list[str]]:
+    """section name -> its lines, from the commented tree."""
+    sections, name = {}, None
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "#")):
+            name = line.rstrip(":")
+            sections[name] = []
+        elif name and line.startswith("  "):
+            sections[name].append(line)
+    return sections
+
+
+@pytest.mark.parametrize("config", [
+    Config(), load_config(CONFIGS / "demo.yaml", CHANGED), load_config(CONFIGS / "common_voice_tr.yaml"),
+    dataclasses.replace(Config(), data=DataConfig(chars_to_ignore="a\nb", train=("x # y", "null"))),
+])
+def test_described_config_reads_back_equal(tmp_path, config):
+    text = describe_config(config)
+    assert from_dict(yaml.safe_load(text)) == config
+    (tmp_path / "described.yaml").write_text(text)
+    assert load_config(tmp_path / "described.yaml") == config
+
+
+def test_every_key_is_described_under_its_section_header():
+    text = describe_config(load_config(CONFIGS / "demo.yaml", CHANGED))
+    sections, lines = _section_lines(text), text.splitlines()
+    assert list(sections) == [s.name for s in dataclasses.fields(Config)]
+    for section in dataclasses.fields(Config):
+        assert section.metadata["help"]
+        assert lines[lines.index(f"{section.name}:") - 1] == f"# {section.name}: {section.metadata['help']}"
+        for field in dataclasses.fields(type(getattr(Config(), section.name))):
+            line = next(line for line in sections[section.name] if line.startswith(f"  {field.name}:"))
+            assert field.metadata["help"], f"{section.name}.{field.name} has no help"
+            assert f"  # {field.metadata['help']}" in line, line
+
+
+def test_a_changed_value_shows_its_default():
+    lines = describe_config(load_config(CONFIGS / "demo.yaml", CHANGED)).splitlines()
+
+    def shown(start: str, end: str) -> bool:
+        return any(line.startswith(start) and line.endswith(end) for line in lines)
+
+    assert "  learning_rate: 0.001  # peak AdamW learning rate (default: 0.0003)" in lines
+    assert shown("  best_metric: null  # ", "(default: eval/wer)")
+    assert shown("  pretrained: null  # ", "(default: facebook/wav2vec2-large-xlsr-53)")
+    assert shown("  architecture:  # ", "(default: {})")
+    assert "    extra: {a: [1, 2]}" in lines
+    assert shown("  rules: [[", "(default: [])")
+    unchanged = next(line for line in lines if line.startswith("  adam_b1:"))
+    assert unchanged == "  adam_b1: 0.9  # AdamW beta1"

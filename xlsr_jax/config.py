@@ -1,14 +1,18 @@
 """One frozen, typed config tree, loaded from YAML plus `--set a.b=value` overrides.
 
-Unknown keys and bad values fail at start with the key's dotted name (and the closest valid key);
-nothing is silently ignored. The resolved tree is written next to the checkpoints.
+Every key carries a one-line meaning (`field.metadata["help"]`), which `describe_config` prints next to
+the resolved value. Unknown keys and bad values fail at start with the key's dotted name (and the
+closest valid key) and where it came from (the YAML file or the `--set` override); nothing is silently
+ignored. The resolved tree is written next to the checkpoints.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,29 +20,40 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from xlsr_jax.errors import UserError
 from xlsr_jax.text import DEFAULT_CHARS_TO_IGNORE
+
+
+def _key(default: Any = dataclasses.MISSING, meaning: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its one-line meaning (units, allowed values), shown by `describe_config`."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": meaning})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The network. Regularisation fields keep Hugging Face's `Wav2Vec2Config` names and meaning."""
 
-    pretrained: str | None = "facebook/wav2vec2-large-xlsr-53"  # HF folder or hub id; null: from scratch
-    architecture: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # Wav2Vec2Config kwargs
-    attention_dropout: float = 0.1
-    hidden_dropout: float = 0.1
-    activation_dropout: float = 0.0
-    feat_proj_dropout: float = 0.0
-    final_dropout: float = 0.0
-    layerdrop: float = 0.1
-    mask_time_prob: float = 0.05
-    mask_time_length: int = 10
-    mask_time_min_masks: int = 2
-    mask_feature_prob: float = 0.0
-    mask_feature_length: int = 10
-    ctc_loss_reduction: str = "mean"
-    gradient_checkpointing: bool = False
-    freeze_feature_encoder: bool = True
+    pretrained: str | None = _key("facebook/wav2vec2-large-xlsr-53",
+                                  "HF folder or hub id to start from; null: from scratch (see architecture)")
+    architecture: Mapping[str, Any] = _key(meaning="Wav2Vec2Config kwargs for a model built from scratch "
+                                                   "(hidden_size, num_hidden_layers, ...)", factory=dict)
+    attention_dropout: float = _key(0.1, "dropout on attention probabilities, in [0, 1]")
+    hidden_dropout: float = _key(0.1, "dropout on transformer hidden states and feed-forward output, [0, 1]")
+    activation_dropout: float = _key(0.0, "dropout after the feed-forward activation, in [0, 1]")
+    feat_proj_dropout: float = _key(0.0, "dropout on the projected conv features, in [0, 1]")
+    final_dropout: float = _key(0.0, "dropout before the CTC head, in [0, 1]")
+    layerdrop: float = _key(0.1, "probability of skipping each transformer layer in a training step, [0, 1]")
+    mask_time_prob: float = _key(0.05, "SpecAugment: share of frames masked along time, in [0, 1]")
+    mask_time_length: int = _key(10, "SpecAugment: length of each time mask span, in frames")
+    mask_time_min_masks: int = _key(2, "SpecAugment: at least this many time mask spans per utterance")
+    mask_feature_prob: float = _key(0.0, "SpecAugment: share of hidden channels masked, in [0, 1]; 0: off")
+    mask_feature_length: int = _key(10, "SpecAugment: length of each channel mask span, in channels")
+    ctc_loss_reduction: str = _key("mean", "mean: each utterance's CTC loss over its label length, averaged "
+                                           "over the batch | sum: summed over the batch")
+    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass: less memory, "
+                                               "more compute")
+    freeze_feature_encoder: bool = _key(True, "keep the conv feature encoder's weights fixed "
+                                              "(an optimizer mask)")
 
     def __post_init__(self):
         for name in ("attention_dropout", "hidden_dropout", "activation_dropout", "feat_proj_dropout",
@@ -46,7 +61,7 @@ class ModelConfig:
             _check(0.0 <= getattr(self, name) <= 1.0, f"model.{name}", "must be in [0, 1]")
         _check(self.ctc_loss_reduction in ("mean", "sum"), "model.ctc_loss_reduction", "must be mean or sum")
         _check(self.pretrained is not None or bool(self.architecture), "model.architecture",
-               "is required when model.pretrained is not set")
+               "is required when model.pretrained is not set", related=["model.pretrained"])
 
     def regularisation(self) -> dict[str, Any]:
         """The fields that override a `Wav2Vec2Config`."""
@@ -60,40 +75,44 @@ class ModelConfig:
 class DataConfig:
     """Where the audio comes from and how transcripts become labels."""
 
-    train: tuple[str, ...] = ()  # source specs: cv:DIR[:SPLITS], manifest:FILE
-    eval: tuple[str, ...] = ()
-    language: str | None = None  # lowercasing rules (tr, az); null: each source's locale (Common Voice's)
-    lowercase: bool = True
-    chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE
-    vocab: str | None = None  # an existing vocab.json; default: built from train + eval text
-    min_duration_s: float = 0.5
-    max_duration_s: float = 20.0
-    num_buckets: int = 8
-    eval_num_buckets: int = 4
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    cache_dir: str | None = None  # decoded-audio cache; default ~/.cache/xlsr_jax
-    num_workers: int = 2
-    prefetch: int = 4
+    train: tuple[str, ...] = _key((), "training sources: cv:DIR[:SPLITS] (Common Voice, splits joined by +), "
+                                      "manifest:FILE")
+    eval: tuple[str, ...] = _key((), "evaluation sources, same forms as data.train; empty: no evaluation")
+    language: str | None = _key(None, "language code for lowercasing rules (tr, az); null: each source's "
+                                      "locale (Common Voice's)")
+    lowercase: bool = _key(True, "lowercase transcripts before building labels")
+    chars_to_ignore: str = _key(DEFAULT_CHARS_TO_IGNORE, "characters deleted from transcripts (punctuation)")
+    vocab: str | None = _key(None, "an existing vocab.json; null: built from train + eval text")
+    min_duration_s: float = _key(0.5, "drop training clips shorter than this, in seconds")
+    max_duration_s: float = _key(20.0, "drop training clips longer than this, in seconds")
+    num_buckets: int = _key(8, "length buckets (batch shapes) for training batches, >= 1")
+    eval_num_buckets: int = _key(4, "length buckets (batch shapes) for evaluation batches, >= 1")
+    max_train_examples: int | None = _key(None, "use at most this many training clips, drawn at random; "
+                                                "null: all")
+    max_eval_examples: int | None = _key(None, "use at most this many evaluation clips, drawn at random; "
+                                               "null: all")
+    cache_dir: str | None = _key(None, "decoded-audio and archive cache; null: ~/.cache/xlsr_jax")
+    num_workers: int = _key(2, "parallel workers decoding audio into the cache")
+    prefetch: int = _key(4, "batches prepared ahead of the training step")
 
     def __post_init__(self):
         _check(self.num_buckets >= 1, "data.num_buckets", "must be >= 1")
         _check(self.eval_num_buckets >= 1, "data.eval_num_buckets", "must be >= 1")
         _check(0 <= self.min_duration_s < self.max_duration_s, "data.max_duration_s",
-               "must be greater than data.min_duration_s >= 0")
+               "must be greater than data.min_duration_s >= 0", related=["data.min_duration_s"])
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 3e-4
-    warmup_steps: int = 500
-    schedule: str = "linear"  # linear warmup, then: linear decay to 0 | cosine | constant
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
+    learning_rate: float = _key(3e-4, "peak AdamW learning rate")
+    warmup_steps: int = _key(500, "optimizer steps of linear warmup from 0 to optim.learning_rate")
+    schedule: str = _key("linear", "after warmup: linear (decay to 0 at the last step) | cosine | constant")
+    weight_decay: float = _key(0.0, "AdamW weight decay, on kernels only (not biases, norms, embeddings)")
+    adam_b1: float = _key(0.9, "AdamW beta1")
+    adam_b2: float = _key(0.999, "AdamW beta2")
+    adam_eps: float = _key(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _key(1.0, "clip gradients to this global L2 norm")
+    gradient_accumulation_steps: int = _key(1, "micro-batches summed into one optimizer step, >= 1")
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate", "must be > 0")
@@ -105,22 +124,24 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str = "runs/xlsr"
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    num_train_epochs: float = 30.0
-    per_device_batch_size: int = 16
-    eval_steps: int = 500
-    save_steps: int = 500
-    logging_steps: int = 50
-    precision: str = "float32"  # compute dtype; parameters and optimizer state stay float32
-    seed: int = 42
-    compilation_cache: str | None = "~/.cache/xlsr_jax/jax"  # persistent XLA cache; null: off
+    output_dir: str = _key("runs/xlsr", "run folder: checkpoints, metrics.jsonl, vocab.json, resolved config")
+    max_steps: int = _key(-1, "optimizer steps to train; > 0 overrides train.num_train_epochs")
+    num_train_epochs: float = _key(30.0, "passes over the training data (used when train.max_steps <= 0)")
+    per_device_batch_size: int = _key(16, "clips per device per micro-batch, >= 1")
+    eval_steps: int = _key(500, "evaluate every this many steps, >= 1")
+    save_steps: int = _key(500, "checkpoint every this many steps (and at the end), >= 1")
+    logging_steps: int = _key(50, "log training metrics every this many steps, >= 1")
+    precision: str = _key("float32", "compute dtype, float32 or bfloat16; parameters and optimizer state "
+                                     "stay float32")
+    seed: int = _key(42, "seed for initialisation, shuffling, dropout and example subsets")
+    compilation_cache: str | None = _key("~/.cache/xlsr_jax/jax", "persistent XLA compilation cache folder; "
+                                                                  "null: off")
 
     def __post_init__(self):
         _check(self.precision in ("float32", "bfloat16"), "train.precision", "must be float32 or bfloat16")
         _check(self.per_device_batch_size >= 1, "train.per_device_batch_size", "must be >= 1")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "train.max_steps",
-               "set train.max_steps > 0 or train.num_train_epochs > 0")
+               "set train.max_steps > 0 or train.num_train_epochs > 0", related=["train.num_train_epochs"])
         for name in ("eval_steps", "save_steps", "logging_steps"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
 
@@ -133,10 +154,12 @@ class MeshConfig:
     match wins; parameters no rule matches shard their largest dimension divisible by the fsdp size.
     """
 
-    data: int = -1  # -1: every device not used by fsdp
-    fsdp: int = 1
-    rules: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host TPU pods, multi-node GPU)
+    data: int = _key(-1, "devices along the data axis; -1: every device not used by fsdp")
+    fsdp: int = _key(1, "devices along the fsdp axis, over which parameters shard, >= 1")
+    rules: tuple[tuple[str, tuple[str | None, ...]], ...] = _key(
+        (), "[regex over a parameter path a/b/kernel, [axis or null per dimension]] pairs, first match wins; "
+            "unmatched parameters shard their largest dimension")
+    distributed: bool = _key(False, "call jax.distributed.initialize() (multi-host TPU pods, multi-node GPU)")
 
     def __post_init__(self):
         _check(self.fsdp >= 1, "mesh.fsdp", "must be >= 1")
@@ -145,38 +168,59 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    save_total_limit: int = 2
-    resume: bool = True  # continue from the newest checkpoint in train.output_dir
+    save_total_limit: int = _key(2, "keep this many newest checkpoints, >= 1")
+    resume: bool = _key(True, "continue from the newest checkpoint in train.output_dir")
+    best_metric: str | None = _key("eval/wer", "also keep the best checkpoint by this metrics.jsonl metric "
+                                               "(eval/wer, eval/cer, eval/loss); null: keep only the newest")
+    best_mode: str = _key("min", "min or max: whether a lower or a higher checkpoint.best_metric is better")
 
     def __post_init__(self):
         _check(self.save_total_limit >= 1, "checkpoint.save_total_limit", "must be >= 1")
+        _check(self.best_metric is None or self.best_metric.startswith("eval/"), "checkpoint.best_metric",
+               "must be null or an eval/ metric (eval/wer, eval/cer, eval/loss)")
+        _check(self.best_mode in ("min", "max"), "checkpoint.best_mode", "must be min or max")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    per_device_batch_size: int | None = None  # default: train.per_device_batch_size
-    num_examples_to_print: int = 3
-    at_end: bool = True
+    per_device_batch_size: int | None = _key(None, "clips per device per evaluation batch; null: "
+                                                   "train.per_device_batch_size")
+    num_examples_to_print: int = _key(3, "reference/prediction pairs logged at each evaluation")
+    at_end: bool = _key(True, "also evaluate after the last step")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    model: ModelConfig = _key(meaning="the network; regularisation keys keep Hugging Face's Wav2Vec2Config "
+                                      "names and meaning", factory=ModelConfig)
+    data: DataConfig = _key(meaning="where the audio comes from and how transcripts become labels",
+                            factory=DataConfig)
+    optim: OptimConfig = _key(meaning="AdamW, learning-rate schedule, clipping, accumulation",
+                              factory=OptimConfig)
+    train: TrainConfig = _key(meaning="the run: length, batch size, cadence of eval/save/log, precision",
+                              factory=TrainConfig)
+    mesh: MeshConfig = _key(meaning='device mesh ("data", "fsdp"): batches split over both axes, parameters '
+                                    'shard over fsdp', factory=MeshConfig)
+    checkpoint: CheckpointConfig = _key(meaning="which checkpoints are kept, and resuming",
+                                        factory=CheckpointConfig)
+    eval: EvalConfig = _key(meaning="evaluation during and after training", factory=EvalConfig)
 
 
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the dotted key."""
+class ConfigError(ValueError, UserError):
+    """A config key or value that cannot be used; the message names the dotted key.
+
+    `keys` are the dotted keys the error is about (a cross-field check names all of them), so that
+    `load_config` can tell whether the YAML file or a `--set` override caused it.
+    """
+
+    def __init__(self, message: str, keys: Sequence[str] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def _check(ok: bool, key: str, message: str, related: Sequence[str] = ()) -> None:
     if not ok:
-        raise ConfigError(f"{key} {message}")
+        raise ConfigError(f"{key} {message}", (key, *related))
 
 
 # --- building the tree from plain data -----------------------------------------------------------------
@@ -198,31 +242,31 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
+                errors.append(err)
+        raise errors[0]
     if origin is tuple:
         if isinstance(value, (str, int, float)) and args[-1] is Ellipsis:
             value = [value]  # one source where a list is expected
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", [key])
         item_hints = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
         if len(item_hints) != len(value):
-            raise ConfigError(f"{key}: expected {len(item_hints)} items, got {value!r}")
+            raise ConfigError(f"{key}: expected {len(item_hints)} items, got {value!r}", [key])
         return tuple(_coerce(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints)))
     if origin in (collections.abc.Mapping, dict) or hint in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", [key])
         return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}", [key])
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {value!r}", [key])
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -231,27 +275,28 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {value!r}", [key])
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {value!r}", [key])
     if hint is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {hint}")
+        raise ConfigError(f"{key}: expected null, got {value!r}", [key])
+    raise ConfigError(f"{key}: unsupported type {hint}", [key])
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        where = prefix.rstrip(".")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}", [where] * bool(where))
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(f"unknown key {prefix}{name}{_suggest(str(name), fields)}")
+            raise ConfigError(f"unknown key {prefix}{name}{_suggest(str(name), fields)}", [f"{prefix}{name}"])
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
@@ -262,7 +307,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected section.key=value")
+        raise ConfigError(f"--set {item}: expected section.key=value")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -272,15 +317,15 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def merge_overrides(tree: dict, overrides: Sequence[str]) -> dict:
-    """Apply `a.b=value` strings (values parsed as YAML) to a nested dict."""
-    tree = {k: dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    """Apply `a.b=value` strings (values parsed as YAML) to a copy of a nested dict."""
+    tree = copy.deepcopy(dict(tree))
     for item in overrides:
         path, value = _parse_override(item)
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
+                raise ConfigError(f"--set {item}: {part} is not a section")
         node[path[-1]] = value
     return tree
 
@@ -289,33 +334,120 @@ def from_dict(tree: Mapping[str, Any]) -> Config:
     return _build(Config, tree, "")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """YAML file (optional) + overrides -> validated Config."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+def _touches(override: str, key: str) -> bool:
+    """Whether `--set override` set `key` (`mesh.rules[0]`), a section above it or a key below it."""
+    set_key, key = override.split("=", 1)[0].strip(), re.sub(r"\[\d+\]", "", key)
+    return set_key == key or set_key.startswith(key + ".") or key.startswith(set_key + ".")
+
+
+def _in_tree(tree: Mapping[str, Any], key: str) -> bool:
+    node: Any = tree
+    for part in re.sub(r"\[\d+\]", "", key).split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _blame(err: ConfigError, path: Path | None, tree: Mapping[str, Any], overrides: Sequence[str]) -> str:
+    """Where the keys of a failed check came from: for each key, the overrides that set it, else the
+    YAML file if it has it. When that finds nothing (the error names no key), the file and every override."""
+    from_file, from_overrides = False, set()
+    for key in err.keys:
+        setters = {item for item in overrides if _touches(item, key)}
+        from_overrides |= setters
+        from_file |= not setters and path is not None and _in_tree(tree, key)
+    if not from_file and not from_overrides:
+        from_file, from_overrides = path is not None, set(overrides)
+    named = [f"--set {item}" for item in overrides if item in from_overrides]
+    return ", ".join([str(path)] * from_file + named)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
     try:
-        return from_dict(merge_overrides(tree, overrides))
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (optional) + overrides -> validated Config.
+
+    An error names its source: `configs/x.yaml: ...` for a key or value from the file, `--set a.b=c: ...`
+    for one from an override (a cross-field check names every override that set one of its keys).
+    """
+    path = Path(path) if path is not None else None
+    tree = _read_yaml(path) if path is not None else {}
+    merged = merge_overrides(tree, overrides)  # a malformed override names itself
+    try:
+        return from_dict(merged)
     except ConfigError as err:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{err}") from None
+        where = _blame(err, path, tree, overrides)
+        raise ConfigError(f"{where}: {err}" if where else str(err), err.keys) from None
 
 
 def to_dict(config: Config) -> dict:
     """Plain nested dict (tuples as lists) for YAML."""
-    def plain(x):
-        if isinstance(x, (tuple, list)):
-            return [plain(v) for v in x]
-        if isinstance(x, Mapping):
-            return {k: plain(v) for k, v in x.items()}
-        return x
-    return plain(dataclasses.asdict(config))
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
 
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+
+
+# --- the commented tree --------------------------------------------------------------------------------
+
+_ONE_LINE = 1 << 30  # a YAML line width no value reaches: every value stays on one line
+
+
+class _OneLineDumper(yaml.SafeDumper):
+    """Safe YAML that writes a string holding a line break double-quoted (`"a\\nb"`), on one line."""
+
+
+_OneLineDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style='"' if any(c in text for c in "\n\r\x85\u2028\u2029") else None))
+
+
+def _flow(value: Any) -> str:
+    """`value` as inline YAML: 0.0003, null, [a, b], {x: 1}."""
+    text = yaml.dump(value, Dumper=_OneLineDumper, default_flow_style=True, width=_ONE_LINE,
+                     allow_unicode=True).strip()
+    return text[: -len("...")].strip() if text.endswith("\n...") else text
+
+
+def _commented_key(name: str, value: Any, comment: str) -> list[str]:
+    """`  name: value  # comment`; a non-empty mapping (model.architecture) one entry a line below it."""
+    if isinstance(value, Mapping) and value:
+        return [f"  {name}:  # {comment}"] + [f"    {_flow(k)}: {_flow(v)}" for k, v in value.items()]
+    return [f"  {name}: {_flow(value)}  # {comment}"]
+
+
+def describe_config(config: Config) -> str:
+    """The resolved tree as YAML that `load_config` reads back: a header comment per section, and after
+    each key its meaning, plus `(default: ...)` where the value differs from the default."""
+    values = to_dict(config)
+    lines = ["# xlsr-jax config: each key's meaning; '(default: ...)' marks a value changed from the default"]
+    for section in dataclasses.fields(Config):
+        lines += ["", f"# {section.name}: {section.metadata['help']}", f"{section.name}:"]
+        for field in dataclasses.fields(type(getattr(config, section.name))):
+            value = values[section.name][field.name]
+            default = _plain(field.default if field.default_factory is dataclasses.MISSING
+                             else field.default_factory())
+            comment = field.metadata["help"] + ("" if value == default else f" (default: {_flow(default)})")
+            lines += _commented_key(field.name, value, comment)
+    return "\n".join(lines) + "\n"
