@@ -1,0 +1,1 @@
+"""Inference: the eval/predict step, evaluation with WER/CER, transcription, LM decoding."""
