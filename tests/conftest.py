@@ -114,3 +114,19 @@ def pytest_terminal_summary(terminalreporter):
         width = max(len(name) for name, _ in _MEASURED)
         for name, value in _MEASURED:
             terminalreporter.write_line(f"{name:<{width}}  {value}")
+
+
+# ---------------------------------------------------------------- one trained tiny run for many tests
+
+
+@pytest.fixture(scope="session")
+def trained_run(cv_dir, tmp_path_factory):
+    """(config, run directory) of a finished 6-step tiny run: evaluated on dev+test at steps 3 and 6,
+    checkpoints kept by newest and best eval/wer. Read-only: copy it before changing it."""
+    from _runs import tiny_run_config
+    from xlsr_jax.train.loop import train
+
+    out = tmp_path_factory.mktemp("trained")
+    config = tiny_run_config(cv_dir, out, max_steps=6, eval_steps=3, save_steps=3)
+    train(config)
+    return config, out / "run"

@@ -1,11 +1,21 @@
-"""`xlsr-jax train` on a Common Voice folder it has never seen, given only the data overrides."""
+"""The `xlsr-jax` command as a newcomer meets it: help, config errors, a missing data source, a new
+Common Voice folder, a rerun of a finished run, no PyTorch banner."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from xlsr_jax.cli import main
+import pytest
+import yaml
+
+from xlsr_jax.cli import build_parser, main
+from xlsr_jax.config import Config, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = ["model.architecture.hidden_size=32", "model.architecture.num_hidden_layers=1",
@@ -13,19 +23,95 @@ TINY = ["model.architecture.hidden_size=32", "model.architecture.num_hidden_laye
         "model.architecture.conv_kernel=[10,3,3]", "model.architecture.conv_stride=[5,2,2]"]
 
 
-def test_train_command_on_a_new_common_voice_folder(cv_dir, tmp_path):
+def _args(*items: str) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_help_describes_the_tool_and_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "fine-tune XLSR-Wav2Vec2 speech recognition" in text
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"train", "config", "evaluate", "export", "push", "transcribe", "build-lm"}
+    for action in commands._choices_actions:  # each command with its one-line help
+        assert action.dest in text and action.help.split()[0] in text, action.dest
+    assert "xlsr-jax config" in text and "xlsr-jax evaluate" in text
+
+
+def test_train_help_says_how_to_see_every_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "xlsr-jax config" in capsys.readouterr().out
+
+
+def test_config_prints_every_key_as_a_loadable_file(capsys, tmp_path):
+    assert main(["config", "--config", str(CONFIGS / "demo.yaml"), "--set", "optim.learning_rate=5e-4"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(text)
+    config = load_config(tmp_path / "c.yaml")
+    assert config == load_config(CONFIGS / "demo.yaml", ["optim.learning_rate=5e-4"])
+    assert "learning_rate: 0.0005  #" in text and "(default: 0.0003)" in text
+    assert isinstance(config, Config) and yaml.safe_load(text)["train"]["max_steps"] == 600
+
+
+def test_a_set_typo_names_the_override(capsys):
+    assert main(["train", "--config", str(CONFIGS / "demo.yaml"), "--set", "train.max_step=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--set train.max_step=3: unknown key train.max_step; did you mean 'max_steps'?" in err
+    assert "demo.yaml" not in err
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], "data.train is empty"),
+    (["data.train=cv:/no/such/folder:train"], "/no/such/folder: no such Common Voice folder"),
+])
+def test_train_without_data_exits_2_and_leaves_no_folder(tmp_path, capsys, data, message):
+    run = tmp_path / "run"
+    assert main(["train", *_args(f"train.output_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", *data)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_train_command_on_a_new_common_voice_folder(cv_dir, tmp_path, capsys):
     overrides = [f"data.train=cv:{cv_dir}:train", f"data.eval=cv:{cv_dir}:dev",  # the only data settings
                  f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.per_device_batch_size=1",
                  f"data.cache_dir={tmp_path / 'cache'}", *TINY]
-    args = ["train", "--config", str(CONFIGS / "demo.yaml")]
-    for item in overrides:
-        args += ["--set", item]
-    assert main(args) == 0
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert main(["train", "--config", str(CONFIGS / "demo.yaml"), *_args(*overrides)]) == 0
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and records[-1]["eval/examples"] == 2
-    assert (tmp_path / "run" / "hf_model" / "model.safetensors").exists()
+    assert (run / "hf_model" / "model.safetensors").exists() and (run / "training_curves.png").exists()
+    out = capsys.readouterr().out
+    assert f"run: {run} finished at step 2 of 2" in out
+    assert f"Hugging Face model: {run / 'hf_model'}" in out and f"training curves: {run / 'training_curves.png'}" in out
+    assert "last evaluation (step 2)" in out
 
 
-def test_config_errors_exit_2_with_the_key(capsys):
-    assert main(["train", "--config", str(CONFIGS / "demo.yaml"), "--set", "train.max_step=3"]) == 2
-    assert "did you mean 'max_steps'" in capsys.readouterr().err
+def test_rerun_of_a_finished_run_says_already_finished(trained_run, tmp_path, capsys):
+    config, run = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    metrics = (copy / "metrics.jsonl").read_text()
+    assert main(["train", "--config", str(copy / "config.yaml"), "--set", f"train.output_dir={copy}"]) == 0
+    captured = capsys.readouterr()
+    assert "already finished" in captured.out and f"run: {copy} finished at step 6 of 6" in captured.out
+    assert "step/s" not in captured.err, "no progress bars"
+    assert (copy / "metrics.jsonl").read_text() == metrics
+
+
+def test_no_pytorch_banner_without_torch(tmp_path):
+    hide_torch = "import sys; sys.modules['torch'] = None; "
+    env = {**os.environ, "TRANSFORMERS_NO_ADVISORY_WARNINGS": ""}
+    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    banner = "PyTorch was not found"
+    plain = subprocess.run([sys.executable, "-c", hide_torch + "import transformers"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert banner in plain.stderr, "without torch, transformers prints its banner (else this test tests nothing)"
+    ours = subprocess.run([sys.executable, "-c", hide_torch + "from xlsr_jax.cli import main; "
+                           f"sys.exit(main(['config', '--config', {str(CONFIGS / 'demo.yaml')!r}]))"],
+                          env=env, capture_output=True, text=True)
+    assert ours.returncode == 0, ours.stderr
+    assert banner not in ours.stderr

@@ -11,24 +11,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from xlsr_jax.config import from_dict, load_config
+from _runs import tiny_run_config
+from xlsr_jax.config import load_config
 from xlsr_jax.train.loop import train
-
-TINY_ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                 conv_dim=[16, 16, 16], conv_kernel=[10, 3, 3], conv_stride=[5, 2, 2],
-                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
-
-
-def tiny_run_config(cv_dir, output_dir, **train):
-    return from_dict({
-        "model": {"pretrained": None, "architecture": TINY_ARCH},
-        "data": {"train": [f"cv:{cv_dir}:train+dev"], "eval": [f"cv:{cv_dir}:dev+test"], "language": "tr",
-                 "num_buckets": 2, "eval_num_buckets": 2, "cache_dir": str(output_dir / "cache"),
-                 "num_workers": 1},
-        "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
-        "train": {"output_dir": str(output_dir / "run"), "per_device_batch_size": 1, "logging_steps": 1,
-                  **train},
-    })
 
 
 def _records(run_dir):

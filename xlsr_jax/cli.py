@@ -1,30 +1,224 @@
-"""`xlsr-jax <command>`: parse, load the config, call one library function."""
+"""xlsr-jax: fine-tune XLSR-Wav2Vec2 speech recognition for any language with JAX/Flax, then evaluate
+it, export it to a Hugging Face PyTorch model and push it to the Hub."""
+
+# Each command parses its arguments and calls one library function; the logic lives in the library.
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from xlsr_jax.config import ConfigError, load_config
+from xlsr_jax.errors import UserError
+
+ROAD = """the road from data to a Hub model:
+  xlsr-jax train --config configs/demo.yaml                     # checkpoints, metrics, hf_model/
+  xlsr-jax evaluate runs/demo --data cv:data/demo_tr:test       # WER/CER, predictions TSV, eval_results.json
+  xlsr-jax export runs/demo exports/demo --best                 # PyTorch folder + model card, self-checked
+  xlsr-jax push exports/demo --repo-id USER/NAME --dry-run      # check, then push without --dry-run
+see `xlsr-jax COMMAND --help` for each, and `xlsr-jax config` for every training setting."""
+
+
+def _quiet_transformers() -> None:
+    """Import transformers without its "PyTorch was not found" banner: exporting to PyTorch needs no
+    torch here, and a user who installed none should not be told something is missing."""
+    previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        import transformers  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
 
 
 def _train(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import load_config
+    from xlsr_jax.rundir import RunDir
     from xlsr_jax.train.loop import train  # jax import only for commands that need it
+    from xlsr_jax.train.summary import format_run_summary
 
     config = load_config(args.config, args.set)
-    train(config)
+    result = train(config)
+    run = RunDir(config.train.output_dir)
+    if result.get("run/already_finished"):
+        print(f"already finished: {run.path} trained its {config.train.max_steps if config.train.max_steps > 0 else ''}"
+              " steps; raise train.max_steps (or num_train_epochs) to train on, or use a new train.output_dir")
+    if run.finished.exists():
+        print(format_run_summary(run))
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import describe_config, load_config
+
+    print(describe_config(load_config(args.config, args.set)))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from xlsr_jax.infer.evaluate import evaluate, format_summary
+
+    result = evaluate(args.source, args.data, step=args.step, best=args.best, out=args.out, lm=args.lm,
+                      alpha=args.alpha, beta=args.beta, beam_width=args.beam_width, batch_size=args.batch_size,
+                      fsdp=args.fsdp, language=args.language, cache_dir=args.cache_dir)
+    print(format_summary(result))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from xlsr_jax.hub.export import export_run
+
+    lm = {"path": args.lm, "alpha": args.alpha, "beta": args.beta} if args.lm else None
+    out = export_run(args.run_dir, args.out_dir, step=args.step, best=args.best, torch_bin=args.bin, lm=lm,
+                     verify=False if args.no_check else None)
+    print(f"exported step {out['step']} ({out['selected']}) of {args.run_dir} to {out['out_dir']}")
+    check = out["check"]
+    if check is None:
+        print("self-check: skipped (torch is not installed; pip install 'xlsr-jax[torch]' to have it)")
+    else:
+        print(f"self-check on {check['clips']} clips: max |dlogits| {check['max_abs_diff']:.2e}, "
+              f"greedy transcripts identical: {check['transcripts_identical']}")
+    wer = [f"{r['dataset']['name']} {r['dataset']['split']}: WER {100 * r['wer']:.2f} %" for r in out["results"]]
+    print("model card: " + ("; ".join(wer) if wer else "no evaluation of this step yet (run xlsr-jax evaluate)"))
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from xlsr_jax.hub.push import push_folder
+
+    files = push_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(files)} files to https://huggingface.co/{args.repo_id}:")
+    print("\n".join(f"  {f}" for f in files))
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from xlsr_jax.infer.transcribe import run_transcribe
+
+    for line in run_transcribe(args.model, args.files, step=args.step, best=args.best, out=args.out,
+                               chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
+                               batch_size=args.batch_size, lm=args.lm, alpha=args.alpha, beta=args.beta,
+                               beam_width=args.beam_width):
+        print(line, flush=True)
+    return 0
+
+
+def _build_lm(args: argparse.Namespace) -> int:
+    from xlsr_jax.infer.build_lm import build_lm
+
+    out = build_lm(args.data, args.out, order=args.order, run=args.run, language=args.language)
+    print(f"wrote {out['path']}: {out['order']}-gram from {out['sentences']} sentences, "
+          f"{out['words']} words, {out['unigrams']} distinct")
+    return 0
+
+
+def _add_checkpoint_choice(parser: argparse.ArgumentParser) -> None:
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--step", type=int, help="use the run's checkpoint of this step (default: the newest)")
+    choice.add_argument("--best", action="store_true",
+                        help="use the run's best checkpoint by checkpoint.best_metric (default eval/wer)")
+
+
+def _add_lm(parser: argparse.ArgumentParser, beam: bool = True) -> None:
+    lm = parser.add_argument_group("n-gram language model (needs the `lm` extra, see README)")
+    lm.add_argument("--lm", metavar="PATH",
+                    help="ARPA or KenLM binary file, or a model folder carrying language_model/; default: greedy")
+    lm.add_argument("--alpha", type=float, help="LM weight (default: the LM folder's own, else 0.5)")
+    lm.add_argument("--beta", type=float, help="word insertion bonus (default: the LM folder's own, else 1.0)")
+    if beam:
+        lm.add_argument("--beam-width", type=int, default=100, help="beam width (default 100)")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="fine-tune (or train from scratch) a wav2vec2 CTC model")
-    train.add_argument("--config", help="YAML config file (configs/*.yaml)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
-    train.set_defaults(run=_train)
+    parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="fine-tune XLSR-53 (or train from scratch) on speech + transcripts",
+                            description="Train as configured; the same command resumes a stopped run. Every "
+                                        "setting, with its default and meaning: `xlsr-jax config [--config F]`.")
+    _add_config_args(p)
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("config", help="print every training setting: resolved value, meaning, default",
+                            description="Print the resolved config tree as YAML, each key with its meaning "
+                                        "and default; the output is a valid --config file.")
+    _add_config_args(p)
+    p.set_defaults(run=_config)
+
+    p = commands.add_parser("evaluate", help="WER/CER of a run's checkpoint, an export or a hub model on a split",
+                            description="Score SOURCE on --data with the text normalisation it trained with. "
+                                        "Writes a predictions TSV and records the result in eval_results.json "
+                                        "(the model card's numbers). The last two lines are `wer: X`, `cer: X`.")
+    p.add_argument("source", help="run directory, exported model folder, or hub id")
+    p.add_argument("--data", action="append", required=True, metavar="SPEC",
+                   help="cv:DIR[:SPLITS] or manifest:FILE (repeatable), e.g. cv:/data/cv-corpus/tr:test")
+    _add_checkpoint_choice(p)
+    p.add_argument("--out", help="predictions TSV (default: in the run / model folder)")
+    p.add_argument("--batch-size", type=int, help="utterances per device per batch")
+    p.add_argument("--fsdp", type=int, default=1, help="shard parameters over this many devices")
+    p.add_argument("--language", help="normalise references as this language (default: the model's own)")
+    p.add_argument("--cache-dir", help="decoded-audio cache (default: the run's, or ~/.cache/xlsr_jax)")
+    _add_lm(p)
+    p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("export", help="convert a run's checkpoint to a Hugging Face PyTorch folder + card",
+                            description="Any kept checkpoint of RUN_DIR -> OUT_DIR with config.json, "
+                                        "model.safetensors, the processor files, text_normalization.json, "
+                                        "README.md (model card) and training curves. With torch installed "
+                                        "the PyTorch model is checked against the checkpoint.")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    _add_checkpoint_choice(p)
+    p.add_argument("--bin", action="store_true", help="also write pytorch_model.bin (needs torch)")
+    p.add_argument("--no-check", action="store_true", help="skip the PyTorch self-check")
+    _add_lm(p, beam=False)
+    p.set_defaults(run=_export)
+
+    p = commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub",
+                            description="Check FOLDER (files, vocab size = head size, processor loads, card "
+                                        "has a WER or says why not) and upload it. The token comes from "
+                                        "HF_TOKEN or `hf auth login`; it is never printed.")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="check and list the files; upload nothing")
+    p.set_defaults(run=_push)
+
+    p = commands.add_parser("transcribe", help="transcribe audio files (any format, any length)",
+                            description="Long files are cut into overlapping chunks and stitched like "
+                                        "transformers' pipeline. Text goes to stdout, or with --out to a "
+                                        ".tsv or .json with word start/end times.")
+    p.add_argument("model", help="run directory, exported model folder, or hub id")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    _add_checkpoint_choice(p)
+    p.add_argument("--out", help="write a .tsv or .json (with word times) instead of printing")
+    p.add_argument("--chunk-length-s", type=float, default=20.0)
+    p.add_argument("--stride-length-s", type=float, help="overlap on each side (default: chunk / 6)")
+    p.add_argument("--batch-size", type=int, default=8, help="chunks per batch")
+    _add_lm(p)
+    p.set_defaults(run=_transcribe)
+
+    p = commands.add_parser("build-lm", help="write an ARPA n-gram LM from training transcripts",
+                            description="Word n-gram (interpolated modified Kneser-Ney) from the transcripts "
+                                        "of --data, normalised as a run trained (--run) or for --language. "
+                                        "Common Voice test splits are refused: they are the benchmark.")
+    p.add_argument("--data", action="append", required=True, metavar="SPEC")
+    p.add_argument("--out", required=True, help="the .arpa file to write")
+    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--run", help="normalise text as this run directory did")
+    p.add_argument("--language", help="normalise for this language (without --run)")
+    p.set_defaults(run=_build_lm)
     return parser
 
 
@@ -34,11 +228,17 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_transformers()
+    from xlsr_jax.hub.verify import ExportCheckError
+
     try:
         return args.run(args)
-    except ConfigError as err:
-        print(f"xlsr-jax: config error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"xlsr-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ExportCheckError as err:
+        print(f"xlsr-jax {args.command}: the export failed its check: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

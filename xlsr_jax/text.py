@@ -1,5 +1,8 @@
 """Text side of character-level CTC: normalisation, the vocabulary, greedy decoding.
 
+A run's normalisation settings are stored with it and with its export (``text_normalization.json``)
+so that evaluation scores transcripts exactly as training prepared them.
+
 The vocabulary follows the Hugging Face XLSR fine-tuning recipe so that a saved ``vocab.json`` is a
 drop-in ``Wav2Vec2CTCTokenizer`` vocabulary: sorted characters, space renamed to ``|``, then
 ``[UNK]`` and ``[PAD]`` (pad last; pad doubles as the CTC blank).
@@ -67,6 +70,47 @@ def normalize_text(
     if chars_to_ignore:
         text = text.translate(_deletion_table(chars_to_ignore))
     return _SPACE_RE.sub(" ", text).strip()
+
+
+NORMALIZATION_FILE = "text_normalization.json"
+# Written without spaces between words: word error rate means little there, CER is the headline.
+CHARACTER_LANGUAGES = frozenset({"zh", "ja", "yue", "th", "lo", "km", "my", "bo"})
+
+
+def headline_metric(language: str | None) -> str:
+    """'cer' for languages written without word spaces (zh, ja, th, ...), else 'wer'."""
+    return "cer" if _base_language(language) in CHARACTER_LANGUAGES else "wer"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextNormalization:
+    """How a run turns raw transcripts into label text; stored with the run and its export.
+
+    ``language`` None means each utterance's own locale decides (Common Voice's locale column).
+    """
+
+    language: str | None = None
+    lowercase: bool = True
+    chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE
+
+    def __call__(self, text: str, language: str | None = None) -> str:
+        """Normalise ``text``; ``language`` (the utterance's locale) applies when ours is None."""
+        return normalize_text(text, language=self.language or language or None, lowercase=self.lowercase,
+                              chars_to_ignore=self.chars_to_ignore)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f, ensure_ascii=False, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TextNormalization":
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; expected {sorted(fields)}")
+        return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)

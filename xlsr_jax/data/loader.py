@@ -19,6 +19,8 @@ from xlsr_jax.data.buckets import assign_buckets
 from xlsr_jax.data.prepare import PreparedDataset
 
 LABEL_PAD = -100  # Hugging Face's ignore index for padded label positions
+# The batch arrays the model steps take (`index` stays on the host).
+MODEL_INPUTS = ("input_values", "attention_mask", "labels", "example_mask")
 
 
 class BatchLoader:

@@ -86,6 +86,13 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None) -> li
     )
 
 
+def is_test_split(spec: str) -> bool:
+    """True for a Common Voice source that names the `test` split: the benchmark, never training text."""
+    if _scheme_of(spec) != "cv":
+        return False
+    return "test" in _split_cv_spec(spec.split(":", 1)[1])[1]
+
+
 def _split_cv_spec(rest: str) -> tuple[str, list[str]]:
     """'PATH[:SPLITS]' -> (path, splits). The suffix counts as splits only if it looks like split
     names and the whole string is not itself an existing path (a path may contain ':')."""

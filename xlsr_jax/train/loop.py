@@ -22,11 +22,17 @@ from tqdm.auto import tqdm
 from xlsr_jax import parallel
 from xlsr_jax.checkpoint import Checkpointer, abstract_with_shardings
 from xlsr_jax.config import Config, save_config
-from xlsr_jax.evaluate import evaluate
-from xlsr_jax.export import export_hf
+from xlsr_jax.data.loader import MODEL_INPUTS
+from xlsr_jax.hub.export import export_params, host_params
+from xlsr_jax.infer.data import SAMPLING_RATE
+from xlsr_jax.infer.predict import predict
+from xlsr_jax.infer.step import eval_step
+from xlsr_jax.plots import plot_training_curves
+from xlsr_jax.rundir import RunDir
 from xlsr_jax.train.metrics import MetricsWriter
-from xlsr_jax.train.setup import SAMPLING_RATE, Data, build_data, build_model, build_state
-from xlsr_jax.train.step import MODEL_INPUTS, eval_step, train_step
+from xlsr_jax.train.setup import Data, build_data, build_model, build_state
+from xlsr_jax.train.step import train_step
+from xlsr_jax.train.summary import read_finished, write_finished
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +91,19 @@ class _TrainMetrics:
 
 
 def train(config: Config) -> dict[str, float]:
-    """Run training as configured; returns the last eval metrics (or the last train metrics)."""
-    # --- output directory and mesh
+    """Run training as configured; returns the last eval metrics (or the last train metrics).
+
+    A run that already finished (same step budget) returns its stored summary with
+    "run/already_finished" set instead of training again.
+    """
+    run = RunDir(config.train.output_dir)
+    finished = read_finished(run, config)
+    if finished is not None:
+        return {**finished["metrics"], "run/already_finished": 1.0}
+    # --- mesh
     if config.train.compilation_cache:  # a rerun or resume skips XLA compilation
         jax.config.update("jax_compilation_cache_dir", str(Path(config.train.compilation_cache).expanduser()))
     parallel.initialize(config.mesh)
-    output_dir = Path(config.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     mesh = parallel.make_mesh(config.mesh)
     dp = parallel.data_parallel_size(mesh)
@@ -99,12 +111,9 @@ def train(config: Config) -> dict[str, float]:
     batch_size = config.train.per_device_batch_size * dp * accum
     eval_batch_size = (config.eval.per_device_batch_size or config.train.per_device_batch_size) * dp
 
-    # --- data
-    data = build_data(config, output_dir, batch_size, eval_batch_size)
+    # --- data (before the output directory exists: a bad source leaves no empty run folder behind)
+    data = build_data(config, run.path, batch_size, eval_batch_size)
     steps = total_steps(config, data.train.batches_per_epoch)
-    if is_main:
-        save_config(config, output_dir / "config.yaml")
-        data.vocab.save(output_dir / "vocab.json")
     logger.info("train: %d utterances, %d batches of %d per epoch, buckets %s, padding %.1f%%; %d steps",
                 len(data.train.dataset), data.train.batches_per_epoch, batch_size, data.train.shapes,
                 100 * data.train.padding_fraction, steps)
@@ -113,8 +122,15 @@ def train(config: Config) -> dict[str, float]:
     model, host_params = build_model(config, data.vocab)
     state, shardings, tx, schedule = build_state(config, model, host_params, mesh, steps)
     del host_params
-    checkpoints = Checkpointer(output_dir / "checkpoints", config.checkpoint.save_total_limit)
-    if config.checkpoint.resume and checkpoints.latest_step() is not None:
+    run.path.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        save_config(config, run.config)
+        data.vocab.save(run.vocab)
+        data.normalization.save(run.normalization)
+        model.config.to_json_file(str(run.model_config))
+    c = config.checkpoint
+    checkpoints = Checkpointer(run.checkpoints, c.save_total_limit, best_metric=c.best_metric, best_mode=c.best_mode)
+    if c.resume and checkpoints.latest_step() is not None:
         state = checkpoints.restore(abstract_with_shardings(state, shardings))
     start = int(jax.device_get(state.step))
 
@@ -128,21 +144,43 @@ def train(config: Config) -> dict[str, float]:
     eval_fn = jax.jit(functools.partial(eval_step, model=model, blank_id=blank, reduction=reduction),
                       in_shardings=(shardings.params, batch_sharding))
 
-    writer = MetricsWriter(output_dir, enabled=is_main)
+    writer = MetricsWriter(run.path, enabled=is_main)
     loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer)
     try:
         with _StopFlag().installed() as stop:
             state, last = loop.run(state, start, steps, stop)
         final_step = int(jax.device_get(state.step))
         if checkpoints.latest_step() != final_step:
-            checkpoints.save(final_step, state)
+            checkpoints.save(final_step, state, loop.eval_metrics_at(final_step))
         checkpoints.wait()
-        if is_main and not stop.requested:
-            export_hf(jax.device_get(state.params), model.config, data.vocab, output_dir / "hf_model")
+        if not stop.requested:
+            _export(run, config, model, state.params, data, final_step, is_main)
+            if is_main:
+                write_finished(run, config, final_step, steps, last, best_step=checkpoints.best_step())
     finally:
         checkpoints.close()
         writer.close()
+        if is_main:
+            plot_training_curves(run.metrics, run.curves)
     return last
+
+
+def _export(run: RunDir, config: Config, model, params, data: Data, step: int, is_main: bool) -> None:
+    """hf_model/: the same converter, card and (with torch) check as `xlsr-jax export`."""
+    params = host_params(params)  # a collective when parameters are sharded across processes
+    if not is_main:
+        return
+    dataset = (data.eval or data.train).dataset
+    clips = [np.asarray(dataset.audio[i]) for i in range(min(3, len(dataset)))]
+    out = export_params(params, model.config, data.vocab, run.hf_model, normalization=data.normalization, run=run,
+                        run_config=config, step=step, clips=clips, info={"run": str(run.path.absolute()),
+                                                                          "selected": "final"})
+    if out["check"] is None:
+        logger.info("hf_model: torch is not installed, so the PyTorch self-check was skipped "
+                    "(pip install 'xlsr-jax[torch]' to have it)")
+    else:
+        logger.info("hf_model: PyTorch self-check on %d clips: max |dlogits| %.2e, greedy transcripts identical: %s",
+                    out["check"]["clips"], out["check"]["max_abs_diff"], out["check"]["transcripts_identical"])
 
 
 @dataclasses.dataclass
@@ -156,6 +194,7 @@ class _Loop:
     mesh: Mesh
     checkpoints: Checkpointer
     writer: MetricsWriter
+    _evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def run(self, state, start: int, steps: int, stop: _StopFlag):
         t = self.config.train
@@ -180,8 +219,10 @@ class _Loop:
                                 audio_s_per_s=f"{last['train/audio_seconds_per_second']:.0f}")
             if self.data.eval is not None and (step % t.eval_steps == 0 or (step == steps and self.config.eval.at_end)):
                 last = self.evaluate(state, step)
-            if step % t.save_steps == 0 and step != steps:
-                self.checkpoints.save(step, state)
+            # With keep-best, every evaluated state is a candidate: it is saved with its metrics.
+            evaluated = self.eval_metrics_at(step) if self.checkpoints.best_metric else None
+            if (step % t.save_steps == 0 or evaluated) and step != steps:
+                self.checkpoints.save(step, state, evaluated)
         bar.update(step - bar.n)
         bar.close()
         last["train/compiled_shapes"] = self.step_fn._cache_size()  # noqa: SLF001 - jax has no public counter
@@ -191,11 +232,17 @@ class _Loop:
                     last["train/compiled_shapes"], len(shapes))
         return state, last
 
+    def eval_metrics_at(self, step: int) -> dict[str, float] | None:
+        """The eval metrics of `step` if it was evaluated (what keep-best ranks a checkpoint by)."""
+        return self._evaluated.get(step)
+
     def evaluate(self, state, step: int) -> dict[str, float]:
-        scores, pairs = evaluate(state.params, self.data.eval, self.eval_fn, self.data.vocab, self.mesh)
+        scores, predictions = predict(state.params, self.data.eval, self.eval_fn, self.data.vocab, self.mesh)
         scores = {f"eval/{k}": v for k, v in scores.items()}
+        self._evaluated = {step: scores}
         self.writer.write(step, scores)
-        shown = "\n".join(f"  ref: {r}\n  hyp: {h}" for r, h in pairs[: self.config.eval.num_examples_to_print])
+        shown = "\n".join(f"  ref: {p.reference}\n  hyp: {p.hypothesis}"
+                          for p in predictions[: self.config.eval.num_examples_to_print])
         logger.info("step %d eval: loss %.3f  WER %.2f%%  CER %.2f%% (%d utterances)\n%s", step, scores["eval/loss"],
                     100 * scores["eval/wer"], 100 * scores["eval/cer"], scores["eval/examples"], shown)
         self.writer.text(step, "eval/examples", shown)

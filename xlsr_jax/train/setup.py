@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,22 @@ from jax.sharding import Mesh
 from transformers import Wav2Vec2Config
 
 from xlsr_jax import parallel
-from xlsr_jax.config import Config, ModelConfig
-from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, load_sources, prepare_dataset
-from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, load_pretrained
+from xlsr_jax.config import Config, ConfigError, DataConfig, ModelConfig
+from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, prepare_dataset
+from xlsr_jax.infer.data import SAMPLING_RATE, eval_loader, prepare_kwargs, read_examples
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
 from xlsr_jax.model.pretrained import resolve_model_dir
-from xlsr_jax.text import Vocab, normalize_text
+from xlsr_jax.text import TextNormalization, Vocab
 from xlsr_jax.train.optim import build_optimizer
 from xlsr_jax.train.state import TrainState, create_state
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16000
-
 
 @dataclasses.dataclass
 class Data:
     vocab: Vocab
+    normalization: TextNormalization
     train: BatchLoader
     eval: BatchLoader | None
     reports: dict[str, dict]
@@ -55,6 +54,17 @@ def resolve_vocab(config: Config, texts: list[str], output_dir: Path) -> Vocab:
     return Vocab.build(texts)
 
 
+def run_normalization(data: DataConfig, train_examples: list[Example]) -> TextNormalization:
+    """The run's text normalisation: `data.language`, else the training data's one locale (Common
+    Voice's locale column or folder name), else None (each utterance's own locale)."""
+    language = data.language
+    if language is None:
+        locales = {e.language for e in train_examples}
+        language = locales.pop() if len(locales) == 1 and "" not in locales else None
+    return TextNormalization(language=language or None, lowercase=data.lowercase,
+                             chars_to_ignore=data.chars_to_ignore)
+
+
 def model_overrides(config: ModelConfig, vocab: Vocab) -> dict[str, Any]:
     """`Wav2Vec2Config` fields this run sets on top of the checkpoint's (or architecture's) own."""
     return {**config.regularisation(), "vocab_size": len(vocab), "pad_token_id": vocab.pad_id,
@@ -74,34 +84,25 @@ def model_config(config: ModelConfig, vocab: Vocab) -> Wav2Vec2Config:
 def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_size: int) -> Data:
     """Sources -> vocab -> decoded, filtered datasets -> bucketed loaders for this process's rows."""
     d = config.data
-    cache_dir = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax")
     if not d.train:
-        raise ValueError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
-    archives = os.path.join(cache_dir, "cv")  # where Common Voice .tar.gz archives are extracted
-    train_examples = _subset(load_sources(list(d.train), cache_dir=archives), d.max_train_examples, config.train.seed)
-    eval_examples = _subset(load_sources(list(d.eval), cache_dir=archives), d.max_eval_examples, config.train.seed) \
-        if d.eval else []
-    def normalize(example: Example) -> str:
-        # data.language wins; else each source's own locale (Common Voice's locale column or folder name)
-        return normalize_text(example.text, language=d.language or example.language or None,
-                              lowercase=d.lowercase, chars_to_ignore=d.chars_to_ignore)
-
-    vocab = resolve_vocab(config, [normalize(e) for e in train_examples + eval_examples], output_dir)
+        raise ConfigError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
+    train_examples = _subset(read_examples(d.train, d), d.max_train_examples, config.train.seed)
+    eval_examples = _subset(read_examples(d.eval, d), d.max_eval_examples, config.train.seed) if d.eval else []
+    normalization = run_normalization(d, train_examples)
+    texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
+    vocab = resolve_vocab(config, texts, output_dir)
     w2v_config = model_config(config.model, vocab)
-    common = dict(vocab=vocab, normalize=normalize, sampling_rate=SAMPLING_RATE,
-                  cache_dir=os.path.join(cache_dir, "audio"), num_workers=d.num_workers,
-                  frames_fn=lambda n: feat_extract_output_lengths(w2v_config, n))
-    train_set, train_report = prepare_dataset(train_examples, min_duration_s=d.min_duration_s,
-                                              max_duration_s=d.max_duration_s, name="train", **common)
-    loader_args = dict(process_index=jax.process_index(), process_count=jax.process_count(), prefetch=d.prefetch)
+    train_set, train_report = prepare_dataset(
+        train_examples, min_duration_s=d.min_duration_s, max_duration_s=d.max_duration_s, name="train",
+        **prepare_kwargs(d, vocab, normalization, w2v_config))
     train = BatchLoader(train_set, batch_size=batch_size, seed=config.train.seed, shuffle=True,
-                        boundaries=bucket_boundaries(train_set.lengths, d.num_buckets), **loader_args)
+                        boundaries=bucket_boundaries(train_set.lengths, d.num_buckets),
+                        process_index=jax.process_index(), process_count=jax.process_count(), prefetch=d.prefetch)
     reports, evaluation = {"train": train_report}, None
     if eval_examples:
-        eval_set, reports["eval"] = prepare_dataset(eval_examples, drop_infeasible=False, name="eval", **common)
-        evaluation = BatchLoader(eval_set, batch_size=eval_batch_size, shuffle=False,
-                                 boundaries=bucket_boundaries(eval_set.lengths, d.eval_num_buckets), **loader_args)
-    return Data(vocab, train, evaluation, reports)
+        evaluation, reports["eval"] = eval_loader(eval_examples, data=d, vocab=vocab, normalization=normalization,
+                                                  model_config=w2v_config, batch_size=eval_batch_size)
+    return Data(vocab, normalization, train, evaluation, reports)
 
 
 def build_model(config: Config, vocab: Vocab) -> tuple[FlaxWav2Vec2ForCTC, dict | None]:

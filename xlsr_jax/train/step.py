@@ -1,4 +1,5 @@
-"""Pure train and eval steps. Jitted once (per bucket shape) with shardings by the loop.
+"""The pure train step. Jitted once (per bucket shape) with shardings by the loop; the eval step lives
+in infer/step.py.
 
 A batch is a dict of global arrays, batch dimension first:
   input_values float32 [B, S], attention_mask int32 [B, S], labels int32 [B, L] (-100 padded),
@@ -8,16 +9,13 @@ With gradient accumulation B = accum * micro; the step scans over the `accum` mi
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
+from xlsr_jax.data.loader import MODEL_INPUTS
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, frame_mask_from_attention_mask
 from xlsr_jax.train.state import TrainState
-
-MODEL_INPUTS = ("input_values", "attention_mask", "labels", "example_mask")
 
 
 def _loss(params, batch, rng, *, model: FlaxWav2Vec2ForCTC, blank_id: int, reduction: str, normalizer):
@@ -86,24 +84,3 @@ def train_step(state: TrainState, batch: dict, *, model: FlaxWav2Vec2ForCTC, tx:
         "examples": batch["example_mask"].sum(),
     }
     return new_state, metrics
-
-
-def eval_step(params: Any, batch: dict, *, model: FlaxWav2Vec2ForCTC, blank_id: int, reduction: str
-              ) -> dict[str, jax.Array]:
-    """Loss terms and greedy predictions of one batch.
-
-    Returns loss_sum float32 [] (sum over real examples of their loss, per-token for "mean"),
-    examples float32 [], pred_ids int32 [B, frames] and frames int32 [B] (valid frames per row).
-    """
-    logits = model.apply({"params": params}, batch["input_values"], batch["attention_mask"], deterministic=True)
-    frame_mask = frame_mask_from_attention_mask(model.config, batch["attention_mask"], logits.shape[1])
-    loss, _ = ctc_loss(logits, frame_mask, batch["labels"], blank_id=blank_id, reduction=reduction,
-                       example_mask=batch["example_mask"])
-    examples = batch["example_mask"].sum()
-    loss_sum = loss * jnp.maximum(examples, 1.0) if reduction == "mean" else loss
-    return {
-        "loss_sum": loss_sum,
-        "examples": examples,
-        "pred_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        "frames": frame_mask.sum(-1).astype(jnp.int32),
-    }

@@ -1,0 +1,25 @@
+"""A tiny training run on the tiny Common Voice folder, shared by the loop, evaluate, export and CLI
+tests (training even the tiny model costs a minute on 2 cores)."""
+
+from __future__ import annotations
+
+from xlsr_jax.config import Config, from_dict
+
+# XLSR-style (layer-norm convs, pre-LN transformer): the recipe's model, trained with padding masks.
+TINY_ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                 conv_dim=[16, 16, 16], conv_kernel=[10, 3, 3], conv_stride=[5, 2, 2],
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="layer",
+                 do_stable_layer_norm=True, conv_bias=True)
+
+
+def tiny_run_config(cv_dir, output_dir, mesh: dict | None = None, **train) -> Config:
+    return from_dict({
+        "model": {"pretrained": None, "architecture": TINY_ARCH},
+        "data": {"train": [f"cv:{cv_dir}:train+dev"], "eval": [f"cv:{cv_dir}:dev+test"], "language": "tr",
+                 "num_buckets": 2, "eval_num_buckets": 2, "cache_dir": str(output_dir / "cache"),
+                 "num_workers": 1},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
+        "train": {"output_dir": str(output_dir / "run"), "per_device_batch_size": 1, "logging_steps": 1,
+                  **train},
+        "mesh": mesh or {},
+    })

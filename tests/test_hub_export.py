@@ -1,0 +1,113 @@
+"""`export`: any kept checkpoint of a run -> a Hugging Face folder whose weights are the checkpoint's,
+bit for bit, that checks itself against PyTorch; also from an FSDP-sharded checkpoint of a run stopped
+by SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from _runs import tiny_run_config
+from xlsr_jax.checkpoint import Checkpointer
+from xlsr_jax.errors import UserError
+from xlsr_jax.hub import export as export_module
+from xlsr_jax.hub.export import export_run
+from xlsr_jax.hub.verify import ExportCheckError
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, flax_to_pytorch
+from xlsr_jax.rundir import EXPORT_INFO
+from xlsr_jax.train.loop import train
+from transformers import Wav2Vec2Config
+
+SEEN_BY_TRANSFORMERS = ("config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json",
+                        "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _checkpoint_params(run, step):
+    """The parameters of `step`'s checkpoint, restored independently of the exporter."""
+    config = Wav2Vec2Config.from_json_file(str(run / "model_config.json"))
+    abstract = FlaxWav2Vec2ForCTC(config).abstract_params()
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
+    return jax.device_get(Checkpointer(run / "checkpoints", read_only=True).restore_params(abstract, step))
+
+
+def _assert_weights_are_the_checkpoints(folder, run, step):
+    exported = load_file(str(folder / "model.safetensors"))
+    expected = flax_to_pytorch(_checkpoint_params(run, step))
+    assert sorted(exported) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_export_a_given_step_bit_for_bit(trained_run, tmp_path):
+    _, run = trained_run
+    out = export_run(run, tmp_path / "step3", step=3, torch_bin=True)
+    folder = tmp_path / "step3"
+    assert out["step"] == 3 and json.loads((folder / EXPORT_INFO).read_text())["step"] == 3
+    for name in SEEN_BY_TRANSFORMERS + ("text_normalization.json", "README.md", "pytorch_model.bin"):
+        assert (folder / name).is_file(), name
+    _assert_weights_are_the_checkpoints(folder, run, 3)
+    assert not (np.asarray(load_file(str(folder / "model.safetensors"))["lm_head.weight"]) ==
+                flax_to_pytorch(_checkpoint_params(run, 6))["lm_head.weight"]).all(), "step 3 is not step 6"
+    binary = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    safetensors = load_file(str(folder / "model.safetensors"))
+    assert all(np.array_equal(binary[k].numpy(), v) for k, v in safetensors.items())
+    assert out["check"]["transcripts_identical"] and out["check"]["max_abs_diff"] < 1e-4
+    assert not list(tmp_path.glob("*.partial-*")), "no temporary folder left behind"
+
+
+def test_a_failed_self_check_leaves_nothing(trained_run, tmp_path, monkeypatch):
+    _, run = trained_run
+    real = export_module.save_pytorch_weights
+
+    def corrupt(params, config, out_dir):  # a converter bug: the head written transposed-and-scaled
+        params = jax.tree.map(np.array, params)
+        params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 1.5
+        return real(params, config, out_dir)
+
+    monkeypatch.setattr(export_module, "save_pytorch_weights", corrupt)
+    with pytest.raises(ExportCheckError, match="disagrees with the Flax checkpoint"):
+        export_run(run, tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_folder_that_is_not_a_model(trained_run, tmp_path):
+    _, run = trained_run
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a model folder"):
+        export_run(run, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="not a training run"):
+        export_run(tmp_path / "notes", tmp_path / "x")
+
+
+def test_export_from_an_fsdp_checkpoint_of_a_run_stopped_by_sigterm(cv_dir, tmp_path):
+    config = tiny_run_config(cv_dir, tmp_path, mesh={"fsdp": 4}, max_steps=10_000, eval_steps=10_000,
+                             save_steps=10_000)
+    run = tmp_path / "run"
+
+    def preempt():  # as a TPU VM's maintenance event would, once training is under way
+        while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    train(config)
+    assert not (run / "hf_model").exists()
+    (step,) = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    kernel = run / "checkpoints" / str(step) / "default" / "_sharding"
+    assert "fsdp" in kernel.read_text(), "the checkpoint was written FSDP-sharded"
+    out = export_run(run, tmp_path / "export")
+    assert out["step"] == step and out["check"]["transcripts_identical"]
+    _assert_weights_are_the_checkpoints(tmp_path / "export", run, step)

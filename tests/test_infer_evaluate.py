@@ -1,0 +1,125 @@
+"""Evaluation: WER/CER equal jiwer's over batches with filler rows on 4 devices; `evaluate` on a run
+writes the predictions TSV and eval_results.json and picks the asked checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import shutil
+
+import jax
+import jax.numpy as jnp
+import jiwer
+import numpy as np
+import pytest
+
+from xlsr_jax import parallel
+from xlsr_jax.config import MeshConfig
+from xlsr_jax.data import BatchLoader, Example, PreparedDataset
+from xlsr_jax.errors import UserError
+from xlsr_jax.infer.evaluate import PREDICTION_COLUMNS, evaluate, format_summary, write_predictions
+from xlsr_jax.infer.predict import predict, utterance_errors
+from xlsr_jax.rundir import RunDir, read_eval_results
+from xlsr_jax.text import Vocab
+
+REFERENCES = ["bir iki üç", "dört beş", "altı yedi sekiz dokuz", "on", "bir bir iki", "kedi köpek kuş",
+              "ağaç dal yaprak"]
+
+
+def _dataset(vocab: Vocab) -> PreparedDataset:
+    lengths = np.asarray([1600 + 320 * i for i in range(len(REFERENCES))])
+    audio = [np.sin(np.arange(n) * 0.01).astype(np.float32) for n in lengths]
+    return PreparedDataset(texts=list(REFERENCES), labels=[vocab.encode(t) for t in REFERENCES], lengths=lengths,
+                           audio=audio, examples=[Example(f"/clips/{i}.mp3", t) for i, t in enumerate(REFERENCES)])
+
+
+def _fake_eval(params, batch, *, swap, blank):
+    """Predicts each row's own labels with one character swapped for another, a blank after every
+    character (so CTC keeps repeats): hypotheses are known strings."""
+    labels = batch["labels"]
+    ids = jnp.where(labels == swap[0], swap[1], labels)
+    ids = jnp.where(labels < 0, blank, ids)
+    ids = jnp.stack([ids, jnp.full_like(ids, blank)], axis=-1).reshape(ids.shape[0], -1)
+    return {"loss_sum": 1.5 * batch["example_mask"].sum(), "examples": batch["example_mask"].sum(),
+            "pred_ids": ids, "frames": 2 * (labels >= 0).sum(-1)}
+
+
+def test_error_rates_equal_jiwer_over_batches_with_filler_rows():
+    vocab = Vocab.build(REFERENCES)
+    mesh = parallel.make_mesh(MeshConfig())  # 4 devices, one row each
+    dataset = _dataset(vocab)
+    loader = BatchLoader(dataset, batch_size=4, boundaries=[3200, 4000], shuffle=False)
+    plan = loader.epoch_batches(0)
+    assert len(plan) == 2 and sum(int((idx < 0).sum()) for _, idx in plan) == 1, "one filler row"
+    swap = (vocab.token_to_id("i"), vocab.token_to_id("e"))
+    eval_fn = jax.jit(functools.partial(_fake_eval, swap=swap, blank=vocab.pad_id))
+    metrics, predictions = predict({}, loader, eval_fn, vocab, mesh)
+
+    expected = [t.replace("i", "e") for t in REFERENCES]
+    assert [p.hypothesis for p in predictions] == expected
+    assert [p.reference for p in predictions] == REFERENCES
+    assert metrics["wer"] == pytest.approx(jiwer.wer(REFERENCES, expected), abs=1e-12)
+    assert metrics["cer"] == pytest.approx(jiwer.cer(REFERENCES, expected), abs=1e-12)
+    assert (metrics["wer"], metrics["cer"]) == pytest.approx((8 / 19, 10 / 81), abs=1e-12)  # counted by hand
+    assert metrics["examples"] == 7 and metrics["loss"] == pytest.approx(1.5)
+
+
+def test_per_utterance_errors_add_up_to_the_corpus_rates(tmp_path):
+    refs, hyps = ["a b c", "d e", "f"], ["a x c d", "", "f"]
+    rows = [utterance_errors(r, h) for r, h in zip(refs, hyps)]
+    assert rows[0] == {"word_errors": 2, "reference_words": 3, "char_errors": 3, "reference_chars": 5}
+    assert sum(r["word_errors"] for r in rows) / sum(r["reference_words"] for r in rows) == jiwer.wer(refs, hyps)
+    assert sum(r["char_errors"] for r in rows) / sum(r["reference_chars"] for r in rows) == jiwer.cer(refs, hyps)
+    from xlsr_jax.infer.predict import Prediction
+
+    path = write_predictions(tmp_path / "p.tsv", [Prediction(i, r, h) for i, (r, h) in enumerate(zip(refs, hyps))],
+                             ["x.mp3", "y.mp3", "z.mp3"])
+    with open(path, encoding="utf-8", newline="") as f:
+        table = list(csv.DictReader(f, delimiter="\t"))
+    assert tuple(table[0]) == PREDICTION_COLUMNS
+    assert [(t["path"], t["hypothesis"], int(t["word_errors"])) for t in table] == \
+        [("x.mp3", "a x c d", 2), ("y.mp3", "", 2), ("z.mp3", "f", 0)]
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    config, run = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return config, copy
+
+
+def _read_tsv(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_evaluate_a_run_writes_predictions_and_results(run_copy, cv_dir):
+    config, run = run_copy
+    result = evaluate(str(run), [f"cv:{cv_dir}:test"], cache_dir=config.data.cache_dir)
+    rows = _read_tsv(result["predictions"])
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["common_voice_tr_7.mp3"]
+    assert rows[0]["reference"] == "görüşürüz"  # normalised as the run trained (Turkish lowercasing)
+    refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
+    assert result["wer"] == jiwer.wer(refs, hyps) and result["cer"] == jiwer.cer(refs, hyps)
+    assert result["step"] == 6 and result["num_utterances"] == 1 and result["language"] == "tr"
+    stored = read_eval_results(RunDir(run).eval_results)
+    assert len(stored) == 1 and stored[0]["wer"] == result["wer"] and stored[0]["data"] == f"cv:{cv_dir}:test"
+    lines = format_summary(result).splitlines()
+    assert lines[-2:] == [f"wer: {result['wer']:.4f}", f"cer: {result['cer']:.4f}"]
+
+    evaluate(str(run), [f"cv:{cv_dir}:test"], cache_dir=config.data.cache_dir)  # the same again: replaced
+    evaluate(str(run), [f"cv:{cv_dir}:dev"], step=3, cache_dir=config.data.cache_dir)
+    stored = read_eval_results(RunDir(run).eval_results)
+    assert [(r["data"].rsplit(":", 1)[-1], r["step"]) for r in stored] == [("test", 6), ("dev", 3)]
+
+
+def test_evaluate_best_uses_the_best_checkpoint(run_copy, cv_dir):
+    config, run = run_copy
+    wer = {r["step"]: r["eval/wer"] for r in RunDir(run).read_metrics() if "eval/wer" in r}
+    assert sorted(wer) == [3, 6]
+    best = 3 if wer[3] < wer[6] else 6  # a tie goes to the newer checkpoint
+    result = evaluate(str(run), [f"cv:{cv_dir}:dev"], best=True, cache_dir=config.data.cache_dir)
+    assert result["step"] == best
+    with pytest.raises(UserError, match="no checkpoint for step 5"):
+        evaluate(str(run), [f"cv:{cv_dir}:dev"], step=5, cache_dir=config.data.cache_dir)

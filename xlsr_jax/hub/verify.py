@@ -1,0 +1,90 @@
+"""The export's self-check: the PyTorch model transformers loads from the folder and the Flax model
+it was written from run on the same clips; their logits and greedy transcripts must agree."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from transformers import Wav2Vec2Config
+
+from xlsr_jax.data import AudioError, load_audio
+from xlsr_jax.infer.data import read_examples
+from xlsr_jax.model import FlaxWav2Vec2ForCTC
+from xlsr_jax.text import Vocab
+
+logger = logging.getLogger(__name__)
+
+# fp32 on both sides: parity measured 2e-7 (tiny) to 3.4e-6 (XLSR-53 shape); anything near this bound
+# is a conversion bug, not rounding.
+MAX_RELATIVE_DIFF = 1e-3
+
+
+class ExportCheckError(Exception):
+    """The exported PyTorch model disagrees with the Flax model it was written from."""
+
+
+def reference_clips(config, count: int = 3, seconds: float = 3.0) -> list[np.ndarray]:
+    """A few real clips of the run's eval (else train) data; seeded synthetic audio when none can be
+    read here (an export made on another machine than the run)."""
+    specs = list(config.data.eval or config.data.train) if config is not None else []
+    clips: list[np.ndarray] = []
+    try:
+        examples = read_examples(specs, config.data) if specs else []
+    except (OSError, ValueError) as err:
+        logger.info("export check: cannot read %s (%s); using synthetic audio", specs, err)
+        examples = []
+    for example in examples:
+        try:
+            clips.append(load_audio(example.path))
+        except AudioError:
+            continue
+        if len(clips) == count:
+            return clips
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * 16000)) / 16000
+    while len(clips) < count:  # speech-like enough to give the head something other than blank
+        f0 = rng.uniform(100, 300)
+        clips.append((np.sin(2 * np.pi * f0 * t) * (1 + np.sin(2 * np.pi * 3 * t)) +
+                      0.1 * rng.standard_normal(t.size)).astype(np.float32))
+    return clips
+
+
+def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab: Vocab,
+                  clips: list[np.ndarray]) -> dict[str, Any]:
+    """Run both models on `clips` (each `[samples]` at 16 kHz, one at a time, unpadded).
+
+    Returns {"clips", "max_abs_diff", "max_abs_logit", "transcripts_identical", "transcripts"};
+    raises ExportCheckError when |Δlogits| exceeds MAX_RELATIVE_DIFF of the logits' scale or a
+    greedy transcript differs.
+    """
+    import torch
+    from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+
+    torch_model = Wav2Vec2ForCTC.from_pretrained(str(folder)).eval()
+    processor = Wav2Vec2Processor.from_pretrained(str(folder))
+    flax_model = FlaxWav2Vec2ForCTC(config)
+    apply = jax.jit(lambda p, x: flax_model.apply({"params": p}, x, deterministic=True))
+    diff, scale, pairs = 0.0, 0.0, []
+    for clip in clips:
+        inputs = processor(clip, sampling_rate=16000, return_tensors="np")["input_values"]
+        with torch.no_grad():
+            expected = torch_model(torch.from_numpy(inputs)).logits.numpy()[0]
+        with jax.default_matmul_precision("highest"):  # TF32 on GPUs would hide nothing but add noise
+            got = np.asarray(apply(params, inputs))[0]
+        diff = max(diff, float(np.abs(got - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+        pairs.append((processor.batch_decode(expected.argmax(-1)[None])[0], vocab.decode_ctc(got.argmax(-1))))
+    # Word for word: the tokenizer keeps a double space where two delimiters are split by a blank.
+    identical = all(a.split() == b.split() for a, b in pairs)
+    report = {"clips": len(clips), "max_abs_diff": diff, "max_abs_logit": scale,
+              "transcripts_identical": identical, "transcripts": pairs}
+    if diff > MAX_RELATIVE_DIFF * max(1.0, scale) or not identical:
+        raise ExportCheckError(
+            f"{folder}: the exported PyTorch model disagrees with the Flax checkpoint: max |Δlogits| "
+            f"{diff:.3g} (logits up to {scale:.3g}), greedy transcripts identical: {identical}; "
+            f"first pair that differs (PyTorch, Flax): {next((p for p in pairs if p[0].split() != p[1].split()), None)}")
+    return report

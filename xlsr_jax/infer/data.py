@@ -1,0 +1,49 @@
+"""Utterances to score -> a bucketed loader: shared by the trainer's periodic evaluation and by
+`xlsr-jax evaluate`, so both read, normalise and batch an eval set the same way."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+from transformers import Wav2Vec2Config
+
+from xlsr_jax.config import DataConfig
+from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, load_sources, prepare_dataset
+from xlsr_jax.model import feat_extract_output_lengths
+from xlsr_jax.text import TextNormalization, Vocab
+
+SAMPLING_RATE = 16000
+
+
+def cache_root(data: DataConfig) -> str:
+    """Where decoded audio and extracted Common Voice archives are cached."""
+    return data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax")
+
+
+def read_examples(specs: Sequence[str], data: DataConfig) -> list[Example]:
+    """The utterances of every source spec (Common Voice archives are extracted once into the cache)."""
+    return load_sources(list(specs), cache_dir=os.path.join(cache_root(data), "cv"))
+
+
+def prepare_kwargs(data: DataConfig, vocab: Vocab, normalization: TextNormalization,
+                   model_config: Wav2Vec2Config) -> dict:
+    """The arguments `prepare_dataset` takes that are the same for every split of a run."""
+    return dict(vocab=vocab, normalize=lambda e: normalization(e.text, e.language), sampling_rate=SAMPLING_RATE,
+                cache_dir=os.path.join(cache_root(data), "audio"), num_workers=data.num_workers,
+                frames_fn=lambda n: feat_extract_output_lengths(model_config, n))
+
+
+def eval_loader(examples: Sequence[Example], *, data: DataConfig, vocab: Vocab,
+                normalization: TextNormalization, model_config: Wav2Vec2Config, batch_size: int,
+                name: str = "eval") -> tuple[BatchLoader, dict]:
+    """(loader over every decodable utterance, report of counts). Nothing is filtered by duration, and
+    utterances too long for their frames are kept and counted: dropping them would flatter the WER."""
+    dataset, report = prepare_dataset(examples, drop_infeasible=False, name=name,
+                                      **prepare_kwargs(data, vocab, normalization, model_config))
+    loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False,
+                         boundaries=bucket_boundaries(dataset.lengths, data.eval_num_buckets),
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         prefetch=data.prefetch)
+    return loader, report

@@ -1,0 +1,86 @@
+"""The evaluation loop shared by the trainer and `xlsr-jax evaluate`, and WER/CER (jiwer).
+
+Batches are bucketed and jitted like training; the argmax happens on device and only `[B, frames]`
+ids come back (log-probabilities only when an n-gram LM decodes them). Every array that comes back,
+the example indices included, is gathered from the same global layout, so predictions meet their
+references whatever the order of devices and processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jiwer
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from xlsr_jax import parallel
+from xlsr_jax.data import BatchLoader
+from xlsr_jax.data.loader import MODEL_INPUTS
+from xlsr_jax.text import Vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One scored utterance (`index` is its row in the loader's dataset)."""
+
+    index: int
+    reference: str
+    hypothesis: str
+
+
+def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """Corpus-level WER and CER: all errors over all reference words / characters (jiwer)."""
+    return {"wer": float(jiwer.wer(list(references), list(hypotheses))),
+            "cer": float(jiwer.cer(list(references), list(hypotheses)))}
+
+
+def utterance_errors(reference: str, hypothesis: str) -> dict[str, int]:
+    """Edit operations of one utterance: word_errors over reference_words, char_errors over
+    reference_chars (substitutions + deletions + insertions, as jiwer counts them)."""
+    words = jiwer.process_words(reference, hypothesis)
+    chars = jiwer.process_characters(reference, hypothesis)
+    return {
+        "word_errors": words.substitutions + words.deletions + words.insertions,
+        "reference_words": words.substitutions + words.deletions + words.hits,
+        "char_errors": chars.substitutions + chars.deletions + chars.insertions,
+        "reference_chars": chars.substitutions + chars.deletions + chars.hits,
+    }
+
+
+def _gather(x) -> np.ndarray:
+    """A global (possibly multi-process) array -> the whole array on this host, in global order."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, mesh: Mesh,
+            decoder=None) -> tuple[dict[str, float], list[Prediction]]:
+    """One pass of `eval_fn` (the jitted `infer.step.eval_step`) over `loader`.
+
+    With `decoder` (an `infer.lm.LMDecoder`), `eval_fn` must return log_probs, which the decoder's
+    beam search turns into text instead of the greedy decode.
+    Returns ({"loss", "wer", "cer", "examples"}, predictions in dataset order).
+    """
+    loss_sum, count = 0.0, 0.0
+    hypotheses: dict[int, str] = {}
+    for local in loader.iter_epoch():
+        batch = parallel.global_batch({k: local[k] for k in MODEL_INPUTS}, mesh)
+        index = parallel.global_batch({"index": local["index"]}, mesh)["index"]
+        out = eval_fn(params, batch)
+        index = _gather(index)
+        real = index >= 0  # filler rows of the last batch
+        frames = _gather(out["frames"])[real]
+        if decoder is None:
+            texts = vocab.decode_ctc_batch(_gather(out["pred_ids"])[real], frames)
+        else:
+            texts = decoder.decode_batch([lp[:n] for lp, n in zip(_gather(out["log_probs"])[real], frames)])
+        loss_sum += float(out["loss_sum"])
+        count += float(out["examples"])
+        hypotheses.update(zip(index[real].tolist(), texts))
+    predictions = [Prediction(i, loader.dataset.texts[i], hypotheses[i]) for i in sorted(hypotheses)]
+    metrics = {"loss": loss_sum / max(count, 1.0),
+               **error_rates([p.reference for p in predictions], [p.hypothesis for p in predictions]),
+               "examples": float(len(predictions))}
+    return metrics, predictions

@@ -1,0 +1,133 @@
+"""What `evaluate`, `transcribe` and `export` read: a model from a training run directory (any kept
+orbax checkpoint), a Hugging Face model folder, or a hub id, with its vocabulary and the text
+normalisation it was trained with."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+from transformers import Wav2Vec2Config
+
+from xlsr_jax import parallel
+from xlsr_jax.checkpoint import Checkpointer, abstract_with_shardings
+from xlsr_jax.config import Config, load_config
+from xlsr_jax.errors import UserError
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
+from xlsr_jax.model.pretrained import resolve_model_dir
+from xlsr_jax.rundir import EXPORT_INFO, RunDir
+from xlsr_jax.text import NORMALIZATION_FILE, TextNormalization, Vocab
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run. `params` live on the requested shardings (one device by default)."""
+
+    model: FlaxWav2Vec2ForCTC
+    params: Any
+    vocab: Vocab
+    normalization: TextNormalization
+    step: int | None  # the training step of the weights, when known
+    source: str  # as the user named it
+    folder: Path  # the run directory or the model folder (a hub id's download)
+    run: RunDir | None = None  # set when the source is a training run
+    config: Config | None = None  # the run's config
+
+
+def _single_device():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _shardings(abstract_params: Any, mesh: Mesh | None) -> Any:
+    if mesh is None:
+        return jax.tree.map(lambda _: _single_device(), abstract_params)
+    return parallel.tree_shardings(abstract_params, mesh)
+
+
+def run_model_config(run: RunDir, config: Config, vocab: Vocab) -> Wav2Vec2Config:
+    """The Wav2Vec2Config a run trained (its model_config.json; runs older than that file rebuild it)."""
+    if run.model_config.exists():
+        return Wav2Vec2Config.from_json_file(str(run.model_config))
+    from xlsr_jax.train.setup import model_config  # only for runs written before model_config.json
+
+    return model_config(config.model, vocab)
+
+
+def run_normalization(run: RunDir, config: Config) -> TextNormalization:
+    if run.normalization.exists():
+        return TextNormalization.load(run.normalization)
+    logger.warning("%s: no %s (a run older than it); using data.language/lowercase/chars_to_ignore from "
+                   "its config.yaml", run.path, NORMALIZATION_FILE)
+    d = config.data
+    return TextNormalization(language=d.language, lowercase=d.lowercase, chars_to_ignore=d.chars_to_ignore)
+
+
+def run_checkpointer(run: RunDir, config: Config) -> Checkpointer:
+    c = config.checkpoint
+    return Checkpointer(run.checkpoints, best_metric=c.best_metric, best_mode=c.best_mode, read_only=True)
+
+
+def load_run(path: str | Path, *, step: int | None = None, best: bool = False,
+             mesh: Mesh | None = None) -> LoadedModel:
+    """The parameters of one kept checkpoint of a run (the newest, `step`, or the best by
+    `checkpoint.best_metric`), restored onto `mesh` (or one device) whatever mesh saved them."""
+    run = RunDir(path)
+    config = load_config(run.config)
+    if not run.vocab.exists():
+        raise UserError(f"{run.vocab}: missing; is {run.path} a complete xlsr-jax run directory?")
+    vocab = Vocab.load(run.vocab)
+    model = FlaxWav2Vec2ForCTC(run_model_config(run, config, vocab))
+    checkpoints = run_checkpointer(run, config)
+    try:
+        chosen = checkpoints.select_step(step, best)
+        abstract = model.abstract_params()
+        params = checkpoints.restore_params(abstract_with_shardings(abstract, _shardings(abstract, mesh)), chosen)
+    finally:
+        checkpoints.close()
+    return LoadedModel(model, params, vocab, run_normalization(run, config), chosen, str(path), run.path,
+                       run=run, config=config)
+
+
+def load_folder(source: str | Path, *, mesh: Mesh | None = None, language: str | None = None) -> LoadedModel:
+    """A Hugging Face model folder or hub id (ours, or any Wav2Vec2ForCTC with a vocab.json)."""
+    folder = resolve_model_dir(source)
+    if not (folder / "vocab.json").exists():
+        raise UserError(f"{folder}: no vocab.json; a CTC model folder needs its tokenizer's vocabulary")
+    vocab = Vocab.load(folder / "vocab.json")
+    model, host_params = load_pretrained(folder)
+    if model.config.vocab_size != len(vocab):
+        raise UserError(f"{folder}: config.json has vocab_size {model.config.vocab_size} but vocab.json "
+                        f"has {len(vocab)} entries")
+    if (folder / NORMALIZATION_FILE).exists():
+        normalization = TextNormalization.load(folder / NORMALIZATION_FILE)
+    else:
+        normalization = TextNormalization(language=language)
+        logger.warning("%s: no %s (not an xlsr-jax export); scoring with the default normalisation "
+                       "(lowercase, XLSR punctuation removed, language %s)", folder, NORMALIZATION_FILE, language)
+    info = json.loads((folder / EXPORT_INFO).read_text()) if (folder / EXPORT_INFO).exists() else {}
+    params = jax.device_put(host_params, _shardings(host_params, mesh))
+    return LoadedModel(model, params, vocab, normalization, info.get("step"), str(source), folder)
+
+
+def load_model(source: str | Path, *, step: int | None = None, best: bool = False, mesh: Mesh | None = None,
+               language: str | None = None) -> LoadedModel:
+    """A run directory, a Hugging Face model folder, or a hub id -> LoadedModel."""
+    if RunDir(source).is_run():
+        model = load_run(source, step=step, best=best, mesh=mesh)
+    else:
+        if step is not None or best:
+            raise UserError(f"{source}: --step and --best choose among a training run's checkpoints; "
+                            "this is a model folder or hub id")
+        model = load_folder(source, mesh=mesh, language=language)
+    if language and model.normalization.language != language:
+        logger.warning("scoring with language %s; the model was trained with %s", language,
+                       model.normalization.language)
+        model.normalization = dataclasses.replace(model.normalization, language=language)
+    return model

@@ -1,0 +1,39 @@
+"""The pure eval/predict step: CTC loss terms and greedy predictions of one batch, on device.
+
+Jitted once per bucket shape by whoever evaluates (the trainer, `xlsr-jax evaluate`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, frame_mask_from_attention_mask
+
+
+def eval_step(params: Any, batch: dict, *, model: FlaxWav2Vec2ForCTC, blank_id: int, reduction: str,
+              with_log_probs: bool = False) -> dict[str, jax.Array]:
+    """Loss terms and greedy predictions of one batch (see data/loader.py for the batch arrays).
+
+    Returns loss_sum float32 [] (sum over real examples of their loss, per-token for "mean"),
+    examples float32 [], pred_ids int32 [B, frames] (argmax, on device), frames int32 [B] (valid
+    frames per row) and, with `with_log_probs` (beam search with a language model), log_probs
+    float32 [B, frames, vocab].
+    """
+    logits = model.apply({"params": params}, batch["input_values"], batch["attention_mask"], deterministic=True)
+    frame_mask = frame_mask_from_attention_mask(model.config, batch["attention_mask"], logits.shape[1])
+    loss, _ = ctc_loss(logits, frame_mask, batch["labels"], blank_id=blank_id, reduction=reduction,
+                       example_mask=batch["example_mask"])
+    examples = batch["example_mask"].sum()
+    loss_sum = loss * jnp.maximum(examples, 1.0) if reduction == "mean" else loss
+    out = {
+        "loss_sum": loss_sum,
+        "examples": examples,
+        "pred_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        "frames": frame_mask.sum(-1).astype(jnp.int32),
+    }
+    if with_log_probs:
+        out["log_probs"] = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return out

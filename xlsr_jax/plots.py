@@ -1,0 +1,88 @@
+"""Training curves from a run's metrics.jsonl: losses and error rates against the step, one PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOSS_KEYS = ("train/loss", "eval/loss")
+RATE_KEYS = ("eval/wer", "eval/cer")
+
+
+def read_curves(
+    metrics_jsonl: str | Path, keys: tuple[str, ...] = LOSS_KEYS + RATE_KEYS
+) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...] sorted by step} for each of `keys` that has at least one point.
+
+    A resumed run appends to the same file, so steps can repeat (1, 2, 3, 4, 3, 4): a line whose step
+    is below the previous line's starts the resumed run, and everything logged earlier at or after
+    that step is dropped (the abandoned run's points, eval ones included). Within one run the later
+    line for a (key, step) wins. Unreadable lines (a crash mid-write) are skipped with a warning.
+    """
+    points: dict[str, dict[int, float]] = {key: {} for key in keys}
+    last_step = None
+    with open(metrics_jsonl, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("%s:%d: skipped unreadable line (%s)", metrics_jsonl, number, err)
+                continue
+            if last_step is not None and step < last_step:
+                for by_step in points.values():
+                    for stale in [s for s in by_step if s >= step]:
+                        del by_step[stale]
+            last_step = step
+            for key in keys:
+                value = record.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    points[key][step] = float(value)
+    return {key: sorted(by_step.items()) for key, by_step in points.items() if by_step}
+
+
+def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
+    """Write a two-panel PNG (losses; WER/CER in %) against the step. None, and no file, when the
+    metrics file is missing or holds none of the plotted keys."""
+    metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
+    if not metrics_jsonl.is_file():
+        return None
+    curves = read_curves(metrics_jsonl)
+    if not curves:
+        return None
+    # Figure + Agg canvas directly, not pyplot: no global backend switch, no display, no figure leak.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    losses, rates = fig.subplots(1, 2)
+    _panel(losses, curves, LOSS_KEYS, scale=1.0, ylabel="CTC loss", title="Loss")
+    _panel(rates, curves, RATE_KEYS, scale=100.0, ylabel="error rate (%)", title="Eval WER / CER")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    return out_png
+
+
+def _panel(ax, curves, keys, *, scale: float, ylabel: str, title: str) -> None:
+    plotted = False
+    for key in keys:
+        if key in curves:
+            steps, values = zip(*curves[key])
+            # Eval points are sparse: markers make a single evaluation visible.
+            marker = "o" if key.startswith("eval/") else None
+            ax.plot(steps, [scale * v for v in values], marker=marker, markersize=3, label=key)
+            plotted = True
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if plotted:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)

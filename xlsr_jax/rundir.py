@@ -1,0 +1,79 @@
+"""The layout of a training run's output directory, in one place.
+
+```
+RUN/
+  config.yaml               resolved config (reloads with load_config)
+  model_config.json         the Wav2Vec2Config trained (evaluate/export need no pretrained download)
+  vocab.json                the CTC vocabulary
+  text_normalization.json   how transcripts became labels (evaluate scores the same way)
+  metrics.jsonl             {"step": N, "train/loss": ..., "eval/wer": ...} per line
+  tensorboard/              event files
+  checkpoints/<step>/       orbax checkpoints: the newest N and the best by checkpoint.best_metric
+  eval_results.json         results of `xlsr-jax evaluate` (the model card's numbers)
+  training_curves.png       loss and error rates against step
+  hf_model/                 the Hugging Face folder written when the run finishes
+  finished.json             the step budget and final metrics of a finished run
+```
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+EXPORT_INFO = "xlsr_jax.json"  # in an exported model folder: the run and step it came from
+
+
+class RunDir:
+    """Paths inside one run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    model_config = property(lambda self: self.path / "model_config.json")
+    vocab = property(lambda self: self.path / "vocab.json")
+    normalization = property(lambda self: self.path / "text_normalization.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    eval_results = property(lambda self: self.path / "eval_results.json")
+    curves = property(lambda self: self.path / "training_curves.png")
+    hf_model = property(lambda self: self.path / "hf_model")
+    finished = property(lambda self: self.path / "finished.json")
+
+    def is_run(self) -> bool:
+        """A training run (config + checkpoints), as opposed to a Hugging Face model folder."""
+        return self.config.is_file() and self.checkpoints.is_dir()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl as a list of dicts; [] if absent. A resumed run repeats steps; both stay."""
+        if not self.metrics.exists():
+            return []
+        lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def last_eval(self) -> dict[str, Any]:
+        """The newest line of metrics.jsonl with eval metrics, or {}."""
+        evals = [r for r in self.read_metrics() if any(k.startswith("eval/") for k in r)]
+        return evals[-1] if evals else {}
+
+
+def read_eval_results(path: str | Path) -> list[dict[str, Any]]:
+    """The `results` list of an eval_results.json; [] if the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text(encoding="utf-8")).get("results", []))
+
+
+def record_eval_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Add `result` to eval_results.json, replacing an earlier one for the same data, step and
+    decoder (a re-evaluation), keeping the others. Written atomically."""
+    path = Path(path)
+    same = ("data", "step", "decoder")
+    results = [r for r in read_eval_results(path) if any(r.get(k) != result.get(k) for k in same)]
+    results.append(result)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"results": results}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
