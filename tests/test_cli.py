@@ -115,3 +115,20 @@ def test_no_pytorch_banner_without_torch(tmp_path):
                           env=env, capture_output=True, text=True)
     assert ours.returncode == 0, ours.stderr
     assert banner not in ours.stderr
+
+
+def test_transcribe_a_run_and_its_export_alike_skipping_a_bad_file(trained_run, cv_dir, tmp_path, capsys):
+    _, run = trained_run
+    clips = [f"{cv_dir}/clips/common_voice_tr_{i}.mp3" for i in (1, 2, 3)]
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not really")
+    args = [*clips, str(tmp_path / "bad.wav"), "--chunk-length-s", "0.6", "--stride-length-s", "0.1"]
+    assert main(["transcribe", str(run), *args, "--out", str(tmp_path / "run.json")]) == 0
+    assert main(["transcribe", str(run / "hf_model"), *args, "--out", str(tmp_path / "export.json")]) == 0
+    from xlsr_jax.infer.transcribe import read_json
+
+    from_run, from_export = read_json(tmp_path / "run.json"), read_json(tmp_path / "export.json")
+    assert [t.path for t in from_run] == clips and from_run == from_export
+    assert any(t.words for t in from_run) and all(t.duration_s > 0.5 for t in from_run)
+    assert "wrote 3 transcripts" in capsys.readouterr().out
+    assert main(["transcribe", str(run), str(tmp_path / "bad.wav")]) == 2
+    assert "no file could be transcribed: " in capsys.readouterr().err

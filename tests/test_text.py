@@ -46,10 +46,12 @@ def test_decode_ctc_collapses_repeats_and_blanks():
 
 
 def test_decode_ctc_matches_hf_tokenizer(tmp_path):
-    from transformers import Wav2Vec2CTCTokenizer
+    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer
+
+    from xlsr_jax.hub.export import processor_for
 
     vocab = Vocab.build([normalize_text("İstanbul'da IŞIK yanıyor çok güzel", language="tr")])
-    vocab.save_tokenizer(tmp_path)
+    processor_for(vocab, Wav2Vec2Config(), tmp_path).save_pretrained(tmp_path)
     assert {"vocab.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
     tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(tmp_path)
     assert len(tokenizer) == len(vocab)

@@ -99,11 +99,12 @@ def _push(args: argparse.Namespace) -> int:
 def _transcribe(args: argparse.Namespace) -> int:
     from xlsr_jax.infer.transcribe import run_transcribe
 
-    for line in run_transcribe(args.model, args.files, step=args.step, best=args.best, out=args.out,
-                               chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
-                               batch_size=args.batch_size, lm=args.lm, alpha=args.alpha, beta=args.beta,
-                               beam_width=args.beam_width):
-        print(line, flush=True)
+    count = run_transcribe(args.model, args.files, step=args.step, best=args.best, out=args.out,
+                           chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
+                           batch_size=args.batch_size, lm=args.lm, alpha=args.alpha, beta=args.beta,
+                           beam_width=args.beam_width)
+    if args.out:
+        print(f"wrote {count} transcripts to {args.out}")
     return 0
 
 

@@ -198,18 +198,3 @@ class Vocab:
             raise ValueError(f"{path}: ids are not 0..{len(mapping) - 1}")
         by_id = {i: t for t, i in mapping.items()}
         return cls(tuple(by_id[i] for i in range(len(mapping))))
-
-    def save_tokenizer(self, directory: str | os.PathLike) -> None:
-        """Write the Hugging Face tokenizer files (vocab.json, tokenizer_config.json) to ``directory``."""
-        from transformers import Wav2Vec2CTCTokenizer  # heavy; only needed here
-
-        os.makedirs(directory, exist_ok=True)
-        vocab_path = os.path.join(directory, "vocab.json")
-        self.save(vocab_path)
-        # No <s>/</s>: the tokenizer would append them as ids the model never emits, making
-        # len(tokenizer) differ from the model's vocab size.
-        tokenizer = Wav2Vec2CTCTokenizer(
-            vocab_path, unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER,
-            bos_token=None, eos_token=None,
-        )
-        tokenizer.save_pretrained(directory)

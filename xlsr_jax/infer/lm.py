@@ -27,7 +27,6 @@ from xlsr_jax.text import UNK, Vocab
 
 if TYPE_CHECKING:
     from pyctcdecode.alphabet import Alphabet
-    from pyctcdecode.decoder import BeamSearchDecoderCTC
     from pyctcdecode.language_model import LanguageModel
 
 LM_INSTALL = "pip install 'xlsr-jax[lm]' && pip install --no-deps pyctcdecode==0.5.0"

@@ -17,7 +17,7 @@ from transformers import Wav2Vec2Config
 from xlsr_jax import parallel
 from xlsr_jax.config import Config, ConfigError, DataConfig, ModelConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, prepare_dataset
-from xlsr_jax.infer.data import SAMPLING_RATE, eval_loader, prepare_kwargs, read_examples
+from xlsr_jax.infer.data import eval_loader, prepare_kwargs, read_examples
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
 from xlsr_jax.model.pretrained import resolve_model_dir
 from xlsr_jax.text import TextNormalization, Vocab

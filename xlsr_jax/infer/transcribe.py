@@ -1,0 +1,351 @@
+"""Transcribe long audio with a Flax CTC model: chunk, run batched on device, stitch, decode, write.
+
+Chunking and stitching follow transformers' ASR pipeline for CTC models (`chunk_length_s`,
+`stride_length_s`) number for number, so a file gives the same text here as through
+`pipeline("automatic-speech-recognition", model=exported_folder)`:
+
+- chunk and strides are rounded to multiples of `inputs_to_logits_ratio` (the conv stack's total stride);
+- each chunk is normalised on its own (the feature extractor's zero-mean / unit-variance);
+- each chunk's logits lose their stride frames, with the pipeline's own rounding (`rescale_stride`);
+- layer-norm models get an attention mask (their feature extractor returns one); group-norm models run
+  without, so their short last chunk runs at its own length: padding would change its group norm.
+
+Word times are the pipeline's `return_timestamps="word"`: frame * inputs_to_logits_ratio / sampling_rate,
+a word running from its first character's first frame to the end of its last character's last frame.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xlsr_jax.data.audio import AudioError, load_audio, normalize_waveform
+from xlsr_jax.model.wav2vec2 import feat_extract_output_lengths, receptive_field
+from xlsr_jax.text import PAD, WORD_DELIMITER, Vocab
+
+SAMPLING_RATE = 16000
+logger = logging.getLogger(__name__)
+
+# A decoded word in CTC frames: (word, start_frame, end_frame), end exclusive.
+FrameWord = tuple[str, int, int]
+
+
+class CTCDecoder(Protocol):
+    """A beam-search decoder (e.g. an n-gram LM) used instead of greedy decoding."""
+
+    def decode_words(self, log_probs: np.ndarray) -> tuple[str, list[FrameWord]]:
+        """log_probs float32 [frames, vocab] -> (text, [(word, start_frame, end_frame)])."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Word:
+    text: str
+    start_s: float
+    end_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Transcript:
+    path: str
+    text: str
+    words: list[Word]
+    duration_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Samples [start, end) of a file, and the logit frames [keep_start, keep_end) it contributes."""
+
+    start: int
+    end: int
+    keep_start: int
+    keep_end: int
+
+
+# --- chunk geometry: transformers' chunk_iter + rescale_stride ---------------------------------------
+
+
+def chunk_geometry(chunk_length_s: float, stride_length_s, align_to: int,
+                   sampling_rate: int = SAMPLING_RATE) -> tuple[int, int, int]:
+    """(chunk, left stride, right stride) in samples, each rounded to a multiple of `align_to`.
+
+    `stride_length_s`: None (chunk / 6 on each side), seconds on both sides, or (left, right).
+    """
+    if stride_length_s is None:
+        stride_length_s = chunk_length_s / 6
+    if isinstance(stride_length_s, (int, float)):
+        stride_length_s = (stride_length_s, stride_length_s)
+    chunk, left, right = (int(round(s * sampling_rate / align_to) * align_to)
+                          for s in (chunk_length_s, *stride_length_s))
+    if chunk - left - right <= 0:
+        raise ValueError(f"chunk_length_s={chunk_length_s} must exceed the two strides {tuple(stride_length_s)}")
+    return chunk, left, right
+
+
+def plan_chunks(num_samples: int, chunk: int, left: int, right: int, align_to: int) -> list[Chunk]:
+    """The pipeline's chunks of a `num_samples` file and the logit frames each keeps.
+
+    Frame counts use the pipeline's estimate round(samples / align_to), not the conv arithmetic; the
+    caller also cuts at the frames the model really made, as slicing the shorter tensor does there.
+    The pipeline's `chunk.shape[0] > stride_left` test is left out: it never fails, since a chunk after
+    the first follows one that was not last, so it has more than left + right samples.
+    """
+    ratio = 1 / align_to  # the pipeline multiplies by this rather than dividing: same float rounding
+    chunks = []
+    for start in range(0, num_samples, chunk - left - right):
+        is_last = start + chunk >= num_samples
+        size = min(chunk, num_samples - start)
+        stride_left = 0 if start == 0 else left
+        stride_right = 0 if is_last else right
+        frames = int(round(size * ratio))
+        keep_start = int(round(stride_left / size * frames))
+        keep_end = frames - int(round(stride_right / size * frames))
+        chunks.append(Chunk(start, start + size, keep_start, keep_end))
+        if is_last:
+            break
+    return chunks
+
+
+# --- greedy CTC decoding with word offsets: Wav2Vec2CTCTokenizer.decode(..., output_word_offsets) ----
+
+
+def ctc_greedy_words(ids: np.ndarray, vocab: Vocab) -> tuple[str, list[FrameWord]]:
+    """ids int [frames] (frame-wise argmax) -> (text, [(word, start_frame, end_frame)]).
+
+    Like the tokenizer: repeats collapse, blanks go, '|' becomes a space, the text is only stripped
+    (so two delimiters give two spaces), and [UNK] stays as the string "[UNK]".
+    """
+    chars: list[tuple[str, int, int]] = []  # (char, first frame, end frame)
+    frame = 0
+    for token_id, run in itertools.groupby(int(i) for i in np.asarray(ids).reshape(-1)):
+        length = sum(1 for _ in run)
+        token = vocab.tokens[token_id]
+        if token != PAD:
+            chars.append((" " if token == WORD_DELIMITER else token, frame, frame + length))
+        frame += length
+    text = "".join(c for c, _, _ in chars).strip()
+    words: list[FrameWord] = []
+    for is_space, group in itertools.groupby(chars, key=lambda c: c[0] == " "):
+        if not is_space:
+            group = list(group)
+            words.append(("".join(c for c, _, _ in group), group[0][1], group[-1][2]))
+    return text, words
+
+
+# --- the model on chunks ------------------------------------------------------------------------------
+
+
+def _chunk_outputs(model, params, input_values, attention_mask, with_log_probs: bool):
+    """input_values float32 [batch, samples] -> ids int32 [batch, frames] or log-probs [batch, frames, vocab]."""
+    logits = model.apply({"params": params}, input_values, attention_mask, deterministic=True)
+    if with_log_probs:
+        return jax.nn.log_softmax(logits, axis=-1)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+class Transcriber:
+    """Runs a Flax `FlaxWav2Vec2ForCTC` over files of any length.
+
+    Full-length chunks of one or more files go through one jitted function in batches of
+    `[batch, chunk samples]`, batch a power of two up to `batch_size`. Layer-norm models also pad and mask
+    their short chunks into that shape; group-norm models run a short chunk alone at its own length (one
+    compile per distinct length).
+    """
+
+    def __init__(self, model, params, vocab: Vocab, *, chunk_length_s: float = 20.0, stride_length_s=None,
+                 batch_size: int = 8, decoder: CTCDecoder | None = None):
+        config = model.config
+        if config.vocab_size != len(vocab):
+            raise ValueError(f"model vocab_size={config.vocab_size} but the vocab has {len(vocab)} tokens")
+        self.config, self.params, self.vocab, self.decoder = config, params, vocab, decoder
+        self.batch_size = batch_size
+        self.align_to = math.prod(config.conv_stride)
+        self.chunk, self.stride_left, self.stride_right = chunk_geometry(
+            chunk_length_s, stride_length_s, self.align_to)
+        self.masked = config.feat_extract_norm == "layer"
+        self._min_samples = receptive_field(config)
+        self._forward = jax.jit(functools.partial(_chunk_outputs, model),
+                                static_argnames="with_log_probs")
+
+    def plan(self, num_samples: int) -> list[Chunk]:
+        """Chunks of a `num_samples` file; those too short for one frame are left out."""
+        chunks = plan_chunks(num_samples, self.chunk, self.stride_left, self.stride_right, self.align_to)
+        return [c for c in chunks if c.end - c.start >= self._min_samples]
+
+    def transcribe_audio(self, audio: np.ndarray, path: str = "") -> Transcript:
+        """audio float [samples], mono at 16 kHz -> Transcript."""
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim != 1:
+            raise ValueError(f"{path or 'audio'}: expected mono samples [samples], got shape {audio.shape}")
+        return self._transcribe_group([(path, audio)])[0]
+
+    def transcribe_files(self, paths: Iterable[str],
+                         on_error: Callable[[str, Exception], None] | None = None) -> Iterator[Transcript]:
+        """Transcripts of `paths` in order, batching chunks across files.
+
+        A file that cannot be decoded raises `AudioError` (its message names the file), or, with
+        `on_error`, is handed to `on_error(path, error)` and skipped.
+        """
+        group: list[tuple[str, np.ndarray]] = []
+        pending = 0
+        for path in paths:
+            try:
+                audio = load_audio(os.fspath(path), SAMPLING_RATE)
+            except AudioError as err:
+                if on_error is None:
+                    raise
+                on_error(os.fspath(path), err)
+                continue
+            group.append((os.fspath(path), audio))
+            pending += len(self.plan(audio.size))
+            if pending >= self.batch_size:  # enough chunks to fill a batch: run them
+                yield from self._transcribe_group(group)
+                group, pending = [], 0
+        if group:
+            yield from self._transcribe_group(group)
+
+    def _transcribe_group(self, items: Sequence[tuple[str, np.ndarray]]) -> list[Transcript]:
+        plans = [self.plan(audio.size) for _, audio in items]
+        pieces = self._run_chunks([(audio, c) for (_, audio), plan in zip(items, plans) for c in plan])
+        transcripts, at = [], 0
+        for (path, audio), plan in zip(items, plans):
+            mine, at = pieces[at:at + len(plan)], at + len(plan)
+            transcripts.append(self._decode(path, audio.size, mine))
+        return transcripts
+
+    def _run_chunks(self, work: list[tuple[np.ndarray, Chunk]]) -> list[np.ndarray]:
+        """Each chunk's kept frames: ids int32 [kept] or log-probs float32 [kept, vocab], in order."""
+        out: list[np.ndarray | None] = [None] * len(work)
+        full = [i for i, (_, c) in enumerate(work) if self.masked or c.end - c.start == self.chunk]
+        for at in range(0, len(full), self.batch_size):
+            rows = full[at:at + self.batch_size]
+            # Powers of two up to batch_size: a lone file does not pay for batch_size rows, and there are
+            # still only log2(batch_size) + 1 shapes to compile.
+            batch = min(self.batch_size, 1 << (len(rows) - 1).bit_length())
+            x = np.zeros((batch, self.chunk), np.float32)
+            # Filler rows keep a full mask: an all-masked row would only invite NaNs into a discarded row.
+            mask = np.ones((batch, self.chunk), np.int32)
+            for row, i in enumerate(rows):
+                audio, c = work[i]
+                x[row, :c.end - c.start] = normalize_waveform(audio[c.start:c.end])
+                mask[row, c.end - c.start:] = 0
+            result = self._device_run(x, mask if self.masked else None)
+            for row, i in enumerate(rows):
+                out[i] = self._keep(result[row], work[i][1])
+        for i, (audio, c) in enumerate(work):
+            if out[i] is None:  # a group-norm model's short chunk: its own length, no mask
+                x = normalize_waveform(audio[c.start:c.end])[None]
+                out[i] = self._keep(self._device_run(x, None)[0], c)
+        return out
+
+    def _device_run(self, x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return np.asarray(self._forward(self.params, x, mask, with_log_probs=self.decoder is not None))
+
+    def _keep(self, frames: np.ndarray, c: Chunk) -> np.ndarray:
+        """Cut one chunk's output [frames, ...] to the frames the pipeline keeps (and the model really made)."""
+        real = int(feat_extract_output_lengths(self.config, c.end - c.start))
+        return frames[c.keep_start:min(c.keep_end, real)]
+
+    def _decode(self, path: str, num_samples: int, pieces: list[np.ndarray]) -> Transcript:
+        width = () if self.decoder is None else (len(self.vocab),)
+        frames = np.concatenate(pieces) if pieces else np.zeros((0, *width), np.float32)
+        if self.decoder is None:
+            text, words = ctc_greedy_words(frames, self.vocab)
+        else:
+            text, words = self.decoder.decode_words(frames)
+        seconds = self.align_to / SAMPLING_RATE
+        return Transcript(path, text, [Word(w, s * seconds, e * seconds) for w, s, e in words],
+                          num_samples / SAMPLING_RATE)
+
+
+# --- writers --------------------------------------------------------------------------------------------
+
+
+def write_text(transcripts: Iterable[Transcript], file: TextIO = sys.stdout) -> int:
+    """One `path<TAB>text` line per transcript (just the text when there is no path); returns the count."""
+    count = 0
+    for t in transcripts:
+        file.write(f"{t.path}\t{t.text}\n" if t.path else f"{t.text}\n")
+        file.flush()  # a long job shows its progress line by line
+        count += 1
+    return count
+
+
+def write_tsv(transcripts: Iterable[Transcript], path: str | os.PathLike) -> int:
+    """A TSV with header `path, text, duration_s`, written as transcripts arrive; returns the count."""
+    count = 0
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["path", "text", "duration_s"])
+        for t in transcripts:
+            writer.writerow([t.path, t.text, repr(t.duration_s)])
+            f.flush()
+            count += 1
+    return count
+
+
+def write_json(transcripts: Iterable[Transcript], path: str | os.PathLike) -> int:
+    """A JSON list of {path, text, duration_s, words: [{text, start_s, end_s}]}, streamed; returns the count."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[")
+        for t in transcripts:
+            f.write(("," if count else "") + "\n" + json.dumps(dataclasses.asdict(t), ensure_ascii=False))
+            f.flush()
+            count += 1
+        f.write("\n]\n")
+    return count
+
+
+def read_json(path: str | os.PathLike) -> list[Transcript]:
+    """The transcripts `write_json` wrote."""
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    return [Transcript(r["path"], r["text"], [Word(**w) for w in r["words"]], r["duration_s"]) for r in rows]
+
+
+# --- the `xlsr-jax transcribe` command ---------------------------------------------------------------
+
+
+def run_transcribe(source: str, files: Sequence[str], *, step: int | None = None, best: bool = False,
+                   out: str | None = None, chunk_length_s: float = 20.0, stride_length_s=None,
+                   batch_size: int = 8, lm: str | None = None, alpha: float | None = None,
+                   beta: float | None = None, beam_width: int = 100, file: TextIO = sys.stdout) -> int:
+    """Transcribe `files` with `source` (run dir, model folder or hub id): `path<TAB>text` lines to
+    `file`, or a .tsv / .json (with word times) at `out`. Undecodable files are skipped, counted and
+    named; returns the number transcribed."""
+    from xlsr_jax.errors import UserError
+    from xlsr_jax.infer.source import load_model
+
+    writer = {".json": write_json, ".tsv": write_tsv}.get(os.path.splitext(out)[1].lower()) if out else None
+    if out and writer is None:
+        raise UserError(f"--out {out}: expected a .tsv or .json file")
+    loaded = load_model(source, step=step, best=best)
+    decoder = None
+    if lm is not None:
+        from xlsr_jax.infer.lm import LMDecoder  # needs the `lm` extra
+
+        decoder = LMDecoder.from_path(lm, loaded.vocab, alpha=alpha, beta=beta, beam_width=beam_width)
+    transcriber = Transcriber(loaded.model, loaded.params, loaded.vocab, chunk_length_s=chunk_length_s,
+                              stride_length_s=stride_length_s, batch_size=batch_size, decoder=decoder)
+    failed: list[str] = []
+    transcripts = transcriber.transcribe_files(files, on_error=lambda path, err: failed.append(str(err)))
+    count = writer(transcripts, out) if writer else write_text(transcripts, file)
+    if failed:
+        logger.warning("skipped %d of %d files that could not be decoded: %s", len(failed), len(files),
+                       "; ".join(failed[:3]))
+    if not count:
+        raise UserError(f"no file could be transcribed: {'; '.join(failed[:3])}")
+    return count
