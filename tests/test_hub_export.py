@@ -110,3 +110,20 @@ def test_export_from_an_fsdp_checkpoint_of_a_run_stopped_by_sigterm(cv_dir, tmp_
     out = export_run(run, tmp_path / "export")
     assert out["step"] == step and out["check"]["transcripts_identical"]
     _assert_weights_are_the_checkpoints(tmp_path / "export", run, step)
+
+
+def test_export_carries_an_lm_that_transformers_reads(trained_run, cv_dir, tmp_path):
+    from transformers import Wav2Vec2ProcessorWithLM
+
+    from xlsr_jax.hub.push import check_export
+    from xlsr_jax.infer.build_lm import build_lm
+
+    _, run = trained_run
+    build_lm([f"cv:{cv_dir}:train"], tmp_path / "lm.arpa", run=str(run))
+    export_run(run, tmp_path / "export", lm={"path": str(tmp_path / "lm.arpa"), "alpha": 0.7, "beta": 0.2},
+               verify=False)
+    processor = Wav2Vec2ProcessorWithLM.from_pretrained(tmp_path / "export")
+    assert (processor.decoder.model_container[processor.decoder._model_key].alpha,
+            processor.decoder.model_container[processor.decoder._model_key].beta) == (0.7, 0.2)
+    assert "istanbulda" in processor.decoder.model_container[processor.decoder._model_key]._unigram_set
+    assert check_export(tmp_path / "export") == []
