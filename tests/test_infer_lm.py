@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,6 @@ from xlsr_jax.infer import lm
 from xlsr_jax.infer.ngram import build_arpa
 from xlsr_jax.text import PAD, UNK, Vocab
 
-pytest.importorskip("kenlm")
-pytest.importorskip("pyctcdecode")
 
 SENTENCES = ["hello world", "hello world", "hello there", "hello world again", "the world is big",
              "there is a word", "hello big world"]
@@ -80,14 +79,13 @@ def test_unk_is_written_like_greedy_decoding(arpa):
 
 def _processor_folder(path) -> None:
     """What the export writes before the LM: Wav2Vec2Processor + feature extractor files."""
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+    from transformers import Wav2Vec2Config
 
-    VOCAB.save_tokenizer(path)
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
-                                         do_normalize=True, return_attention_mask=True)
-    Wav2Vec2Processor(feature_extractor=extractor,
-                      tokenizer=Wav2Vec2CTCTokenizer.from_pretrained(path)).save_pretrained(path)
-    extractor.save_pretrained(path)
+    from xlsr_jax.hub.export import processor_for
+
+    processor = processor_for(VOCAB, Wav2Vec2Config(feat_extract_norm="layer"), Path(path))
+    processor.save_pretrained(path)
+    processor.feature_extractor.save_pretrained(path)
 
 
 def test_saved_folder_loads_in_transformers_and_decodes_alike(arpa, tmp_path):

@@ -83,3 +83,24 @@ def test_invalid_vocab_files(tmp_path):
         Vocab.load(tmp_path / "gap.json")
     with pytest.raises(ValueError, match="PAD"):
         Vocab(("a", "|", UNK))
+
+
+def test_headline_metric_is_cer_for_languages_without_word_spaces():
+    from xlsr_jax.text import headline_metric
+
+    assert [headline_metric(x) for x in ("zh-CN", "ja", "yue", "th", "tr", "de", None)] == \
+        ["cer", "cer", "cer", "cer", "wer", "wer", "wer"]
+
+
+def test_text_normalization_round_trips_and_applies_its_language(tmp_path):
+    from xlsr_jax.text import TextNormalization
+
+    turkish = TextNormalization(language="tr", chars_to_ignore=",!")
+    turkish.save(tmp_path / "n.json")
+    assert TextNormalization.load(tmp_path / "n.json") == turkish
+    assert turkish("IŞIK, İstanbul!", language="de") == "ışık istanbul"  # the stored language wins
+    assert TextNormalization()("IŞIK", language="tr") == "ışık"  # none stored: the utterance's locale
+    assert TextNormalization()("IŞIK") == "işik"
+    (tmp_path / "bad.json").write_text('{"language": "tr", "lowercase_all": true}')
+    with pytest.raises(ValueError, match=r"bad.json: unknown keys \['lowercase_all'\]"):
+        TextNormalization.load(tmp_path / "bad.json")
