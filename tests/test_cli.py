@@ -132,3 +132,12 @@ def test_transcribe_a_run_and_its_export_alike_skipping_a_bad_file(trained_run, 
     assert "wrote 3 transcripts" in capsys.readouterr().out
     assert main(["transcribe", str(run), str(tmp_path / "bad.wav")]) == 2
     assert "no file could be transcribed: " in capsys.readouterr().err
+
+
+def test_build_lm_command(trained_run, cv_dir, tmp_path, capsys):
+    _, run = trained_run
+    out = tmp_path / "lm.arpa"
+    assert main(["build-lm", "--data", f"cv:{cv_dir}:train", "--run", str(run), "--out", str(out)]) == 0
+    assert f"wrote {out}: 3-gram from 4 sentences, 16 words" in capsys.readouterr().out
+    assert main(["build-lm", "--data", f"cv:{cv_dir}:test", "--language", "tr", "--out", str(out)]) == 2
+    assert "test split" in capsys.readouterr().err

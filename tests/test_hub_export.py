@@ -127,3 +127,17 @@ def test_export_carries_an_lm_that_transformers_reads(trained_run, cv_dir, tmp_p
             processor.decoder.model_container[processor.decoder._model_key].beta) == (0.7, 0.2)
     assert "istanbulda" in processor.decoder.model_container[processor.decoder._model_key]._unigram_set
     assert check_export(tmp_path / "export") == []
+
+
+def test_the_card_reports_the_newest_test_results_of_the_exported_step():
+    from xlsr_jax.hub.export import card_results
+
+    def result(split, step, wer, decoder="greedy"):
+        return {"data": f"cv:/cv/tr:{split}", "dataset": {"split": split}, "step": step, "wer": wer,
+                "decoder": {"type": decoder}}
+
+    results = [result("test", 600, 0.9), result("dev", 600, 0.7, "lm"), result("test", 400, 0.95),
+               result("test", 600, 0.88), result("test", 600, 0.67, "lm")]
+    assert card_results(results, 600) == [result("test", 600, 0.88), result("test", 600, 0.67, "lm")]
+    assert card_results(results[1:3], 600) == [result("dev", 600, 0.7, "lm")]  # no test result: dev it is
+    assert card_results(results, 200) == []

@@ -123,3 +123,27 @@ def test_evaluate_best_uses_the_best_checkpoint(run_copy, cv_dir):
     assert result["step"] == best
     with pytest.raises(UserError, match="no checkpoint for step 5"):
         evaluate(str(run), [f"cv:{cv_dir}:dev"], step=5, cache_dir=config.data.cache_dir)
+
+
+def test_dataset_description_for_the_card():
+    from xlsr_jax.infer.evaluate import describe_dataset
+
+    assert describe_dataset("cv:/data/cv-corpus-23.0-2025-09-05/tr:test", None) == \
+        {"type": "common_voice", "name": "Common Voice 23.0 (tr)", "config": "tr", "split": "test"}
+    assert describe_dataset("cv:data/demo_tr:dev+test", "tr")["split"] == "dev+test"
+    assert describe_dataset("manifest:/x/eval.tsv", "de")["type"] == "manifest"
+
+
+def test_evaluate_an_exported_folder_scores_like_its_run(run_copy, cv_dir, tmp_path):
+    config, run = run_copy
+    folder = tmp_path / "hf_model"
+    shutil.copytree(run / "hf_model", folder)
+    from_folder = evaluate(str(folder), [f"cv:{cv_dir}:dev"], cache_dir=config.data.cache_dir,
+                           out=str(tmp_path / "folder.tsv"))
+    from_run = evaluate(str(run), [f"cv:{cv_dir}:dev"], cache_dir=config.data.cache_dir,
+                        out=str(tmp_path / "run.tsv"))
+    assert from_folder["step"] == from_run["step"] == 6  # the export knows the step it came from
+    assert _read_tsv(tmp_path / "folder.tsv") == _read_tsv(tmp_path / "run.tsv")
+    assert read_eval_results(folder / "eval_results.json")[0]["wer"] == from_run["wer"]
+    with pytest.raises(UserError, match="--step and --best choose among a training run's checkpoints"):
+        evaluate(str(folder), [f"cv:{cv_dir}:dev"], best=True)

@@ -81,7 +81,8 @@ def _export(args: argparse.Namespace) -> int:
     else:
         print(f"self-check on {check['clips']} clips: max |dlogits| {check['max_abs_diff']:.2e}, "
               f"greedy transcripts identical: {check['transcripts_identical']}")
-    wer = [f"{r['dataset']['name']} {r['dataset']['split']}: WER {100 * r['wer']:.2f} %" for r in out["results"]]
+    wer = [f"{r['dataset']['name']} {r['dataset']['split']} ({r['decoder']['type']}): WER {100 * r['wer']:.2f} %, "
+           f"CER {100 * r['cer']:.2f} %" for r in out["results"]]
     print("model card: " + ("; ".join(wer) if wer else "no evaluation of this step yet (run xlsr-jax evaluate)"))
     return 0
 
@@ -140,23 +141,23 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _parse_train(commands) -> None:
     p = commands.add_parser("train", help="fine-tune XLSR-53 (or train from scratch) on speech + transcripts",
                             description="Train as configured; the same command resumes a stopped run. Every "
                                         "setting, with its default and meaning: `xlsr-jax config [--config F]`.")
     _add_config_args(p)
-    p.set_defaults(run=_train)
+    p.set_defaults(handler=_train)
 
+
+def _parse_config(commands) -> None:
     p = commands.add_parser("config", help="print every training setting: resolved value, meaning, default",
                             description="Print the resolved config tree as YAML, each key with its meaning "
                                         "and default; the output is a valid --config file.")
     _add_config_args(p)
-    p.set_defaults(run=_config)
+    p.set_defaults(handler=_config)
 
+
+def _parse_evaluate(commands) -> None:
     p = commands.add_parser("evaluate", help="WER/CER of a run's checkpoint, an export or a hub model on a split",
                             description="Score SOURCE on --data with the text normalisation it trained with. "
                                         "Writes a predictions TSV and records the result in eval_results.json "
@@ -171,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", help="normalise references as this language (default: the model's own)")
     p.add_argument("--cache-dir", help="decoded-audio cache (default: the run's, or ~/.cache/xlsr_jax)")
     _add_lm(p)
-    p.set_defaults(run=_evaluate)
+    p.set_defaults(handler=_evaluate)
 
+
+def _parse_export(commands) -> None:
     p = commands.add_parser("export", help="convert a run's checkpoint to a Hugging Face PyTorch folder + card",
                             description="Any kept checkpoint of RUN_DIR -> OUT_DIR with config.json, "
                                         "model.safetensors, the processor files, text_normalization.json, "
@@ -184,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin", action="store_true", help="also write pytorch_model.bin (needs torch)")
     p.add_argument("--no-check", action="store_true", help="skip the PyTorch self-check")
     _add_lm(p, beam=False)
-    p.set_defaults(run=_export)
+    p.set_defaults(handler=_export)
 
+
+def _parse_push(commands) -> None:
     p = commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub",
                             description="Check FOLDER (files, vocab size = head size, processor loads, card "
                                         "has a WER or says why not) and upload it. The token comes from "
@@ -194,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="check and list the files; upload nothing")
-    p.set_defaults(run=_push)
+    p.set_defaults(handler=_push)
 
+
+def _parse_transcribe(commands) -> None:
     p = commands.add_parser("transcribe", help="transcribe audio files (any format, any length)",
                             description="Long files are cut into overlapping chunks and stitched like "
                                         "transformers' pipeline. Text goes to stdout, or with --out to a "
@@ -208,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride-length-s", type=float, help="overlap on each side (default: chunk / 6)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks per batch")
     _add_lm(p)
-    p.set_defaults(run=_transcribe)
+    p.set_defaults(handler=_transcribe)
 
+
+def _parse_build_lm(commands) -> None:
     p = commands.add_parser("build-lm", help="write an ARPA n-gram LM from training transcripts",
                             description="Word n-gram (interpolated modified Kneser-Ney) from the transcripts "
                                         "of --data, normalised as a run trained (--run) or for --language. "
@@ -219,7 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--run", help="normalise text as this run directory did")
     p.add_argument("--language", help="normalise for this language (without --run)")
-    p.set_defaults(run=_build_lm)
+    p.set_defaults(handler=_build_lm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_parse_train, _parse_config, _parse_evaluate, _parse_export, _parse_push, _parse_transcribe,
+                _parse_build_lm):
+        add(commands)
     return parser
 
 
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     from xlsr_jax.hub.verify import ExportCheckError
 
     try:
-        return args.run(args)
+        return args.handler(args)
     except (UserError, FileNotFoundError, NotADirectoryError) as err:
         print(f"xlsr-jax {args.command}: error: {err}", file=sys.stderr)
         return 2

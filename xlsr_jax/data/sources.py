@@ -86,11 +86,17 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None) -> li
     )
 
 
+def cv_path_and_splits(spec: str) -> tuple[str, list[str]] | None:
+    """`cv:PATH[:SPLITS]` -> (PATH, [split, ...]); None for other schemes."""
+    if _scheme_of(spec) != "cv":
+        return None
+    return _split_cv_spec(spec.split(":", 1)[1])
+
+
 def is_test_split(spec: str) -> bool:
     """True for a Common Voice source that names the `test` split: the benchmark, never training text."""
-    if _scheme_of(spec) != "cv":
-        return False
-    return "test" in _split_cv_spec(spec.split(":", 1)[1])[1]
+    parsed = cv_path_and_splits(spec)
+    return parsed is not None and "test" in parsed[1]
 
 
 def _split_cv_spec(rest: str) -> tuple[str, list[str]]:

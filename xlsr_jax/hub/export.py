@@ -100,13 +100,26 @@ def _check_target(out_dir: Path) -> None:
         raise UserError(f"{out_dir}: exists and is not a model folder; choose an empty or new folder")
 
 
+def card_results(results: list[dict], step: int | None) -> list[dict]:
+    """What a card reports of a run's eval_results.json: the exported step's results, the newest per
+    data spec and decoder kind (greedy / LM), and only those on test splits when there are any (the
+    benchmark; dev scores used to tune LM weights stay in the run's file)."""
+    newest: dict[tuple, dict] = {}
+    for r in results:
+        if r.get("step") == step:
+            newest[(r["data"], r["decoder"]["type"])] = r
+    chosen = list(newest.values())
+    tests = [r for r in chosen if "test" in r["dataset"]["split"].split("+")]
+    return tests or chosen
+
+
 def finish_folder(tmp: Path, out_dir: Path, *, run: RunDir | None, config, step: int | None,
                   normalization: TextNormalization, has_lm: bool) -> list[dict]:
     """Curves, evaluation results of `step` and the model card into `tmp`; returns those results."""
     from xlsr_jax.hub.card import write_model_card
     from xlsr_jax.plots import plot_training_curves
 
-    results = [r for r in read_eval_results(run.eval_results) if r.get("step") == step] if run else []
+    results = card_results(read_eval_results(run.eval_results), step) if run else []
     if results:
         (tmp / "eval_results.json").write_text(json.dumps({"results": results}, indent=1, ensure_ascii=False) + "\n")
     curves = plot_training_curves(run.metrics, tmp / CURVES) if run else None

@@ -167,8 +167,7 @@ def push_folder(
         raise UserError(f"{folder}: not ready to push:\n" + "\n".join(f"  - {p}" for p in problems))
     listing = [f"{rel} ({_human_size(size)})" for rel, size in list_files(folder)]
     if dry_run:
-        log.info("dry run: would upload %d files from %s to %s:\n  %s", len(listing), folder, repo_id,
-                 "\n  ".join(listing))
+        log.info("dry run: %s is complete; %d files would go to %s", folder, len(listing), repo_id)
         return listing
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

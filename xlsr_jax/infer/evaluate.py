@@ -18,6 +18,7 @@ import jax
 
 from xlsr_jax import parallel
 from xlsr_jax.config import DataConfig, MeshConfig
+from xlsr_jax.data.sources import cv_path_and_splits
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import eval_loader, read_examples
 from xlsr_jax.infer.predict import Prediction, predict, utterance_errors
@@ -53,15 +54,14 @@ def describe_dataset(spec: str, language: str | None) -> dict[str, str]:
 
     `cv:/data/cv-corpus-23.0-2025-09-05/tr:test` -> common_voice, "Common Voice 23.0 (tr)", tr, test.
     """
-    scheme, _, rest = spec.partition(":")
-    if scheme == "cv":
-        head, _, splits = rest.rpartition(":")
-        path, split = (head, splits) if head and re.fullmatch(r"[A-Za-z0-9_+]+", splits) else (rest, "train")
-        version = _CV_VERSION.search(path)
-        locale = language or os.path.basename(os.path.normpath(path))
-        name = f"Common Voice {version.group(1)}" if version else "Common Voice"
-        return {"type": "common_voice", "name": f"{name} ({locale})", "config": locale, "split": split}
-    return {"type": scheme or "local", "name": spec, "config": language or "", "split": "eval"}
+    parsed = cv_path_and_splits(spec)
+    if parsed is None:
+        return {"type": spec.partition(":")[0] or "local", "name": spec, "config": language or "", "split": "eval"}
+    path, splits = parsed
+    version = _CV_VERSION.search(path)
+    locale = language or os.path.basename(os.path.normpath(path))
+    name = f"Common Voice {version.group(1)}" if version else "Common Voice"
+    return {"type": "common_voice", "name": f"{name} ({locale})", "config": locale, "split": "+".join(splits)}
 
 
 def eval_result(data: Sequence[str], step: int | None, metrics: dict[str, float], *, language: str | None,

@@ -97,7 +97,10 @@ def load_run(path: str | Path, *, step: int | None = None, best: bool = False,
 
 def load_folder(source: str | Path, *, mesh: Mesh | None = None, language: str | None = None) -> LoadedModel:
     """A Hugging Face model folder or hub id (ours, or any Wav2Vec2ForCTC with a vocab.json)."""
-    folder = resolve_model_dir(source)
+    try:
+        folder = resolve_model_dir(source)
+    except OSError as err:  # not a folder, and not on the Hub (or no network)
+        raise UserError(str(err)) from err
     if not (folder / "vocab.json").exists():
         raise UserError(f"{folder}: no vocab.json; a CTC model folder needs its tokenizer's vocabulary")
     vocab = Vocab.load(folder / "vocab.json")
