@@ -44,8 +44,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config)
     run = RunDir(config.train.output_dir)
     if result.get("run/already_finished"):
-        print(f"already finished: {run.path} trained its {config.train.max_steps if config.train.max_steps > 0 else ''}"
-              " steps; raise train.max_steps (or num_train_epochs) to train on, or use a new train.output_dir")
+        print(f"already finished: {run.path} has trained its steps; to train on, raise train.max_steps (or "
+              "train.num_train_epochs); for a new run, choose another train.output_dir")
     if run.finished.exists():
         print(format_run_summary(run))
     return 0
@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     from xlsr_jax.config import describe_config, load_config
 
-    print(describe_config(load_config(args.config, args.set)))
+    sys.stdout.write(describe_config(load_config(args.config, args.set)))
     return 0
 
 

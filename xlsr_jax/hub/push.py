@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+
 from xlsr_jax.errors import UserError
 from xlsr_jax.hub.card import NOT_EVALUATED, README
 from xlsr_jax.text import PAD
