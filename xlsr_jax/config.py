@@ -129,7 +129,8 @@ class TrainConfig:
     num_train_epochs: float = _key(30.0, "passes over the training data (used when train.max_steps <= 0)")
     per_device_batch_size: int = _key(16, "clips per device per micro-batch, >= 1")
     eval_steps: int = _key(500, "evaluate every this many steps, >= 1")
-    save_steps: int = _key(500, "checkpoint every this many steps (and at the end), >= 1")
+    save_steps: int = _key(500, "checkpoint every this many steps and at the end (evaluated steps too while "
+                                 "checkpoint.best_metric is set), >= 1")
     logging_steps: int = _key(50, "log training metrics every this many steps, >= 1")
     precision: str = _key("float32", "compute dtype, float32 or bfloat16; parameters and optimizer state "
                                      "stay float32")

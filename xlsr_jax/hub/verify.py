@@ -83,8 +83,9 @@ def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab
     report = {"clips": len(clips), "max_abs_diff": diff, "max_abs_logit": scale,
               "transcripts_identical": identical, "transcripts": pairs}
     if diff > MAX_RELATIVE_DIFF * max(1.0, scale) or not identical:
+        differs = next((p for p in pairs if p[0].split() != p[1].split()), None)
         raise ExportCheckError(
             f"{folder}: the exported PyTorch model disagrees with the Flax checkpoint: max |Δlogits| "
             f"{diff:.3g} (logits up to {scale:.3g}), greedy transcripts identical: {identical}; "
-            f"first pair that differs (PyTorch, Flax): {next((p for p in pairs if p[0].split() != p[1].split()), None)}")
+            f"first pair that differs (PyTorch, Flax): {differs}")
     return report

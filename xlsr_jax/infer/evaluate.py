@@ -106,8 +106,8 @@ def _outputs(loaded: LoadedModel, result: dict[str, Any], out: str | None) -> tu
 
 def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best: bool = False,
              out: str | None = None, lm: str | None = None, alpha: float | None = None,
-             beta: float | None = None, beam_width: int = 100, batch_size: int | None = None, fsdp: int = 1, language: str | None = None,
-             cache_dir: str | None = None) -> dict[str, Any]:
+             beta: float | None = None, beam_width: int = 100, batch_size: int | None = None, fsdp: int = 1,
+             language: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     """Score `source` (run dir, model folder or hub id) on the `data` specs; write the predictions TSV
     and record the result in eval_results.json. Returns the result (see `eval_result`) with the
     paths written under "predictions" and "results_file", and the data report under "report"."""
@@ -121,6 +121,10 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
     if loaded.config is not None and set(data) & set(loaded.config.data.train):
         logger.warning("%s: this run trained on %s; its score there says nothing about new speakers",
                        source, sorted(set(data) & set(loaded.config.data.train)))
+    if loaded.model.config.feat_extract_norm == "group":
+        logger.warning("%s is a group-norm (base-style) model: its conv features see the padding of a batch, "
+                       "so, as with transformers' Trainer, scores can differ a little from unpadded inference",
+                       source)
     decoder = None
     if lm is not None:
         from xlsr_jax.infer.lm import LMDecoder  # needs the `lm` extra

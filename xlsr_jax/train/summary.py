@@ -44,8 +44,10 @@ def format_run_summary(run: RunDir) -> str:
                      f"WER {100 * last.get('eval/wer', float('nan')):.2f} %, "
                      f"CER {100 * last.get('eval/cer', float('nan')):.2f} % on {int(last.get('eval/examples', 0))} "
                      "utterances")
-    steps = sorted(int(p.name) for p in run.checkpoints.iterdir() if p.name.isdigit()) if run.checkpoints.is_dir() else []
-    best = f"; best by {record['best_metric']}: step {record['best_step']}" if record.get("best_step") is not None else ""
+    steps = sorted(int(p.name) for p in run.checkpoints.iterdir() if p.name.isdigit()) \
+        if run.checkpoints.is_dir() else []
+    best = f"; best by {record['best_metric']}: step {record['best_step']}" \
+        if record.get("best_step") is not None else ""
     lines.append(f"checkpoints: {run.checkpoints} (steps {', '.join(map(str, steps)) or 'none'}{best})")
     if run.hf_model.is_dir():
         lines.append(f"Hugging Face model: {run.hf_model}")
