@@ -23,6 +23,17 @@ from xlsr_jax.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+class _ReadOnlyNotice(logging.Filter):
+    """Drops orbax's warnings that a read-only manager is read-only: reading a run is what was asked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or "directory is read only" in message)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
+
+
 def _directory(directory: str | Path) -> str | Path:
     # gs://bucket/... must stay a URL; a local path is made absolute (orbax requires it).
     return directory if "://" in str(directory) else Path(directory).absolute()

@@ -20,20 +20,6 @@ ROAD = """the road from data to a Hub model:
 see `xlsr-jax COMMAND --help` for each, and `xlsr-jax config` for every training setting."""
 
 
-def _quiet_transformers() -> None:
-    """Import transformers without its "PyTorch was not found" banner: exporting to PyTorch needs no
-    torch here, and a user who installed none should not be told something is missing."""
-    previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
-    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-    try:
-        import transformers  # noqa: F401
-    finally:
-        if previous is None:
-            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
-        else:
-            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
-
-
 def _train(args: argparse.Namespace) -> int:
     from xlsr_jax.config import load_config
     from xlsr_jax.rundir import RunDir
@@ -247,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_transformers()
+    # No "PyTorch was not found" banner: exporting to PyTorch needs no torch here. transformers prints it
+    # from its __init__, which can run more than once (its legacy-alias import hook), so the switch
+    # stays on for the process; a user can still set TRANSFORMERS_NO_ADVISORY_WARNINGS= to see advice.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from xlsr_jax.hub.verify import ExportCheckError
 
     try:
