@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from xlsr_jax.rundir import read_metrics
 
 LOSS_KEYS = ("train/loss", "eval/loss")
 RATE_KEYS = ("eval/wer", "eval/cer")
@@ -24,25 +22,17 @@ def read_curves(
     """
     points: dict[str, dict[int, float]] = {key: {} for key in keys}
     last_step = None
-    with open(metrics_jsonl, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                step = int(record["step"])
-            except (ValueError, KeyError, TypeError) as err:
-                log.warning("%s:%d: skipped unreadable line (%s)", metrics_jsonl, number, err)
-                continue
-            if last_step is not None and step < last_step:
-                for by_step in points.values():
-                    for stale in [s for s in by_step if s >= step]:
-                        del by_step[stale]
-            last_step = step
-            for key in keys:
-                value = record.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    points[key][step] = float(value)
+    for record in read_metrics(metrics_jsonl):
+        step = record["step"]
+        if last_step is not None and step < last_step:
+            for by_step in points.values():
+                for stale in [s for s in by_step if s >= step]:
+                    del by_step[stale]
+        last_step = step
+        for key in keys:
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                points[key][step] = float(value)
     return {key: sorted(by_step.items()) for key, by_step in points.items() if by_step}
 
 

@@ -19,10 +19,16 @@ RUN/
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from xlsr_jax.text import NORMALIZATION_FILE
+
+logger = logging.getLogger(__name__)
+
 EXPORT_INFO = "xlsr_jax.json"  # in an exported model folder: the run and step it came from
+CURVES_FILE = "training_curves.png"  # in a run and in its exports
 
 
 class RunDir:
@@ -34,11 +40,11 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     model_config = property(lambda self: self.path / "model_config.json")
     vocab = property(lambda self: self.path / "vocab.json")
-    normalization = property(lambda self: self.path / "text_normalization.json")
+    normalization = property(lambda self: self.path / NORMALIZATION_FILE)
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     eval_results = property(lambda self: self.path / "eval_results.json")
-    curves = property(lambda self: self.path / "training_curves.png")
+    curves = property(lambda self: self.path / CURVES_FILE)
     hf_model = property(lambda self: self.path / "hf_model")
     finished = property(lambda self: self.path / "finished.json")
 
@@ -47,16 +53,31 @@ class RunDir:
         return self.config.is_file() and self.checkpoints.is_dir()
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """metrics.jsonl as a list of dicts; [] if absent. A resumed run repeats steps; both stay."""
-        if not self.metrics.exists():
-            return []
-        lines = self.metrics.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        """metrics.jsonl as a list of dicts; [] if absent (see `read_metrics`)."""
+        return read_metrics(self.metrics) if self.metrics.exists() else []
 
     def last_eval(self) -> dict[str, Any]:
         """The newest line of metrics.jsonl with eval metrics, or {}."""
         evals = [r for r in self.read_metrics() if any(k.startswith("eval/") for k in r)]
         return evals[-1] if evals else {}
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, each with an int "step". A resumed run repeats steps; all stay.
+    Unreadable lines (a process killed mid-write) are skipped with a warning."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                record["step"] = int(record["step"])
+            except (ValueError, KeyError, TypeError) as err:
+                logger.warning("%s:%d: skipped unreadable line (%s)", path, number, err)
+                continue
+            records.append(record)
+    return records
 
 
 def read_eval_results(path: str | Path) -> list[dict[str, Any]]:

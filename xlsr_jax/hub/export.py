@@ -25,12 +25,10 @@ from transformers import Wav2Vec2Config
 from xlsr_jax.errors import UserError
 from xlsr_jax.hub.verify import reference_clips, verify_folder
 from xlsr_jax.model import flax_to_pytorch, save_pytorch_weights
-from xlsr_jax.rundir import EXPORT_INFO, RunDir, read_eval_results
+from xlsr_jax.rundir import CURVES_FILE, EXPORT_INFO, RunDir, read_eval_results
 from xlsr_jax.text import NORMALIZATION_FILE, PAD, UNK, WORD_DELIMITER, TextNormalization, Vocab
 
 logger = logging.getLogger(__name__)
-
-CURVES = "training_curves.png"
 
 
 def host_params(params: Any) -> Any:
@@ -122,9 +120,9 @@ def finish_folder(tmp: Path, out_dir: Path, *, run: RunDir | None, config, step:
     results = card_results(read_eval_results(run.eval_results), step) if run else []
     if results:
         (tmp / "eval_results.json").write_text(json.dumps({"results": results}, indent=1, ensure_ascii=False) + "\n")
-    curves = plot_training_curves(run.metrics, tmp / CURVES) if run else None
+    curves = plot_training_curves(run.metrics, tmp / CURVES_FILE) if run else None
     write_model_card(tmp, config=config, language=normalization.language, step=step, results=results,
-                     curves_png=CURVES if curves else None, has_lm=has_lm, normalization=vars(normalization),
+                     curves_png=CURVES_FILE if curves else None, has_lm=has_lm, normalization=vars(normalization),
                      model_name=out_dir.name)
     return results
 

@@ -11,7 +11,7 @@ from xlsr_jax.data.sources import is_test_split
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import read_examples
 from xlsr_jax.infer.ngram import build_arpa
-from xlsr_jax.infer.source import run_normalization
+from xlsr_jax.infer.source import stored_normalization
 from xlsr_jax.rundir import RunDir
 from xlsr_jax.text import TextNormalization
 
@@ -28,7 +28,7 @@ def build_lm(data: Sequence[str], out: str | Path, *, order: int = 3, run: str |
         if not RunDir(run).is_run():
             raise UserError(f"{run}: not a training run directory (no config.yaml and checkpoints/)")
         config = load_config(RunDir(run).config)
-        data_config, normalization = config.data, run_normalization(RunDir(run), config)
+        data_config, normalization = config.data, stored_normalization(RunDir(run), config)
     sentences = [normalization(e.text, e.language) for e in read_examples(data, data_config)]
     sentences = [s for s in sentences if s]
     if not sentences:

@@ -60,7 +60,9 @@ def run_model_config(run: RunDir, config: Config, vocab: Vocab) -> Wav2Vec2Confi
     return model_config(config.model, vocab)
 
 
-def run_normalization(run: RunDir, config: Config) -> TextNormalization:
+def stored_normalization(run: RunDir, config: Config) -> TextNormalization:
+    """The normalisation a run trained with (its text_normalization.json, which train/setup.py's
+    `choose_normalization` decided); runs older than that file fall back to their config's data fields."""
     if run.normalization.exists():
         return TextNormalization.load(run.normalization)
     logger.warning("%s: no %s (a run older than it); using data.language/lowercase/chars_to_ignore from "
@@ -91,7 +93,7 @@ def load_run(path: str | Path, *, step: int | None = None, best: bool = False,
         params = checkpoints.restore_params(abstract_with_shardings(abstract, _shardings(abstract, mesh)), chosen)
     finally:
         checkpoints.close()
-    return LoadedModel(model, params, vocab, run_normalization(run, config), chosen, str(path), run.path,
+    return LoadedModel(model, params, vocab, stored_normalization(run, config), chosen, str(path), run.path,
                        run=run, config=config)
 
 

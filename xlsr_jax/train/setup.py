@@ -54,7 +54,7 @@ def resolve_vocab(config: Config, texts: list[str], output_dir: Path) -> Vocab:
     return Vocab.build(texts)
 
 
-def run_normalization(data: DataConfig, train_examples: list[Example]) -> TextNormalization:
+def choose_normalization(data: DataConfig, train_examples: list[Example]) -> TextNormalization:
     """The run's text normalisation: `data.language`, else the training data's one locale (Common
     Voice's locale column or folder name), else None (each utterance's own locale)."""
     language = data.language
@@ -88,7 +88,7 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
         raise ConfigError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
     train_examples = _subset(read_examples(d.train, d), d.max_train_examples, config.train.seed)
     eval_examples = _subset(read_examples(d.eval, d), d.max_eval_examples, config.train.seed) if d.eval else []
-    normalization = run_normalization(d, train_examples)
+    normalization = choose_normalization(d, train_examples)
     texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
     vocab = resolve_vocab(config, texts, output_dir)
     w2v_config = model_config(config.model, vocab)
