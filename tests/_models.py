@@ -47,3 +47,13 @@ def padded_batch(lengths, total: int, seed: int = 0) -> tuple[np.ndarray, np.nda
         x[i, :n] = rng.standard_normal(n)
         mask[i, :n] = 1
     return x, mask
+
+
+def perturbed(params, scale: float = 0.3, seed: int = 1):
+    """`params` + N(0, scale^2) noise on every entry: weights far from Hugging Face's near-zero init, so
+    attention, the positional conv and every layer visibly shape the logits."""
+    import jax
+
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])

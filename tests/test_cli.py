@@ -34,7 +34,8 @@ def test_help_describes_the_tool_and_lists_every_command(capsys):
     text = capsys.readouterr().out
     assert "fine-tune XLSR-Wav2Vec2 speech recognition" in text
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"train", "config", "evaluate", "export", "push", "transcribe", "build-lm"}
+    assert set(commands.choices) == {"train", "plan", "config", "evaluate", "export", "push", "transcribe",
+                                     "build-lm"}
     for action in commands._choices_actions:  # each command with its one-line help
         assert action.dest in text and action.help.split()[0] in text, action.dest
     assert "xlsr-jax config" in text and "xlsr-jax evaluate" in text
@@ -54,6 +55,32 @@ def test_config_prints_every_key_as_a_loadable_file(capsys, tmp_path):
     assert config == load_config(CONFIGS / "demo.yaml", ["optim.learning_rate=5e-4"])
     assert "learning_rate: 0.0005  #" in text and "(default: 0.0003)" in text
     assert isinstance(config, Config) and yaml.safe_load(text)["train"]["max_steps"] == 600
+
+
+def test_plan_command_passes_the_config_and_prints_the_table(monkeypatch, capsys):
+    from xlsr_jax.train import plan as plan_module
+
+    asked = {}
+
+    def fake_plan(config, memory_gib, max_batch):
+        asked.update(config=config, memory_gib=memory_gib, max_batch=max_batch)
+        return plan_module.Plan([plan_module.BucketPlan(0, 48000, 32, 12, 70 * plan_module.GIB)], 80 * plan_module.GIB,
+                                "gpu", 1)
+
+    monkeypatch.setattr(plan_module, "plan", fake_plan)
+    assert main(["plan", "--config", str(CONFIGS / "demo.yaml"), "--set", "data.num_buckets=3",
+                 "--memory-gib", "80", "--max-batch", "64"]) == 0
+    assert asked == {"config": load_config(CONFIGS / "demo.yaml", ["data.num_buckets=3"]), "memory_gib": 80.0,
+                     "max_batch": 64}
+    out = capsys.readouterr().out
+    assert "within 80.00 GiB" in out and out.splitlines()[3].split() == ["0", "3.00", "12", "70.00", "36.0"]
+    assert "--set train.per_device_audio_seconds=36" in out
+
+
+def test_plan_on_a_cpu_needs_the_memory_size(capsys):
+    assert main(["plan", "--config", str(CONFIGS / "demo.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "reports no memory size; give --memory-gib" in err and "Traceback" not in err
 
 
 def test_a_set_typo_names_the_override(capsys):

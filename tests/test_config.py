@@ -29,22 +29,28 @@ def test_common_voice_recipe_matches_the_seed_script():
     assert (c.optim.learning_rate, c.optim.warmup_steps) == (3e-4, 500)
     assert (c.train.per_device_batch_size, c.train.num_train_epochs, c.train.precision) == (16, 5.0, "bfloat16")
     assert (c.model.feat_proj_dropout, c.model.layerdrop) == (0.0, 0.1)
-    assert c.model.gradient_checkpointing and c.model.freeze_feature_encoder
+    assert c.model.remat_policy == "full" and c.model.freeze_feature_encoder and c.model.scan_layers
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
     c = load_config(CONFIGS / "demo.yaml", [
         "train.max_steps=7", "optim.learning_rate=5e-4", "data.train=cv:/data/tr:train+dev",
-        "data.eval=[cv:/a:dev, manifest:/b/m.tsv]", "model.gradient_checkpointing=true",
+        "data.eval=[cv:/a:dev, manifest:/b/m.tsv]", "model.scan_layers=false",
         "mesh.rules=[['.*q_proj/kernel', [null, fsdp]]]", "data.max_train_examples=null",
     ])
     assert c.train.max_steps == 7 and isinstance(c.train.max_steps, int)
     assert c.optim.learning_rate == 5e-4  # YAML 1.1 reads 5e-4 as a string; still a float here
     assert c.data.train == ("cv:/data/tr:train+dev",)
     assert c.data.eval == ("cv:/a:dev", "manifest:/b/m.tsv")
-    assert c.model.gradient_checkpointing is True
+    assert c.model.scan_layers is False
     assert c.mesh.rules == ((".*q_proj/kernel", (None, "fsdp")),)
     assert c.data.max_train_examples is None
+
+
+def test_token_budget_key_is_off_by_default_and_a_number():
+    assert load_config(CONFIGS / "demo.yaml").train.per_device_audio_seconds is None
+    c = load_config(CONFIGS / "demo.yaml", ["train.per_device_audio_seconds=200"])
+    assert c.train.per_device_audio_seconds == 200.0 and isinstance(c.train.per_device_audio_seconds, float)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -53,9 +59,13 @@ def test_overrides_are_parsed_as_yaml_and_typed():
     ("optim.learning_rate=fast", "optim.learning_rate: expected a number, got 'fast'"),
     ("train.per_device_batch_size=2.5", "train.per_device_batch_size: expected an integer, got 2.5"),
     ("train.precision=fp8", "train.precision must be float32 or bfloat16"),
+    ("train.per_device_audio_seconds=0", "train.per_device_audio_seconds must be > 0 (and finite) or null"),
+    ("train.per_device_audio_seconds=.inf", "train.per_device_audio_seconds must be > 0 (and finite) or null"),
     ("model.mask_time_prob=1.5", "model.mask_time_prob must be in [0, 1]"),
-    ("model.gradient_checkpointing=maybe",
-     "model.gradient_checkpointing: expected true or false, got 'maybe'"),
+    ("model.scan_layers=maybe", "model.scan_layers: expected true or false, got 'maybe'"),
+    ("model.remat_policy=most", "model.remat_policy must be one of none, full, dots_saveable, "
+                                "dots_with_no_batch_dims_saveable"),
+    ("model.attention=flash", "model.attention must be one of auto, xla, cudnn, plain"),
     ("mesh.rules=[[a, [1]]]", "mesh.rules[0][1][0]: expected a string, got 1"),
     ("checkpoint.best_metric=wer",
      "checkpoint.best_metric must be null or an eval/ metric (eval/wer, eval/cer, eval/loss)"),

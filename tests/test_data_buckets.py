@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xlsr_jax.data import buckets as buckets_mod
-from xlsr_jax.data.buckets import assign_buckets, bucket_boundaries, padding_fraction
+from xlsr_jax.data.buckets import assign_buckets, bucket_batch_sizes, bucket_boundaries, padding_fraction
 
 
 def lognormal_lengths(n: int = 20000, seed: int = 0) -> np.ndarray:
@@ -72,3 +72,18 @@ def test_assign_and_padding_fraction():
         assign_buckets([10, 961], bounds)
     with pytest.raises(ValueError, match="no lengths"):
         bucket_boundaries([], 4)
+
+
+def test_bucket_batch_sizes_fill_the_audio_budget():
+    # XLSR-53's recipe: 16 clips x 15 s per device; buckets of 3.2, 5, 7.5 and 15 s at 16 kHz.
+    bounds = [51200, 80000, 120000, 240000]
+    assert bucket_batch_sizes(bounds, 240.0, devices=1, accum=1) == [75, 48, 32, 16]
+    # global = per device x data-parallel devices x accumulation steps: each splits evenly
+    assert bucket_batch_sizes(bounds, 240.0, devices=4, accum=2) == [600, 384, 256, 128]
+    # the most clips that fit (floor), at least one even when one clip is over the budget
+    assert bucket_batch_sizes(bounds, 10.0, devices=2, accum=1, sampling_rate=16000) == [6, 4, 2, 2]
+    assert bucket_batch_sizes([8000], 1.5, devices=1, accum=1, sampling_rate=8000) == [1]
+    # counted in samples: 0.3 s / 0.1 s is 3 clips (float division would say 2.9999999999999996)
+    assert bucket_batch_sizes([1600], 0.3, devices=1, accum=1) == [3]
+    with pytest.raises(ValueError, match="audio_seconds_per_device=0 must be > 0"):
+        bucket_batch_sizes(bounds, 0, devices=1, accum=1)

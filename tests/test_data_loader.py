@@ -184,3 +184,95 @@ def test_real_cache_end_to_end(cv_dir, tmp_path):
             text = "".join(vocab.tokens[t] for t in row[row >= 0]).replace("|", " ")
             assert text == ds.texts[i]
     assert sorted(seen) == list(range(6))
+
+
+# ---------------------------------------------------------------- per-bucket batch sizes (token budget)
+
+BUDGET_SIZES = [8, 6, 4, 2]  # decreasing, as a token budget gives: bucket b holds about 2 / S_b seconds
+
+
+def test_per_bucket_batches_have_their_bucket_shape_and_cover_every_example():
+    ds = fake_dataset(n=97)
+    loader = make_loader(ds, batch_size=BUDGET_SIZES, label_multiple=8)
+    assert loader.batch_sizes == tuple(BUDGET_SIZES)
+    shapes = loader.batch_shapes
+    assert {b: bs for b, (bs, _, _) in shapes.items()} == dict(enumerate(BUDGET_SIZES))
+    for epoch in range(3):
+        plan = loader.epoch_batches(epoch)
+        rows = np.concatenate([idx for _, idx in plan])
+        np.testing.assert_array_equal(np.sort(rows[rows >= 0]), np.arange(len(ds)))
+        assert sum((idx < 0).any() for _, idx in plan) <= 1  # only the epoch's last batch has dummies
+        for bucket, idx in plan:
+            assert len(idx) == shapes[bucket][0]
+            assert np.all(ds.lengths[idx[idx >= 0]] <= loader.boundaries[bucket])
+    used = set()
+    for (bucket, idx), batch in zip(loader.epoch_batches(0), loader.iter_epoch(0)):
+        size, samples, label_len = shapes[bucket]
+        assert batch["input_values"].shape == batch["attention_mask"].shape == (size, samples)
+        assert batch["labels"].shape == (size, label_len)
+        np.testing.assert_array_equal(batch["index"], idx)
+        used.add(bucket)
+    assert used == set(shapes), "97 clips over 4 buckets should use every bucket"
+
+
+def test_token_budget_gives_short_buckets_bigger_batches():
+    from xlsr_jax.data.buckets import bucket_batch_sizes
+
+    ds = fake_dataset(n=200)
+    boundaries = bucket_boundaries(ds.lengths, 4)
+    sizes = bucket_batch_sizes(boundaries, 2.0, devices=2, accum=1)
+    loader = make_loader(ds, batch_size=sizes, boundaries=boundaries)
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 2 * sizes[-1]
+    for bucket, idx in loader.epoch_batches(0):
+        per_device_seconds = len(idx) // 2 * loader.boundaries[bucket] / 16000
+        assert per_device_seconds <= 2.0 or len(idx) == 2, (bucket, len(idx))
+    # fewer, fuller steps than a fixed batch of the largest bucket's size
+    fixed = make_loader(ds, batch_size=sizes[-1], boundaries=boundaries)
+    assert loader.batches_per_epoch < fixed.batches_per_epoch
+
+
+@pytest.mark.parametrize("sizes", [[8, 6, 4, 2], [2, 4, 6, 8], [3, 7, 2, 5], [1, 1, 1, 1], [16, 16, 16, 1],
+                                   [97, 1, 1, 1]])
+def test_batches_per_epoch_is_exact_for_any_sizes(sizes):
+    for n, seed in ((97, 0), (53, 1), (8, 2), (1, 3)):
+        ds = fake_dataset(n=n, seed=seed)
+        # all buckets used, the largest empty, only the smallest used
+        for boundaries in ([4000, 8000, 12000, 16000], [4000, 8000, 16000, 20000],
+                           [16000, 17000, 18000, 19000]):
+            loader = make_loader(ds, batch_size=sizes, boundaries=boundaries, seed=seed)
+            for epoch in range(4):
+                plan = loader.epoch_batches(epoch)
+                assert len(plan) == loader.batches_per_epoch == len(loader), (n, boundaries, epoch)
+                rows = np.concatenate([idx for _, idx in plan])
+                assert np.array_equal(np.sort(rows[rows >= 0]), np.arange(n))
+
+
+def test_per_bucket_resume_matches_skipping_from_zero():
+    ds = fake_dataset(n=97)
+    loader = make_loader(ds, batch_size=BUDGET_SIZES, seed=3)
+    per_epoch = loader.batches_per_epoch
+    stream = loader.iter_from_step(0)
+    reference = list(itertools.islice(stream, 2 * per_epoch + 3))
+    stream.close()
+    for step in (1, per_epoch - 1, per_epoch, per_epoch + 1, 2 * per_epoch):
+        resumed = make_loader(ds, batch_size=BUDGET_SIZES, seed=3).iter_from_step(step)
+        assert_same_batch(next(resumed), reference[step])
+        assert_same_batch(next(resumed), reference[step + 1])
+        resumed.close()
+
+
+def test_per_bucket_process_rows_partition_each_global_batch():
+    ds = fake_dataset(n=97)
+    whole = make_loader(ds, batch_size=BUDGET_SIZES)
+    halves = [make_loader(ds, batch_size=BUDGET_SIZES, process_index=p, process_count=2) for p in (0, 1)]
+    assert halves[1].local_batch_sizes == (4, 3, 2, 1)
+    streams = [whole.iter_from_step(0)] + [h.iter_from_step(0) for h in halves]
+    for bucket, _ in whole.epoch_batches(0):
+        full, *parts = [next(s) for s in streams]
+        assert parts[0]["input_values"].shape[0] == BUDGET_SIZES[bucket] // 2
+        for key in full:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key], err_msg=key)
+    with pytest.raises(ValueError, match=r"batch_size\[1\]=3 must be a positive multiple of process_count=2"):
+        make_loader(ds, batch_size=[8, 3, 4, 2], process_count=2)
+    with pytest.raises(ValueError, match="batch_size has 3 sizes for 4 buckets"):
+        make_loader(ds, batch_size=[8, 6, 4])

@@ -22,6 +22,7 @@ from xlsr_jax.errors import UserError
 from xlsr_jax.hub import export as export_module
 from xlsr_jax.hub.export import export_run
 from xlsr_jax.hub.verify import ExportCheckError
+from xlsr_jax.config import load_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, flax_to_pytorch
 from xlsr_jax.rundir import EXPORT_INFO
 from xlsr_jax.train.loop import train
@@ -34,7 +35,8 @@ SEEN_BY_TRANSFORMERS = ("config.json", "model.safetensors", "preprocessor_config
 def _checkpoint_params(run, step):
     """The parameters of `step`'s checkpoint, restored independently of the exporter."""
     config = Wav2Vec2Config.from_json_file(str(run / "model_config.json"))
-    abstract = FlaxWav2Vec2ForCTC(config).abstract_params()
+    scanned = load_config(run / "config.yaml").model.scan_layers  # the layout the run trained (and saved) in
+    abstract = FlaxWav2Vec2ForCTC(config, scan_layers=scanned).abstract_params()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
     return jax.device_get(Checkpointer(run / "checkpoints", read_only=True).restore_params(abstract, step))

@@ -64,6 +64,32 @@ def test_error_rates_equal_jiwer_over_batches_with_filler_rows():
     assert metrics["examples"] == 7 and metrics["loss"] == pytest.approx(1.5)
 
 
+def test_predict_dispatches_the_next_batch_before_fetching_this_one(monkeypatch):
+    """The precompiled eval step (one executable per bucket) and the jitted one give the same scores,
+    and batch k+1 is on its way to the device before batch k's outputs are fetched."""
+    from xlsr_jax.infer import predict as predict_module
+    from xlsr_jax.train.compile import StepToCompile, compile_steps
+
+    vocab = Vocab.build(REFERENCES)
+    mesh = parallel.make_mesh(MeshConfig())
+    loader = BatchLoader(_dataset(vocab), batch_size=4, boundaries=[3200, 4000], shuffle=False)
+    swap = (vocab.token_to_id("i"), vocab.token_to_id("e"))
+    jitted = jax.jit(functools.partial(_fake_eval, swap=swap, blank=vocab.pad_id))
+    precompiled = compile_steps([StepToCompile("eval", jitted, {}, loader.batch_shapes.values())],
+                                parallel.batch_sharding(mesh))["eval"]
+    order = []
+
+    def dispatch(params, batch):
+        order.append("dispatch")
+        return precompiled(params, batch)
+
+    fetch = predict_module._fetch
+    monkeypatch.setattr(predict_module, "_fetch", lambda *a: order.append("fetch") or fetch(*a))
+    pipelined = predict({}, loader, dispatch, vocab, mesh)
+    assert order == ["dispatch", "dispatch", "fetch", "fetch"], "two batches: the second is dispatched first"
+    assert pipelined == predict({}, loader, jitted, vocab, mesh)
+
+
 def test_per_utterance_errors_add_up_to_the_corpus_rates(tmp_path):
     refs, hyps = ["a b c", "d e", "f"], ["a x c d", "", "f"]
     rows = [utterance_errors(r, h) for r, h in zip(refs, hyps)]

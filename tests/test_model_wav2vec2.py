@@ -14,18 +14,23 @@ from xlsr_jax.model import FlaxWav2Vec2ForCTC, pytorch_to_flax
 from xlsr_jax.model.wav2vec2 import frame_mask_from_attention_mask
 
 
-def _torch_and_flax(config, seed=0):
+def _torch_and_flax(config, seed=0, perturb=False, **options):
     torch.manual_seed(seed)
     reference = Wav2Vec2ForCTC(config).eval()
-    model = FlaxWav2Vec2ForCTC(config)
+    if perturb:  # far from the near-zero init, where attention and the positional conv shape the logits
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    model = FlaxWav2Vec2ForCTC(config, **options)
     state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
-    params, missing, unexpected = pytorch_to_flax(state, model.abstract_params())
+    params, missing, unexpected = pytorch_to_flax(state, model.to_hf_layout(model.abstract_params()))
     assert missing == [] and unexpected == []
-    return reference, model, params
+    return reference, model, model.from_hf_layout(params)
 
 
-def _max_logit_error(config, lengths, total):
-    reference, model, params = _torch_and_flax(config)
+def _max_logit_error(config, lengths, total, perturb=False, **options):
+    """max |flax - torch| over real frames, relative to the largest torch logit when `perturb`."""
+    reference, model, params = _torch_and_flax(config, perturb=perturb, **options)
     x, mask = padded_batch(lengths, total)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x), attention_mask=torch.from_numpy(mask)).logits.numpy()
@@ -36,7 +41,8 @@ def _max_logit_error(config, lengths, total):
     with torch.no_grad():
         torch_frames = reference._get_feature_vector_attention_mask(logits.shape[1], torch.from_numpy(mask))
     np.testing.assert_array_equal(frames, torch_frames.numpy())
-    return float(np.abs(logits - expected)[frames].max())
+    error = float(np.abs(logits - expected)[frames].max())
+    return error / float(np.abs(expected[frames]).max()) if perturb else error
 
 
 @pytest.mark.parametrize("kind", ["stable", "group"])
@@ -49,9 +55,18 @@ def test_logits_equal_pytorch_tiny(kind, report):
 @pytest.mark.slow
 def test_logits_equal_pytorch_xlsr53_shape(report):
     config = xlsr53_config()
-    error = _max_logit_error(config, lengths=[16000, 9600], total=16000)
-    report("parity max|dlogits| XLSR-53 shape (24x1024, 1 s)", error)
+    error = _max_logit_error(config, lengths=[16000, 9600], total=16000, scan_layers=True)
+    report("parity max|dlogits| XLSR-53 shape (24x1024, 1 s, scanned)", error)
     assert error <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["stable", "group"])
+@pytest.mark.parametrize("options", [{}, {"scan_layers": True, "attention": "xla"},
+                                     {"scan_layers": True, "attention": "plain"}], ids=["unrolled", "scan", "plain"])
+def test_logits_equal_pytorch_with_perturbed_weights(kind, options, report):
+    error = _max_logit_error(tiny_config(kind), lengths=[4000, 2500, 1234], total=4000, perturb=True, **options)
+    report(f"parity perturbed {kind} {options}, max|dlogits| / max|logit|", error)
+    assert error <= 1e-5
 
 
 def _apply(model, params, x, mask, deterministic, seed=0, mutable=False):
@@ -70,9 +85,10 @@ def test_train_mode_without_noise_equals_eval():
     "hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
     "layerdrop", "mask_time_prob", "mask_feature_prob",
 ])
-def test_each_noise_source_applies_in_train_mode(knob):
+@pytest.mark.parametrize("scan", [False, True])
+def test_each_noise_source_applies_in_train_mode(knob, scan):
     extra = {"mask_time_length": 2, "mask_feature_length": 4} if knob.startswith("mask") else {}
-    model = FlaxWav2Vec2ForCTC(quiet_config(**{knob: 0.5}, **extra))
+    model = FlaxWav2Vec2ForCTC(quiet_config(**{knob: 0.5}, **extra), scan_layers=scan)
     params = model.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 3000], 4000)
     evaluated = _apply(model, params, x, mask, True)
@@ -145,9 +161,11 @@ def _grads(model, params, x, mask):
     return jax.jit(jax.grad(loss))(params)
 
 
-def test_gradient_checkpointing_gives_same_logits_and_grads():
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_gives_same_logits_and_grads(scan):
     config = tiny_config(layerdrop=0.3, mask_time_prob=0.3, mask_time_length=2)
-    plain, remat = FlaxWav2Vec2ForCTC(config), FlaxWav2Vec2ForCTC(config, gradient_checkpointing=True)
+    plain = FlaxWav2Vec2ForCTC(config, scan_layers=scan)
+    remat = FlaxWav2Vec2ForCTC(config, remat_policy="full", scan_layers=scan)
     params = plain.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 3000], 4000)
     np.testing.assert_allclose(_apply(remat, params, x, mask, False), _apply(plain, params, x, mask, False),
@@ -173,6 +191,11 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(report):
     x, mask = padded_batch([4000, 3000], 4000)
     bf16 = FlaxWav2Vec2ForCTC(config, dtype=jnp.bfloat16)
     assert {p.dtype for p in jax.tree.leaves(bf16.init_params(jax.random.key(0)))} == {jnp.dtype("float32")}
+    # The program really computes in bfloat16 (closeness to float32 alone would pass if dtype were ignored).
+    program = jax.jit(lambda p: _apply(bf16, p, x, mask, True)).lower(params).as_text()
+    dots = [line for line in program.splitlines() if "dot_general" in line or "convolution" in line]
+    assert dots and all("bf16" in line for line in dots)
+    assert "bf16" not in jax.jit(lambda p: _apply(FlaxWav2Vec2ForCTC(config), p, x, mask, True)).lower(params).as_text()
     low = np.asarray(_apply(bf16, params, x, mask, True))
     high = np.asarray(_apply(FlaxWav2Vec2ForCTC(config), params, x, mask, True))
     assert low.dtype == np.float32

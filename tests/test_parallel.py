@@ -46,3 +46,22 @@ def test_global_batch_splits_rows_over_all_devices():
     assert batch["x"].shape == (8, 3)
     assert {tuple(s.data.shape) for s in batch["x"].addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(batch["x"]), local["x"])
+
+
+def test_device_batches_puts_the_next_batch_before_handing_out_this_one():
+    mesh = parallel.make_mesh(MeshConfig())
+    taken = []
+
+    def host_batches():
+        for k in range(3):
+            taken.append(k)
+            yield {"x": np.full((4, 2), k, np.float32), "index": np.arange(4) + 4 * k}
+
+    batches = parallel.device_batches(host_batches(), mesh, keys=("x",))
+    local, arrays = next(batches)
+    assert taken == [0, 1], "batch 1 is read (and its copy started) before batch 0 is handed out"
+    assert set(arrays) == {"x"} and arrays["x"].sharding == parallel.batch_sharding(mesh)
+    np.testing.assert_array_equal(np.asarray(arrays["x"]), local["x"])
+    rest = list(batches)
+    assert [int(a["x"][0, 0]) for _, a in rest] == [1, 2] and [int(b["index"][0]) for b, _ in rest] == [4, 8]
+    assert list(parallel.device_batches(iter([]), mesh, keys=("x",))) == []

@@ -3,7 +3,10 @@ checkpoints, exact resume, one compilation per bucket, a Hugging Face folder tha
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -11,9 +14,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from _compiles import compile_events
 from _runs import tiny_run_config
 from xlsr_jax.config import load_config
-from xlsr_jax.train.loop import train
+from xlsr_jax.train.loop import _Loop, _Progress, train
 
 
 def _records(run_dir):
@@ -21,10 +25,38 @@ def _records(run_dir):
 
 
 @pytest.fixture(scope="module")
-def finished_run(cv_dir, tmp_path_factory):
+def loop_record():
+    """What the steady-state loop of `finished_run` started with, and the compilations during it."""
+    return {}
+
+
+@contextlib.contextmanager
+def _recording_loop(record: dict):
+    """Records the executables `_Loop.run` is handed, the shapes the loaders announce, and every JAX
+    compilation event while it runs."""
+    original = _Loop.run
+
+    def run(self, *args, **kwargs):
+        record["compiled"] = {"train": set(self.step_fn.executables), "eval": set(self.eval_fn.executables)}
+        record["announced"] = {"train": set(self.data.train.batch_shapes.values()),
+                               "eval": set(self.data.eval.batch_shapes.values())}
+        with compile_events() as events:
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                record["events"] = list(events)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Loop, "run", run)
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_run(cv_dir, tmp_path_factory, loop_record):
     out = tmp_path_factory.mktemp("loop")
     config = tiny_run_config(cv_dir, out, max_steps=4, eval_steps=2, save_steps=2)
-    result = train(config)
+    with _recording_loop(loop_record):
+        result = train(config)
     return config, out / "run", result
 
 
@@ -45,10 +77,56 @@ def test_run_writes_logs_config_vocab_and_checkpoints(finished_run):
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
-def test_one_compilation_per_bucket(finished_run):
+def test_every_shape_compiled_before_the_first_step_and_nothing_during_the_run(finished_run, loop_record):
     _, _, result = finished_run
-    assert result["train/buckets_used"] >= 2, "the tiny corpus should exercise both buckets in 4 steps"
-    assert result["train/compiled_shapes"] == result["train/buckets_used"]
+    assert loop_record["compiled"] == loop_record["announced"], "every train and eval bucket shape, ahead of time"
+    assert len(loop_record["announced"]["train"]) == len(loop_record["announced"]["eval"]) == 2
+    assert result["train/buckets_used"] == result["train/compiled_shapes"] == 2, \
+        "the tiny corpus exercises both buckets in 4 steps"
+    # Orbax compiles its own slicing ops when it saves a checkpoint; nothing else may trace or compile.
+    assert [e for e in loop_record["events"] if not e.via("orbax")] == [], "4 steps, 2 evaluations, 2 checkpoints"
+
+
+class _Bar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix(self, **_):
+        pass
+
+
+class _Step:
+    """A dispatched step's output: never ready by itself; waiting for it is logged."""
+
+    def __init__(self, k, waited, ready=False):
+        self.k, self.waited, self.ready = k, waited, ready
+
+    def is_ready(self):
+        return self.ready
+
+    def block_until_ready(self):
+        if not self.ready:
+            self.waited.append(self.k)
+        return self
+
+
+def test_dispatch_stays_at_most_two_steps_ahead_without_waiting_every_step():
+    bar, waited = _Bar(), []
+    progress = _Progress(bar, in_flight=2)
+    steps = {k: _Step(k, waited) for k in range(1, 8)}
+    for k in range(1, 6):
+        progress.dispatched(steps[k])
+    assert waited == [1, 2, 3], "after step k is dispatched, the host waits only for step k - 2"
+    assert bar.n == 3 and len(progress.pending) == 2
+    steps[4].ready = steps[5].ready = True  # the device finished them: counted without waiting
+    progress.dispatched(steps[6])
+    assert waited == [1, 2, 3] and bar.n == 5 and len(progress.pending) == 1
+    progress.dispatched(steps[7])
+    progress.finished(7)  # the metrics of step 7 were read: every step has run
+    assert waited == [1, 2, 3] and bar.n == 7 and not progress.pending
 
 
 def test_exported_folder_loads_in_pytorch_with_equal_logits(finished_run, cv_dir):
@@ -107,3 +185,22 @@ def test_sigterm_saves_a_checkpoint_and_stops(cv_dir, tmp_path):
     assert 2 <= logged[-1] < 10_000
     assert saved == [logged[-1]], "the checkpoint must hold the last step that ran"
     assert not (run / "hf_model").exists(), "a preempted run is not finished: nothing is exported"
+
+
+def test_token_budget_trains_each_bucket_with_its_own_batch_size(cv_maker, tmp_path, caplog):
+    """train.per_device_audio_seconds=1.4 over 4 devices x 2 accumulation steps: the 0.68 s bucket
+    gets 2 clips per device (a batch of 16), the 1.26 s bucket 1 (a batch of 8); both shapes train."""
+    rows = [("train", f"short_{k}", f"spk_{k % 3}", 0.6 + 0.005 * k, "bir iki") for k in range(16)]
+    rows += [("train", f"long_{k}", "spk_l", 1.2 + 0.02 * k, "üç dört beş altı") for k in range(4)]
+    cv = cv_maker(tmp_path / "tr", rows=rows)
+    config = tiny_run_config(cv, tmp_path, max_steps=2, eval_steps=100, save_steps=100,
+                             per_device_audio_seconds=1.4)
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, train=(f"cv:{cv}:train",), eval=()),
+        optim=dataclasses.replace(config.optim, gradient_accumulation_steps=2))
+    caplog.set_level(logging.INFO, logger="xlsr_jax.train.loop")
+    result = train(config)
+    assert "20 utterances, 2 batches of [16, 8] (by bucket) per epoch" in caplog.text
+    assert result["train/buckets_used"] == result["train/compiled_shapes"] == 2
+    losses = [r["train/loss"] for r in _records(tmp_path / "run") if "train/loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -104,6 +104,13 @@ class Checkpointer:
         logger.info("restoring the parameters of checkpoint %s/%d", self.directory, step)
         restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        # A partial restore hands back the abstract leaf of anything the checkpoint lacks.
+        missing = [jax.tree_util.keystr(path) for path, leaf in
+                   jax.tree_util.tree_leaves_with_path(restored["params"]) if isinstance(leaf, jax.ShapeDtypeStruct)]
+        if missing:
+            raise UserError(f"{self.directory}/{step}: the checkpoint has no {', '.join(missing[:3])}"
+                            f"{' …' if len(missing) > 3 else ''}; was it saved with another parameter layout "
+                            "(model.scan_layers) or model?")
         return restored["params"]
 
     def select_step(self, step: int | None = None, best: bool = False) -> int:

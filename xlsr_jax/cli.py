@@ -13,6 +13,7 @@ import sys
 from xlsr_jax.errors import UserError
 
 ROAD = """the road from data to a Hub model:
+  xlsr-jax plan --config configs/demo.yaml --memory-gib 80      # batch per bucket that fits a device (optional)
   xlsr-jax train --config configs/demo.yaml                     # checkpoints, metrics, hf_model/
   xlsr-jax evaluate runs/demo --data cv:data/demo_tr:test       # WER/CER, predictions TSV, eval_results.json
   xlsr-jax export runs/demo exports/demo --best                 # PyTorch folder + model card, self-checked
@@ -34,6 +35,15 @@ def _train(args: argparse.Namespace) -> int:
               "train.num_train_epochs); for a new run, choose another train.output_dir")
     if run.finished.exists():
         print(format_run_summary(run))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import load_config
+    from xlsr_jax.train.plan import format_plan, plan
+
+    config = load_config(args.config, args.set)
+    print(format_plan(plan(config, memory_gib=args.memory_gib, max_batch=args.max_batch)))
     return 0
 
 
@@ -135,6 +145,19 @@ def _parse_train(commands) -> None:
     p.set_defaults(handler=_train)
 
 
+def _parse_plan(commands) -> None:
+    p = commands.add_parser("plan", help="largest per-device batch of each length bucket that fits in memory",
+                            description="Build the training data as `train` would, then for each length bucket "
+                                        "find the largest per-device batch whose compiled train step fits "
+                                        "--memory-gib (XLA's memory estimate, on the backend this runs on), and "
+                                        "suggest a per-device audio-seconds budget for token-budget batching.")
+    _add_config_args(p)
+    p.add_argument("--memory-gib", type=float,
+                   help="memory per device in GiB (default: this device's, where it reports one; CPUs do not)")
+    p.add_argument("--max-batch", type=int, default=1024, help="largest per-device batch to try (default 1024)")
+    p.set_defaults(handler=_plan)
+
+
 def _parse_config(commands) -> None:
     p = commands.add_parser("config", help="print every training setting: resolved value, meaning, default",
                             description="Print the resolved config tree as YAML, each key with its meaning "
@@ -221,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_parse_train, _parse_config, _parse_evaluate, _parse_export, _parse_push, _parse_transcribe,
-                _parse_build_lm):
+    for add in (_parse_train, _parse_plan, _parse_config, _parse_evaluate, _parse_export, _parse_push,
+                _parse_transcribe, _parse_build_lm):
         add(commands)
     return parser
 

@@ -50,10 +50,22 @@ class ModelConfig:
     mask_feature_length: int = _key(10, "SpecAugment: length of each channel mask span, in channels")
     ctc_loss_reduction: str = _key("mean", "mean: each utterance's CTC loss over its label length, averaged "
                                            "over the batch | sum: summed over the batch")
-    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass: less memory, "
-                                               "more compute")
     freeze_feature_encoder: bool = _key(True, "keep the conv feature encoder's weights fixed "
                                               "(an optimizer mask)")
+    # How the model runs, never what it computes: parameters, checkpoints and exports are the same.
+    remat_policy: str = _key("none", "what each layer keeps for the backward pass: none (everything) | full "
+                                     "(nothing: least memory, ~1/3 more compute) | dots_saveable | "
+                                     "dots_with_no_batch_dims_saveable (jax.checkpoint_policies)")
+    scan_layers: bool = _key(True, "run the transformer layers under nn.scan: one layer compiles, not 24 "
+                                   "(parameters stay per layer under Hugging Face's names)")
+    # Attention dropout needs the attention probabilities, which a fused kernel never materialises: a
+    # training step with attention_dropout > 0 runs the plain path (evaluation always runs fused).
+    # The XLSR recipe's 0.1 is kept as the default for accuracy on small data; set it to 0 to train
+    # with cuDNN's flash attention on a GPU.
+    attention: str = _key("auto", "auto (cuDNN flash attention via jax.nn.dot_product_attention on a GPU in "
+                                  "bfloat16, else plain) | xla | cudnn | plain (explicit softmax)")
+    pos_conv: str = _key("auto", "positional conv kernel gradient: auto (tap_grad on CPU, where XLA's "
+                                 "grouped-conv gradient is ~7x slower; xla elsewhere) | xla | tap_grad")
 
     def __post_init__(self):
         for name in ("attention_dropout", "hidden_dropout", "activation_dropout", "feat_proj_dropout",
@@ -62,6 +74,14 @@ class ModelConfig:
         _check(self.ctc_loss_reduction in ("mean", "sum"), "model.ctc_loss_reduction", "must be mean or sum")
         _check(self.pretrained is not None or bool(self.architecture), "model.architecture",
                "is required when model.pretrained is not set", related=["model.pretrained"])
+        from xlsr_jax.model.wav2vec2 import EXECUTION_OPTIONS  # the model owns the allowed values
+        for name, allowed in EXECUTION_OPTIONS.items():
+            _check(getattr(self, name) in allowed, f"model.{name}", f"must be one of {', '.join(allowed)}")
+
+    def execution_options(self) -> dict[str, Any]:
+        """`FlaxWav2Vec2ForCTC` keyword arguments for training."""
+        return {"freeze_feature_encoder": self.freeze_feature_encoder, "remat_policy": self.remat_policy,
+                "scan_layers": self.scan_layers, "attention": self.attention, "pos_conv": self.pos_conv}
 
     def regularisation(self) -> dict[str, Any]:
         """The fields that override a `Wav2Vec2Config`."""
@@ -128,6 +148,10 @@ class TrainConfig:
     max_steps: int = _key(-1, "optimizer steps to train; > 0 overrides train.num_train_epochs")
     num_train_epochs: float = _key(30.0, "passes over the training data (used when train.max_steps <= 0)")
     per_device_batch_size: int = _key(16, "clips per device per micro-batch, >= 1")
+    per_device_audio_seconds: float | None = _key(
+        None, "token-budget batching: padded audio seconds per device per micro-batch; each length bucket "
+              "gets the most clips that fit (at least 1); null: train.per_device_batch_size clips for every "
+              "bucket")
     eval_steps: int = _key(500, "evaluate every this many steps, >= 1")
     save_steps: int = _key(500, "checkpoint every this many steps and at the end (evaluated steps too while "
                                  "checkpoint.best_metric is set), >= 1")
@@ -141,6 +165,8 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.precision in ("float32", "bfloat16"), "train.precision", "must be float32 or bfloat16")
         _check(self.per_device_batch_size >= 1, "train.per_device_batch_size", "must be >= 1")
+        _check(self.per_device_audio_seconds is None or 0 < self.per_device_audio_seconds < float("inf"),
+               "train.per_device_audio_seconds", "must be > 0 (and finite) or null")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "train.max_steps",
                "set train.max_steps > 0 or train.num_train_epochs > 0", related=["train.num_train_epochs"])
         for name in ("eval_steps", "save_steps", "logging_steps"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -95,6 +95,20 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """This process's rows -> global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def device_batches(local_batches: Iterator[dict[str, np.ndarray]], mesh: Mesh,
+                   keys: Sequence[str]) -> Iterator[tuple[dict[str, np.ndarray], dict[str, jax.Array]]]:
+    """(local batch, global arrays of its `keys`), one batch ahead: batch k+1's host-to-device copy
+    is started before batch k is handed out, so it runs while step k runs instead of after it. The
+    copy is asynchronous, so this costs the calling thread only the staging of the host arrays."""
+    ahead = None
+    for local in local_batches:
+        current, ahead = ahead, (local, global_batch({k: local[k] for k in keys}, mesh))
+        if current is not None:
+            yield current
+    if ahead is not None:
+        yield ahead
 
 
 def data_parallel_size(mesh: Mesh) -> int:

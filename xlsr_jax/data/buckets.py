@@ -90,3 +90,30 @@ def padding_fraction(lengths, boundaries) -> float:
     padded = np.asarray(boundaries, dtype=np.int64)[assign_buckets(lengths, boundaries)]
     total = padded.sum()
     return float((total - lengths.sum()) / total) if total else 0.0
+
+
+def bucket_batch_sizes(boundaries_samples, audio_seconds_per_device: float, *, devices: int, accum: int,
+                       sampling_rate: int = 16000) -> list[int]:
+    """Token-budget batching (fairseq's ``max_tokens``): global batch size per bucket, ``[k]``.
+
+    Each device's micro-batch of bucket ``b`` holds the most clips whose padded audio fits the budget,
+    ``max(1, floor(budget / bucket seconds))``; the global batch is that times ``devices * accum``, so
+    it splits evenly over data-parallel devices and accumulation micro-batches. Shorter buckets get
+    bigger batches, and every batch pads to about the same number of audio seconds.
+
+    Args:
+      boundaries_samples: ``[k]`` padded bucket lengths (samples).
+      audio_seconds_per_device: padded audio seconds per device per micro-batch, > 0.
+      devices: data-parallel devices (the batch axis of the mesh), >= 1.
+      accum: gradient accumulation micro-batches per step, >= 1.
+    """
+    if not audio_seconds_per_device > 0 or devices < 1 or accum < 1:
+        raise ValueError(f"bucket_batch_sizes: audio_seconds_per_device={audio_seconds_per_device} must "
+                         f"be > 0, devices={devices} and accum={accum} >= 1")
+    boundaries = np.asarray(boundaries_samples, dtype=np.int64).reshape(-1)
+    if boundaries.size == 0 or boundaries.min() < 1:
+        raise ValueError(f"bucket_batch_sizes: boundaries {boundaries.tolist()} must be >= 1 samples")
+    # Integer samples, so that 3 s / 0.6 s is 5 clips and not float 4.999...
+    budget = int(round(audio_seconds_per_device * sampling_rate))
+    per_device = np.maximum(1, budget // boundaries)
+    return [int(n) * devices * accum for n in per_device]

@@ -2,32 +2,32 @@
 
 Each epoch's plan is a pure function of (seed, epoch): examples are shuffled within their length
 bucket and cut into full batches (so a batch holds similar lengths and little padding), then the
-order of batches is shuffled (so the order of lengths is random). Every process computes the same
-global plan and loads only its own rows, so hosts agree without talking to each other.
+order of batches is shuffled (so the order of lengths is random). Buckets share one batch size or
+each has its own (token-budget batching: short clips in bigger batches, `buckets.bucket_batch_sizes`);
+either way every bucket is one static shape. Every process computes the same global plan and loads
+only its own rows, so hosts agree without talking to each other.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from xlsr_jax.data.audio import normalize_waveform
+from xlsr_jax.data.batch import LABEL_PAD, MODEL_INPUTS  # noqa: F401 (re-exported)
 from xlsr_jax.data.buckets import assign_buckets
 from xlsr_jax.data.prepare import PreparedDataset
-
-LABEL_PAD = -100  # Hugging Face's ignore index for padded label positions
-# The batch arrays the model steps take (`index` stays on the host).
-MODEL_INPUTS = ("input_values", "attention_mask", "labels", "example_mask")
 
 
 class BatchLoader:
     """Batches of one :class:`PreparedDataset`, padded to a bucket's static shape.
 
-    A batch is a dict of numpy arrays holding this process's ``local = batch_size //
-    process_count`` rows:
+    ``batch_size`` is the global batch: one size for every bucket, or one per bucket (each a multiple
+    of ``process_count``). A batch of bucket ``b`` is a dict of numpy arrays holding this process's
+    ``local = batch_sizes[b] // process_count`` rows:
       input_values    float32 [local, S]  normalised per utterance, zeros on padding
       attention_mask  int32   [local, S]
       labels          int32   [local, L]  padded with -100
@@ -36,53 +36,57 @@ class BatchLoader:
     with ``S = boundaries[bucket]`` and ``L`` the bucket's padded label length.
     """
 
-    def __init__(self, dataset: PreparedDataset, *, batch_size: int, boundaries,
+    def __init__(self, dataset: PreparedDataset, *, batch_size: int | Sequence[int], boundaries,
                  label_multiple: int = 16, seed: int = 0, shuffle: bool = True,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2):
         if len(dataset) == 0:
             raise ValueError("BatchLoader: the dataset is empty")
-        if batch_size < 1 or batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                             f"process_count={process_count}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.dataset = dataset
-        self.batch_size = batch_size
         self.boundaries = np.asarray(boundaries, dtype=np.int64)
+        self.batch_sizes = _per_bucket(batch_size, len(self.boundaries), process_count)  # global, [k]
         self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
         self.process_index, self.process_count = process_index, process_count
-        self.local_batch_size = batch_size // process_count
+        self.local_batch_sizes = tuple(bs // process_count for bs in self.batch_sizes)
         self.buckets = assign_buckets(dataset.lengths, self.boundaries)  # [n]
         self.label_lengths = _bucket_label_lengths(
             self.buckets, dataset.labels, len(self.boundaries), label_multiple)
         self._members = [np.flatnonzero(self.buckets == b) for b in range(len(self.boundaries))]
-        self.batches_per_epoch = -(-len(dataset) // batch_size)
+        # How many batches a bucket yields depends on its size, never on the order of its members:
+        # the unshuffled cut has exactly as many batches as every epoch's plan.
+        self.batches_per_epoch = len(self._cut(self._members))
         self._padding_fraction: float | None = None
 
     # ------------------------------------------------------------ plan
 
     def epoch_batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """The global plan of one epoch: ``[(bucket, example indices int64 [batch_size])]``,
+        """The global plan of one epoch: ``[(bucket, example indices int64 [batch_sizes[bucket]])]``,
         ``-1`` marking dummy rows. A pure function of (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
-        bs, batches = self.batch_size, []
-        carry = np.zeros(0, dtype=np.int64)
-        last_bucket = 0
-        for b, members in enumerate(self._members):
-            if self.shuffle:
-                members = rng.permutation(members)
-            pool = np.concatenate([carry, members])
-            if len(members):
-                last_bucket = b
-            full = len(pool) // bs
-            batches.extend((b, pool[k * bs : (k + 1) * bs]) for k in range(full))
-            # The remainder still fits the next larger bucket; it joins that one.
-            carry = pool[full * bs :]
-        if len(carry):
-            dummies = np.full(bs - len(carry), -1, dtype=np.int64)
-            batches.append((last_bucket, np.concatenate([carry, dummies])))
+        members = [rng.permutation(m) if self.shuffle else m for m in self._members]
+        batches = self._cut(members)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def _cut(self, members: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
+        """Each bucket's members (in the given order) cut into full batches of that bucket's size.
+
+        A bucket's remainder still fits the next larger bucket, so it joins that bucket's members
+        (whatever the two sizes are); the last remainder becomes one batch of the largest non-empty
+        bucket, filled with dummy rows (-1).
+        """
+        top = max(b for b, m in enumerate(members) if len(m))
+        batches, carry = [], np.zeros(0, dtype=np.int64)
+        for b in range(top + 1):
+            pool, bs = np.concatenate([carry, members[b]]), self.batch_sizes[b]
+            full = len(pool) // bs
+            batches.extend((b, pool[k * bs : (k + 1) * bs]) for k in range(full))
+            carry = pool[full * bs :]
+        if len(carry):
+            dummies = np.full(self.batch_sizes[top] - len(carry), -1, dtype=np.int64)
+            batches.append((top, np.concatenate([carry, dummies])))
         return batches
 
     @property
@@ -90,6 +94,11 @@ class BatchLoader:
         """Bucket -> (padded samples S, padded label length L)."""
         return {b: (int(s), int(l)) for b, (s, l) in
                 enumerate(zip(self.boundaries, self.label_lengths))}
+
+    @property
+    def batch_shapes(self) -> dict[int, tuple[int, int, int]]:
+        """Bucket -> (global batch size B, padded samples S, padded label length L): every step shape."""
+        return {b: (self.batch_sizes[b], s, l) for b, (s, l) in self.shapes.items()}
 
     @property
     def padding_fraction(self) -> float:
@@ -106,8 +115,12 @@ class BatchLoader:
 
     def load_batch(self, bucket: int, indices: np.ndarray) -> dict[str, np.ndarray]:
         """This process's rows of one planned global batch, as padded numpy arrays."""
-        p, local = self.process_index, self.local_batch_size
-        rows = np.asarray(indices, dtype=np.int64)[p * local : (p + 1) * local]
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) != self.batch_sizes[bucket]:
+            raise ValueError(f"a batch of bucket {bucket} has {len(indices)} rows, the bucket's batch "
+                             f"size is {self.batch_sizes[bucket]}")
+        p, local = self.process_index, self.local_batch_sizes[bucket]
+        rows = indices[p * local : (p + 1) * local]
         samples, label_len = int(self.boundaries[bucket]), int(self.label_lengths[bucket])
         batch = {
             "input_values": np.zeros((local, samples), np.float32),
@@ -149,6 +162,21 @@ class BatchLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+def _per_bucket(batch_size: int | Sequence[int], num_buckets: int, process_count: int) -> tuple[int, ...]:
+    """Global batch size per bucket ``[num_buckets]``: one size repeated, or one given per bucket."""
+    if isinstance(batch_size, (int, np.integer)):
+        sizes, names = (int(batch_size),) * num_buckets, ["batch_size"] * num_buckets
+    else:
+        sizes = tuple(int(bs) for bs in batch_size)
+        names = [f"batch_size[{b}]" for b in range(len(sizes))]
+        if len(sizes) != num_buckets:
+            raise ValueError(f"batch_size has {len(sizes)} sizes for {num_buckets} buckets")
+    for name, bs in zip(names, sizes):
+        if bs < 1 or bs % process_count:
+            raise ValueError(f"{name}={bs} must be a positive multiple of process_count={process_count}")
+    return sizes
 
 
 def _bucket_label_lengths(buckets, labels, num_buckets: int, multiple: int) -> np.ndarray:

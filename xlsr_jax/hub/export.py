@@ -25,6 +25,7 @@ from transformers import Wav2Vec2Config
 from xlsr_jax.errors import UserError
 from xlsr_jax.hub.verify import reference_clips, verify_folder
 from xlsr_jax.model import flax_to_pytorch, save_pytorch_weights
+from xlsr_jax.model.layout import unstack_layers
 from xlsr_jax.rundir import CURVES_FILE, EXPORT_INFO, RunDir, read_eval_results
 from xlsr_jax.text import NORMALIZATION_FILE, PAD, UNK, WORD_DELIMITER, TextNormalization, Vocab
 
@@ -132,12 +133,14 @@ def export_params(params: Any, config: Wav2Vec2Config, vocab: Vocab, out_dir: st
                   torch_bin: bool = False, lm: dict | None = None, verify: bool | None = None,
                   clips: list[np.ndarray] | None = None, info: dict | None = None) -> dict[str, Any]:
     """Write, card and (with torch) check a complete folder; move it to `out_dir` when it passed.
+    `params`: host arrays, per-layer or stacked.
 
     `verify` None checks when torch is importable; True requires torch. `lm`: {"path", "alpha", "beta"}.
     Returns {"out_dir", "results", "check"} (check: the verify report or None).
     """
     out_dir = Path(out_dir)
     _check_target(out_dir)
+    params = unstack_layers(params)  # a scanned run's stacked layers -> Hugging Face's per-layer names
     tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

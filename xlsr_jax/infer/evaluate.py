@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import functools
 import logging
 import os
 import re
@@ -23,9 +22,9 @@ from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import eval_loader, read_examples
 from xlsr_jax.infer.predict import Prediction, predict, utterance_errors
 from xlsr_jax.infer.source import LoadedModel, load_model
-from xlsr_jax.infer.step import eval_step
 from xlsr_jax.rundir import record_eval_result
 from xlsr_jax.text import headline_metric
+from xlsr_jax.train.compile import ShapeDispatch, StepToCompile, abstract_like, compile_steps, jit_eval_step
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +103,16 @@ def _outputs(loaded: LoadedModel, result: dict[str, Any], out: str | None) -> tu
     return Path(out), folder / "eval_results.json"
 
 
+def _eval_step(loaded: LoadedModel, loader, mesh, *, with_log_probs: bool) -> ShapeDispatch:
+    """The eval step compiled for every bucket shape of `loader` before the first batch (in parallel),
+    so none compiles in the middle of the pass."""
+    jitted = jit_eval_step(loaded.model, blank_id=loaded.vocab.pad_id, reduction=loaded.model.config.ctc_loss_reduction,
+                           params_shardings=jax.tree.map(lambda x: x.sharding, loaded.params), mesh=mesh,
+                           with_log_probs=with_log_probs)
+    step = StepToCompile("eval", jitted, abstract_like(loaded.params), loader.batch_shapes.values())
+    return compile_steps([step], parallel.batch_sharding(mesh))["eval"]
+
+
 def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best: bool = False,
              out: str | None = None, lm: str | None = None, alpha: float | None = None,
              beta: float | None = None, beam_width: int = 100, batch_size: int | None = None, fsdp: int = 1,
@@ -135,10 +144,7 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
     loader, report = eval_loader(read_examples(data, data_config), data=data_config, vocab=loaded.vocab,
                                  normalization=loaded.normalization, model_config=loaded.model.config,
                                  batch_size=per_device * parallel.data_parallel_size(mesh))
-    eval_fn = jax.jit(functools.partial(
-        eval_step, model=loaded.model, blank_id=loaded.vocab.pad_id, reduction=loaded.model.config.ctc_loss_reduction,
-        with_log_probs=decoder is not None), in_shardings=(
-        jax.tree.map(lambda x: x.sharding, loaded.params), parallel.batch_sharding(mesh)))
+    eval_fn = _eval_step(loaded, loader, mesh, with_log_probs=decoder is not None)
     metrics, predictions = predict(loaded.params, loader, eval_fn, loaded.vocab, mesh, decoder)
     language = loaded.normalization.language
     result = eval_result(data, loaded.step, metrics, language=language, headline=headline_metric(language),

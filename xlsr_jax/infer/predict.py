@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import jax
 import jiwer
 import numpy as np
 from jax.experimental import multihost_utils
@@ -55,31 +56,43 @@ def _gather(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _fetch(index: jax.Array, out: dict[str, jax.Array], vocab: Vocab, decoder) -> tuple[float, float, dict[int, str]]:
+    """(loss sum, examples, {dataset index: hypothesis}) of one evaluated batch, fetched from the
+    device (filler rows, index -1, left out)."""
+    index = _gather(index)
+    real = index >= 0  # filler rows of the last batch
+    frames = _gather(out["frames"])[real]
+    if decoder is None:
+        texts = vocab.decode_ctc_batch(_gather(out["pred_ids"])[real], frames)
+    else:
+        texts = decoder.decode_batch([lp[:n] for lp, n in zip(_gather(out["log_probs"])[real], frames)])
+    return float(out["loss_sum"]), float(out["examples"]), dict(zip(index[real].tolist(), texts))
+
+
 def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, mesh: Mesh,
             decoder=None) -> tuple[dict[str, float], list[Prediction]]:
-    """One pass of `eval_fn` (the jitted `infer.step.eval_step`) over `loader`.
+    """One pass of `eval_fn` over `loader`: the jitted `infer.step.eval_step`, or the
+    `train.compile.ShapeDispatch` of its executables compiled ahead of time for the loader's shapes.
 
+    Batch k+1 is dispatched before batch k's outputs are fetched, so the device computes the next
+    batch while the host decodes this one (two batches in flight at most).
     With `decoder` (an `infer.lm.LMDecoder`), `eval_fn` must return log_probs, which the decoder's
     beam search turns into text instead of the greedy decode.
     Returns ({"loss", "wer", "cer", "examples"}, predictions in dataset order).
     """
-    loss_sum, count = 0.0, 0.0
-    hypotheses: dict[int, str] = {}
-    for local in loader.iter_epoch():
-        batch = parallel.global_batch({k: local[k] for k in MODEL_INPUTS}, mesh)
-        index = parallel.global_batch({"index": local["index"]}, mesh)["index"]
-        out = eval_fn(params, batch)
-        index = _gather(index)
-        real = index >= 0  # filler rows of the last batch
-        frames = _gather(out["frames"])[real]
-        if decoder is None:
-            texts = vocab.decode_ctc_batch(_gather(out["pred_ids"])[real], frames)
-        else:
-            texts = decoder.decode_batch([lp[:n] for lp, n in zip(_gather(out["log_probs"])[real], frames)])
-        loss_sum += float(out["loss_sum"])
-        count += float(out["examples"])
-        hypotheses.update(zip(index[real].tolist(), texts))
+    fetched = []
+    in_flight = None  # (index, outputs) of the batch dispatched last
+    for _, arrays in parallel.device_batches(loader.iter_epoch(), mesh, (*MODEL_INPUTS, "index")):
+        index = arrays.pop("index")
+        dispatched = (index, eval_fn(params, arrays))
+        if in_flight is not None:
+            fetched.append(_fetch(*in_flight, vocab, decoder))
+        in_flight = dispatched
+    if in_flight is not None:
+        fetched.append(_fetch(*in_flight, vocab, decoder))
+    hypotheses = {i: text for _, _, texts in fetched for i, text in texts.items()}
     predictions = [Prediction(i, loader.dataset.texts[i], hypotheses[i]) for i in sorted(hypotheses)]
+    loss_sum, count = sum(f[0] for f in fetched), sum(f[1] for f in fetched)
     metrics = {"loss": loss_sum / max(count, 1.0),
                **error_rates([p.reference for p in predictions], [p.hypothesis for p in predictions]),
                "examples": float(len(predictions))}

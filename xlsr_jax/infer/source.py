@@ -60,6 +60,10 @@ def run_model_config(run: RunDir, config: Config, vocab: Vocab) -> Wav2Vec2Confi
     return model_config(config.model, vocab)
 
 
+# Scanned layers compile once for all 24 of XLSR-53; nothing else matters without a backward pass.
+INFERENCE_OPTIONS = {"scan_layers": True}
+
+
 def stored_normalization(run: RunDir, config: Config) -> TextNormalization:
     """The normalisation a run trained with (its text_normalization.json, which train/setup.py's
     `choose_normalization` decided); runs older than that file fall back to their config's data fields."""
@@ -85,7 +89,8 @@ def load_run(path: str | Path, *, step: int | None = None, best: bool = False,
     if not run.vocab.exists():
         raise UserError(f"{run.vocab}: missing; is {run.path} a complete xlsr-jax run directory?")
     vocab = Vocab.load(run.vocab)
-    model = FlaxWav2Vec2ForCTC(run_model_config(run, config, vocab))
+    # The checkpoints hold the layout the run trained with (stacked layers when scanned).
+    model = FlaxWav2Vec2ForCTC(run_model_config(run, config, vocab), scan_layers=config.model.scan_layers)
     checkpoints = run_checkpointer(run, config)
     try:
         chosen = checkpoints.select_step(step, best)
@@ -106,7 +111,7 @@ def load_folder(source: str | Path, *, mesh: Mesh | None = None, language: str |
     if not (folder / "vocab.json").exists():
         raise UserError(f"{folder}: no vocab.json; a CTC model folder needs its tokenizer's vocabulary")
     vocab = Vocab.load(folder / "vocab.json")
-    model, host_params = load_pretrained(folder)
+    model, host_params = load_pretrained(folder, options=INFERENCE_OPTIONS)
     if model.config.vocab_size != len(vocab):
         raise UserError(f"{folder}: config.json has vocab_size {model.config.vocab_size} but vocab.json "
                         f"has {len(vocab)} entries")

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from xlsr_jax.model.layout import unstack_layers
+
 # Checkpoint keys that belong to pretraining heads (Wav2Vec2ForPreTraining) and have no place in a CTC model.
 PRETRAINING_PREFIXES = ("quantizer.", "project_hid.", "project_q.")
 
@@ -57,14 +59,15 @@ def canonical_torch_key(key: str) -> str:
 
 
 def flax_to_pytorch(params: Mapping[str, Any], weight_norm_style: str = "parametrizations") -> dict[str, np.ndarray]:
-    """Flax params -> Hugging Face `Wav2Vec2ForCTC` state dict (float32 numpy, PyTorch layouts).
+    """Flax params (per-layer or stacked) -> Hugging Face `Wav2Vec2ForCTC` state dict (float32 numpy,
+    PyTorch layouts).
 
     weight_norm_style: "parametrizations" (what transformers 5 `save_pretrained` writes) or "legacy"
     (`weight_g`/`weight_v`, as in the Hub's original checkpoints).
     """
     if weight_norm_style not in ("parametrizations", "legacy"):
         raise ValueError(f"weight_norm_style={weight_norm_style!r}: use 'parametrizations' or 'legacy'")
-    flat = traverse_util.flatten_dict(dict(params))
+    flat = traverse_util.flatten_dict(dict(unstack_layers(params)))
     return {
         _torch_name(path, weight_norm_style): np.ascontiguousarray(
             _to_torch_layout(path, np.asarray(value, dtype=np.float32))

@@ -44,27 +44,30 @@ class ConvLayer(nn.Module):
 class ConvLayerCollection(nn.Module):
     config: Wav2Vec2Config
     dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        layer_cls = nn.remat(ConvLayer) if self.gradient_checkpointing else ConvLayer
+        layer_cls = nn.remat(ConvLayer) if self.remat else ConvLayer
         for i in range(len(self.config.conv_dim)):
             x = layer_cls(self.config, i, self.dtype, name=str(i))(x)
         return x
 
 
 class FeatureEncoder(nn.Module):
-    """input_values [batch, samples] -> features [batch, frames, conv_dim[-1]]."""
+    """input_values [batch, samples] -> features [batch, frames, conv_dim[-1]].
+
+    `remat`: recompute the conv activations in the backward pass (pointless when the encoder is frozen:
+    no backward pass runs through it)."""
 
     config: Wav2Vec2Config
     dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_values: jax.Array) -> jax.Array:
         x = input_values.astype(self.dtype)[..., None]
-        return ConvLayerCollection(self.config, self.dtype, self.gradient_checkpointing, name="conv_layers")(x)
+        return ConvLayerCollection(self.config, self.dtype, self.remat, name="conv_layers")(x)
 
 
 class FeatureProjection(nn.Module):

@@ -115,17 +115,18 @@ def load_pretrained(
     vocab_size: int | None = None,
     *,
     dtype: Any = jnp.float32,
-    gradient_checkpointing: bool = False,
-    freeze_feature_encoder: bool = False,
+    options: dict[str, Any] | None = None,
     seed: int = 0,
     **config_overrides: Any,
 ) -> tuple[FlaxWav2Vec2ForCTC, dict]:
     """(model, params) from a Hugging Face wav2vec2 folder or hub id.
 
-    `vocab_size` (and any `Wav2Vec2Config` field in `config_overrides`, e.g. `pad_token_id`,
+    `options` are `FlaxWav2Vec2ForCTC`'s execution options (freeze_feature_encoder, remat_policy,
+    scan_layers, attention, pos_conv). `vocab_size` (and any `Wav2Vec2Config` field in `config_overrides`, e.g. `pad_token_id`,
     `mask_time_prob`, `layerdrop`) replace the checkpoint's values. A head whose size differs from
     `vocab_size`, or a missing head (pretraining checkpoints), is initialised fresh. Params are float32
-    numpy arrays in a nested dict, ready to be sharded.
+    numpy arrays in a nested dict in the model's layout (stacked layers with `scan_layers`), ready to be
+    sharded.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     config = Wav2Vec2Config.from_pretrained(model_dir)
@@ -135,9 +136,8 @@ def load_pretrained(
         if not hasattr(config, key):
             raise ValueError(f"{key!r} is not a Wav2Vec2Config field")
         setattr(config, key, value)
-    model = FlaxWav2Vec2ForCTC(config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                               freeze_feature_encoder=freeze_feature_encoder)
-    target = model.abstract_params()
+    model = FlaxWav2Vec2ForCTC(config, dtype=dtype, **(options or {}))
+    target = model.to_hf_layout(model.abstract_params())
     state = read_state_dict(model_dir)
     head_shape = (config.hidden_size, config.vocab_size)
     if "lm_head.weight" in state and state["lm_head.weight"].T.shape != head_shape:
@@ -155,7 +155,7 @@ def load_pretrained(
     if missing:
         logger.info("%s: initialising %s", model_dir, ", ".join(missing))
         params = _merge(params, _init_missing(missing, config, target, seed))
-    return model, params
+    return model, model.from_hf_layout(params)
 
 
 def _merge(a: dict, b: dict) -> dict:

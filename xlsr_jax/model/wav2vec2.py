@@ -17,9 +17,11 @@ import numpy as np
 from transformers import Wav2Vec2Config
 
 from xlsr_jax.model.common import Dtype, dense_init
-from xlsr_jax.model.encoder import Encoder
+from xlsr_jax.model.encoder import ATTENTION_IMPLS, REMAT_POLICIES, Encoder
 from xlsr_jax.model.feature_encoder import FeatureEncoder, FeatureProjection
+from xlsr_jax.model.layout import to_layout, unstack_layers
 from xlsr_jax.model.masking import compute_span_mask
+from xlsr_jax.model.pos_conv import POS_CONV_IMPLS
 
 
 def check_config(config: Wav2Vec2Config) -> None:
@@ -35,6 +37,17 @@ def check_config(config: Wav2Vec2Config) -> None:
     lengths = {len(config.conv_dim), len(config.conv_kernel), len(config.conv_stride)}
     if len(lengths) != 1:
         raise ValueError("config.conv_dim, conv_kernel and conv_stride must have the same length")
+
+
+# FlaxWav2Vec2ForCTC's execution options and their allowed values (config.py validates against these).
+EXECUTION_OPTIONS = {"remat_policy": REMAT_POLICIES, "attention": ATTENTION_IMPLS, "pos_conv": POS_CONV_IMPLS}
+
+
+def check_options(**options: str) -> None:
+    """Reject unknown execution option values, naming the option."""
+    for name, value in options.items():
+        if value not in EXECUTION_OPTIONS[name]:
+            raise ValueError(f"{name}={value!r}: use one of {', '.join(EXECUTION_OPTIONS[name])}")
 
 
 def feat_extract_output_lengths(config: Wav2Vec2Config, lengths):
@@ -73,8 +86,11 @@ def has_masked_spec_embed(config: Wav2Vec2Config) -> bool:
 class Wav2Vec2Module(nn.Module):
     config: Wav2Vec2Config
     dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
+    remat_policy: str = "none"
     freeze_feature_encoder: bool = False
+    scan_layers: bool = False
+    attention: str = "auto"
+    pos_conv: str = "auto"
 
     def _mask_hidden_states(self, x, frame_mask, deterministic: bool, mask_time_indices):
         """SpecAugment: time spans -> `masked_spec_embed`, feature spans -> 0. x [batch, frames, hidden]."""
@@ -107,9 +123,8 @@ class Wav2Vec2Module(nn.Module):
     def __call__(self, input_values, attention_mask=None, deterministic: bool = True, mask_time_indices=None):
         """input_values [batch, samples] -> (hidden [batch, frames, hidden], frame_mask bool [batch, frames])."""
         c = self.config
-        features = FeatureEncoder(c, self.dtype, self.gradient_checkpointing, name="feature_extractor")(
-            input_values
-        )
+        remat_convs = self.remat_policy != "none" and not self.freeze_feature_encoder
+        features = FeatureEncoder(c, self.dtype, remat_convs, name="feature_extractor")(input_values)
         if self.freeze_feature_encoder:
             # No gradient flows into the conv stack: the same as torch's requires_grad=False, and it saves
             # the backward pass through the most activation-heavy part of the model.
@@ -121,9 +136,8 @@ class Wav2Vec2Module(nn.Module):
             frame_mask = frame_mask_from_attention_mask(c, attention_mask, frames)
         hidden, _ = FeatureProjection(c, self.dtype, name="feature_projection")(features, deterministic)
         hidden = self._mask_hidden_states(hidden, frame_mask, deterministic, mask_time_indices)
-        hidden = Encoder(c, self.dtype, self.gradient_checkpointing, name="encoder")(
-            hidden, frame_mask, deterministic
-        )
+        hidden = Encoder(c, self.dtype, self.remat_policy, self.scan_layers, self.attention, self.pos_conv,
+                         name="encoder")(hidden, frame_mask, deterministic)
         return hidden, frame_mask
 
 
@@ -133,17 +147,32 @@ class FlaxWav2Vec2ForCTC(nn.Module):
     Call: `model.apply({"params": params}, input_values [batch, samples], attention_mask=[batch, samples],
     deterministic=True)` -> logits float32 [batch, frames, vocab]. Training passes `deterministic=False`
     and `rngs={"dropout": key}`. Parameters are float32; `dtype` is the compute dtype (e.g. bfloat16).
+
+    How it runs, never what it computes (results are the same either way):
+      remat_policy: "none" | "full" | "dots_saveable" | "dots_with_no_batch_dims_saveable": what each
+        encoder layer keeps for the backward pass (jax.checkpoint_policies); the conv feature encoder is
+        recomputed too unless frozen.
+      scan_layers: run the encoder layers under `nn.scan` (compile one layer, not all of them), with
+        the layers' parameters stacked; `to_hf_layout` / `from_hf_layout` convert (model/layout.py).
+      attention: "xla" | "cudnn" (`jax.nn.dot_product_attention`) | "plain" | "auto" (cuDNN flash
+        attention on a GPU in 16-bit compute, else plain). Training with attention dropout runs "plain".
+      pos_conv: "auto" | "xla" | "tap_grad": the positional conv's kernel gradient (see pos_conv.py).
     """
 
     config: Wav2Vec2Config
     dtype: Dtype = jnp.float32
-    gradient_checkpointing: bool = False
+    remat_policy: str = "none"
     freeze_feature_encoder: bool = False
+    scan_layers: bool = False
+    attention: str = "auto"
+    pos_conv: str = "auto"
 
     def setup(self):
         check_config(self.config)
+        check_options(remat_policy=self.remat_policy, attention=self.attention, pos_conv=self.pos_conv)
         self.wav2vec2 = Wav2Vec2Module(
-            self.config, self.dtype, self.gradient_checkpointing, self.freeze_feature_encoder
+            self.config, self.dtype, self.remat_policy, self.freeze_feature_encoder, self.scan_layers,
+            self.attention, self.pos_conv,
         )
         self.final_dropout = nn.Dropout(self.config.final_dropout)
         self.lm_head = nn.Dense(
@@ -162,6 +191,14 @@ class FlaxWav2Vec2ForCTC(nn.Module):
     def frame_mask(self, attention_mask, num_frames: int):
         """bool [batch, frames] of real (non-padding) logit frames for an [batch, samples] attention mask."""
         return frame_mask_from_attention_mask(self.config, attention_mask, num_frames)
+
+    def to_hf_layout(self, params):
+        """This model's parameters with Hugging Face's per-layer names (what convert.py maps)."""
+        return unstack_layers(params)
+
+    def from_hf_layout(self, params):
+        """Per-layer parameters (e.g. from `pytorch_to_flax`) in this model's own layout."""
+        return to_layout(params, stacked=self.scan_layers)
 
     def init_params(self, rng: jax.Array, num_samples: int | None = None) -> dict:
         """Random float32 parameters (Hugging Face's initialisation), as a nested dict of arrays."""

@@ -4,15 +4,14 @@ the last good checkpoint as it was."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import signal
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np
@@ -26,12 +25,12 @@ from xlsr_jax.data.loader import MODEL_INPUTS
 from xlsr_jax.hub.export import export_params, host_params
 from xlsr_jax.infer.data import SAMPLING_RATE
 from xlsr_jax.infer.predict import predict
-from xlsr_jax.infer.step import eval_step
 from xlsr_jax.plots import plot_training_curves
 from xlsr_jax.rundir import RunDir
+from xlsr_jax.train.compile import (ShapeDispatch, StepToCompile, batch_shape, compile_steps, jit_eval_step,
+                                    jit_train_step)
 from xlsr_jax.train.metrics import MetricsWriter
 from xlsr_jax.train.setup import Data, build_data, build_model, build_state
-from xlsr_jax.train.step import train_step
 from xlsr_jax.train.summary import read_finished, write_finished
 
 logger = logging.getLogger(__name__)
@@ -90,6 +89,37 @@ class _TrainMetrics:
         return out
 
 
+class _Progress:
+    """The progress bar, and the bound on how far dispatch runs ahead of the device.
+
+    Steps are dispatched asynchronously; the bar counts a step when its loss is ready, which it learns
+    without waiting (`is_ready`) or from the metrics read at logging steps. At most `in_flight` steps
+    wait on the device: then the host waits for the oldest, while the device still has the others
+    queued, so it never idles for the host. Unbounded, every queued step holds its batch in device
+    memory, and XLA:CPU's collectives across (fake) devices deadlock past a few dozen queued steps.
+    """
+
+    def __init__(self, bar: tqdm, in_flight: int = 2):
+        self.bar, self.in_flight, self.pending = bar, in_flight, collections.deque()
+
+    def dispatched(self, done: jax.Array) -> None:
+        """`done`: an output of the step just dispatched (ready when the step has run)."""
+        self.pending.append(done)
+        while self.pending and (len(self.pending) > self.in_flight or self.pending[0].is_ready()):
+            self.pending.popleft().block_until_ready()
+            self.bar.update(1)
+
+    def finished(self, step: int, **postfix) -> None:
+        """Every step up to `step` has run (its metrics were just read)."""
+        self.pending.clear()
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(**postfix)
+
+    def close(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.close()
+
+
 def train(config: Config) -> dict[str, float]:
     """Run training as configured; returns the last eval metrics (or the last train metrics).
 
@@ -112,10 +142,12 @@ def train(config: Config) -> dict[str, float]:
     eval_batch_size = (config.eval.per_device_batch_size or config.train.per_device_batch_size) * dp
 
     # --- data (before the output directory exists: a bad source leaves no empty run folder behind)
-    data = build_data(config, run.path, batch_size, eval_batch_size)
+    data = build_data(config, run.path, batch_size, eval_batch_size, data_parallel=dp)
     steps = total_steps(config, data.train.batches_per_epoch)
-    logger.info("train: %d utterances, %d batches of %d per epoch, buckets %s, padding %.1f%%; %d steps",
-                len(data.train.dataset), data.train.batches_per_epoch, batch_size, data.train.shapes,
+    sizes = data.train.batch_sizes  # one per bucket: differ under train.per_device_audio_seconds
+    logger.info("train: %d utterances, %d batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
+                len(data.train.dataset), data.train.batches_per_epoch,
+                sizes[0] if len(set(sizes)) == 1 else f"{list(sizes)} (by bucket)", data.train.shapes,
                 100 * data.train.padding_fraction, steps)
 
     # --- model, optimizer and state, built sharded
@@ -134,15 +166,8 @@ def train(config: Config) -> dict[str, float]:
         state = checkpoints.restore(abstract_with_shardings(state, shardings))
     start = int(jax.device_get(state.step))
 
-    # --- compiled steps: one compilation per bucket shape
-    blank, reduction = data.vocab.pad_id, config.model.ctc_loss_reduction
-    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, blank_id=blank,
-                          reduction=reduction, accum=accum),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, blank_id=blank, reduction=reduction),
-                      in_shardings=(shardings.params, batch_sharding))
+    # --- compiled steps: every train and eval bucket shape, ahead of time (nothing compiles mid-run)
+    step_fn, eval_fn = _compile(config, data, model, tx, schedule, state, shardings, mesh)
 
     writer = MetricsWriter(run.path, enabled=is_main)
     loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer)
@@ -163,6 +188,26 @@ def train(config: Config) -> dict[str, float]:
         if is_main:
             plot_training_curves(run.metrics, run.curves)
     return last
+
+
+def _compile(config: Config, data: Data, model, tx, schedule, state, shardings, mesh: Mesh
+             ) -> tuple[ShapeDispatch, ShapeDispatch | None]:
+    """(train step, eval step or None without eval data), each compiled for every batch shape its
+    loader announces (`batch_shapes`), with the shardings they run with: the state and its
+    parameters as `shardings` says, batches split over the batch axes. Lands in (or comes from) the
+    persistent compilation cache when `train.compilation_cache` is set."""
+    blank, reduction = data.vocab.pad_id, config.model.ctc_loss_reduction
+    train_jit = jit_train_step(model, tx, schedule, blank_id=blank, reduction=reduction,
+                               accum=config.optim.gradient_accumulation_steps, state_shardings=shardings, mesh=mesh)
+    steps = [StepToCompile("train", train_jit, abstract_with_shardings(state, shardings),
+                           data.train.batch_shapes.values())]
+    if data.eval is not None:
+        eval_jit = jit_eval_step(model, blank_id=blank, reduction=reduction, params_shardings=shardings.params,
+                                 mesh=mesh)
+        steps.append(StepToCompile("eval", eval_jit, abstract_with_shardings(state.params, shardings.params),
+                                   data.eval.batch_shapes.values()))
+    compiled = compile_steps(steps, parallel.batch_sharding(mesh))
+    return compiled["train"], compiled.get("eval")
 
 
 def _export(run: RunDir, config: Config, model, params, data: Data, step: int, is_main: bool) -> None:
@@ -188,8 +233,8 @@ class _Loop:
     """The steady state of a run: steps, periodic logs, evals and checkpoints."""
 
     config: Config
-    step_fn: Callable
-    eval_fn: Callable
+    step_fn: ShapeDispatch
+    eval_fn: ShapeDispatch | None
     data: Data
     mesh: Mesh
     checkpoints: Checkpointer
@@ -198,37 +243,35 @@ class _Loop:
 
     def run(self, state, start: int, steps: int, stop: _StopFlag):
         t = self.config.train
-        tracker, last, shapes, previous = _TrainMetrics(), {}, set(), None
-        batches = self.data.train.iter_from_step(start)
-        bar = tqdm(total=steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, unit="step")
+        tracker, last, shapes = _TrainMetrics(), {}, set()
+        # The next batch's host-to-device copy overlaps this step; resuming starts at batch `start`.
+        batches = parallel.device_batches(self.data.train.iter_from_step(start), self.mesh, MODEL_INPUTS)
+        progress = _Progress(tqdm(total=steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
+                                  unit="step"))
         step = start
         while step < steps and not stop.requested:
             step += 1
-            local = next(batches)
-            shapes.add(local["input_values"].shape)
-            state, metrics = self.step_fn(state, parallel.global_batch({k: local[k] for k in MODEL_INPUTS}, self.mesh))
+            local, batch = next(batches)
+            shapes.add(batch_shape(batch))
+            state, metrics = self.step_fn(state, batch)
             tracker.add(metrics, local)
-            if previous is not None:  # the bar follows finished steps while one step stays queued
-                jax.block_until_ready(previous)
-                bar.update(1)
-            previous = metrics["loss"]
+            progress.dispatched(metrics["loss"])
             if step % t.logging_steps == 0 or step == steps or stop.requested:
-                last = tracker.flush(self.data.train.padding_fraction)
+                last = tracker.flush(self.data.train.padding_fraction)  # the only read of train metrics
                 self.writer.write(step, last)
-                bar.set_postfix(loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}",
-                                audio_s_per_s=f"{last['train/audio_seconds_per_second']:.0f}")
+                progress.finished(step, loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}",
+                                  audio_s_per_s=f"{last['train/audio_seconds_per_second']:.0f}")
             if self.data.eval is not None and (step % t.eval_steps == 0 or (step == steps and self.config.eval.at_end)):
                 last = self.evaluate(state, step)
             # With keep-best, every evaluated state is a candidate: it is saved with its metrics.
             evaluated = self.eval_metrics_at(step) if self.checkpoints.best_metric else None
             if (step % t.save_steps == 0 or evaluated) and step != steps:
                 self.checkpoints.save(step, state, evaluated)
-        bar.update(step - bar.n)
-        bar.close()
-        last["train/compiled_shapes"] = self.step_fn._cache_size()  # noqa: SLF001 - jax has no public counter
+        progress.close(step)
+        last["train/compiled_shapes"] = len(self.step_fn)
         last["train/buckets_used"] = len(shapes)
         logger.info("stopped at step %d of %d; %d updates skipped for non-finite values; %d step shapes "
-                    "compiled for %d bucket shapes", step, steps, int(jax.device_get(state.skipped)),
+                    "compiled ahead of time, %d used", step, steps, int(jax.device_get(state.skipped)),
                     last["train/compiled_shapes"], len(shapes))
         return state, last
 

@@ -17,6 +17,7 @@ from transformers import Wav2Vec2Config
 from xlsr_jax import parallel
 from xlsr_jax.config import Config, ConfigError, DataConfig, ModelConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, prepare_dataset
+from xlsr_jax.data.buckets import bucket_batch_sizes
 from xlsr_jax.infer.data import eval_loader, prepare_kwargs, read_examples
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
 from xlsr_jax.model.pretrained import resolve_model_dir
@@ -81,8 +82,24 @@ def model_config(config: ModelConfig, vocab: Vocab) -> Wav2Vec2Config:
     return base
 
 
-def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_size: int) -> Data:
-    """Sources -> vocab -> decoded, filtered datasets -> bucketed loaders for this process's rows."""
+def train_batch_sizes(config: Config, boundaries: np.ndarray, batch_size: int,
+                      data_parallel: int) -> int | list[int]:
+    """The training loader's global batch: `batch_size` for every bucket or, with
+    `train.per_device_audio_seconds` set, one size per bucket of `boundaries` ``[k]``, each a multiple
+    of data_parallel x accumulation steps (the train step splits it into micro-batches over devices)."""
+    if config.train.per_device_audio_seconds is None:
+        return batch_size
+    return bucket_batch_sizes(boundaries, config.train.per_device_audio_seconds, devices=data_parallel,
+                              accum=config.optim.gradient_accumulation_steps)
+
+
+def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_size: int, *,
+               data_parallel: int) -> Data:
+    """Sources -> vocab -> decoded, filtered datasets -> bucketed loaders for this process's rows.
+
+    `batch_size` is the global training batch (`eval_batch_size` the evaluation one); with
+    `train.per_device_audio_seconds` set, each training bucket gets its own size instead, for
+    `data_parallel` devices."""
     d = config.data
     if not d.train:
         raise ConfigError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
@@ -95,8 +112,9 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     train_set, train_report = prepare_dataset(
         train_examples, min_duration_s=d.min_duration_s, max_duration_s=d.max_duration_s, name="train",
         **prepare_kwargs(d, vocab, normalization, w2v_config))
-    train = BatchLoader(train_set, batch_size=batch_size, seed=config.train.seed, shuffle=True,
-                        boundaries=bucket_boundaries(train_set.lengths, d.num_buckets),
+    boundaries = bucket_boundaries(train_set.lengths, d.num_buckets)
+    train = BatchLoader(train_set, batch_size=train_batch_sizes(config, boundaries, batch_size, data_parallel),
+                        seed=config.train.seed, shuffle=True, boundaries=boundaries,
                         process_index=jax.process_index(), process_count=jax.process_count(), prefetch=d.prefetch)
     reports, evaluation = {"train": train_report}, None
     if eval_examples:
@@ -109,12 +127,10 @@ def build_model(config: Config, vocab: Vocab) -> tuple[FlaxWav2Vec2ForCTC, dict 
     """The model, and host (numpy) params when starting from a pretrained checkpoint."""
     m = config.model
     dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
-    kwargs = dict(dtype=dtype, gradient_checkpointing=m.gradient_checkpointing,
-                  freeze_feature_encoder=m.freeze_feature_encoder)
     if m.pretrained:
-        return load_pretrained(m.pretrained, seed=config.train.seed, **kwargs,
+        return load_pretrained(m.pretrained, seed=config.train.seed, dtype=dtype, options=m.execution_options(),
                                **model_overrides(m, vocab))
-    return FlaxWav2Vec2ForCTC(model_config(m, vocab), **kwargs), None
+    return FlaxWav2Vec2ForCTC(model_config(m, vocab), dtype=dtype, **m.execution_options()), None
 
 
 def _put(host_params: dict, shardings: Any) -> Any:

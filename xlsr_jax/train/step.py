@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xlsr_jax.data.loader import MODEL_INPUTS
+from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, frame_mask_from_attention_mask
 from xlsr_jax.train.state import TrainState
 

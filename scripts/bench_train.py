@@ -1,0 +1,490 @@
+#!/usr/bin/env python3
+"""Time xlsr-jax's jitted train step against transformers' PyTorch Wav2Vec2ForCTC, in one process.
+
+    python scripts/bench_train.py --config small --repeats 5        # CPU: demo + ~20M model, fp32
+    python scripts/bench_train.py --config xlsr53                    # GPU/TPU: XLSR-53 shape, bf16
+    python scripts/bench_train.py --config xlsr53 --compile-only     # 4 vs 24 layers compile times
+
+Both sides get the same Wav2Vec2Config, the same random batch (labels padded with -100), the same
+optimizer (AdamW, constant learning rate, no weight decay, gradients clipped to norm 1) and the same
+training-mode regularisation (dropout, layerdrop, SpecAugment), in fp32 on CPU and in bf16 on an
+accelerator (torch: bf16 autocast and SDPA attention; jax: dtype=bfloat16; float32 weights on both).
+After the first step (compile time), each side runs blocks of warm-up + timed steps, the blocks
+alternating jax, torch, torch, jax so a drift in load touches both; medians are reported. Random
+weights and data: this measures speed, not learning.
+
+The last line printed is `jax/pytorch speed ratio: X.XX`: PyTorch's median step time over jax's (> 1:
+jax is faster), the geometric mean over the benchmarked models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+# jax and torch share the accelerator: jax must not grab 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import transformers  # noqa: E402
+from transformers import Wav2Vec2Config  # noqa: E402
+
+from xlsr_jax.config import ModelConfig, OptimConfig, load_config  # noqa: E402
+from xlsr_jax.data.batch import LABEL_PAD  # noqa: E402
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, num_params  # noqa: E402
+from xlsr_jax.train.optim import build_optimizer  # noqa: E402
+from xlsr_jax.train.state import create_state  # noqa: E402
+from xlsr_jax.train.step import train_step  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLING_RATE = 16000
+VOCAB = 40  # a character vocabulary's size; the last id is the pad/blank
+OPTIM = OptimConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                    adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, max_grad_norm=1.0)
+
+XLSR53 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+              conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+              conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True,
+              num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16)
+# ~20M parameters: XLSR's shape (conv strides, layer-norm feature encoder, stable layer norm), scaled down.
+SMALL_20M = dict(XLSR53, hidden_size=384, num_hidden_layers=8, num_attention_heads=6, intermediate_size=1536,
+                 conv_dim=(256,) * 7, num_conv_pos_embeddings=64)
+
+# Dense bf16 FLOP/s per chip, matched in order against jax's device_kind.
+PEAK_BF16 = ((r"H100|H200", 989e12), (r"A100", 312e12), (r"\bL4\b", 121e12), (r"TPU v4", 275e12),
+             (r"v5 ?lite|v5e", 197e12), (r"v5p|TPU v5$", 459e12), (r"v6 ?lite|v6e", 918e12))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked model and batch shape."""
+
+    name: str
+    arch: dict  # Wav2Vec2Config architecture kwargs
+    regularisation: dict  # dropout / layerdrop / SpecAugment Wav2Vec2Config kwargs
+    batch: int
+    seconds: float
+    frozen: bool  # feature encoder frozen
+
+
+def config_cases(config: str, frozen: bool | None) -> list[Case]:
+    """The cases of `--config`: `small` for a CPU, `xlsr53` for an accelerator."""
+    xlsr_reg = ModelConfig().regularisation()  # XLSR fine-tuning defaults (layerdrop 0.1, ...)
+    if config == "xlsr53":
+        frozen = True if frozen is None else frozen
+        return [Case("xlsr53-b8x10s", XLSR53, xlsr_reg, 8, 10.0, frozen),
+                Case("xlsr53-b32x5s", XLSR53, xlsr_reg, 32, 5.0, frozen)]
+    demo = load_config(REPO / "configs" / "demo.yaml").model
+    frozen = bool(frozen)
+    return [Case("demo", dict(demo.architecture), demo.regularisation(), 8, 4.0, frozen),
+            Case("20m", SMALL_20M, xlsr_reg, 8, 4.0, frozen)]
+
+
+def wav2vec2_config(case: Case) -> Wav2Vec2Config:
+    """The one config both frameworks build their model from (HF's blank is pad_token_id)."""
+    return Wav2Vec2Config(**case.arch, **case.regularisation, vocab_size=VOCAB, pad_token_id=VOCAB - 1,
+                          ctc_zero_infinity=True)
+
+
+def make_batch(config: Wav2Vec2Config, batch: int, seconds: float, seed: int = 0) -> dict:
+    """Random audio and random labels of ~15 characters a second (at most half the frames, so CTC stays
+    feasible), padded with -100 to the longest."""
+    rng = np.random.default_rng(seed)
+    samples = int(seconds * SAMPLING_RATE)
+    frames = int(feat_extract_output_lengths(config, samples))
+    longest = max(1, min(int(15 * seconds), frames // 2))
+    lengths = rng.integers((3 * longest) // 4, longest + 1, batch)
+    lengths[0] = longest
+    labels = rng.integers(0, VOCAB - 1, (batch, longest)).astype(np.int32)
+    labels[np.arange(longest)[None, :] >= lengths[:, None]] = LABEL_PAD
+    return {"input_values": rng.standard_normal((batch, samples)).astype(np.float32),
+            "attention_mask": np.ones((batch, samples), np.int32),
+            "labels": labels,
+            "example_mask": np.ones((batch,), np.float32)}
+
+
+def model_flops(config: Wav2Vec2Config, batch: int, samples: int, frozen: bool) -> float:
+    """Model FLOPs of one training step (forward + backward; no recomputation, all layers even though
+    layerdrop skips some): 6 x matmul weights used per frame x frames, attention scores and values, and
+    the conv feature encoder (forward only when frozen)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    frames = int(feat_extract_output_lengths(config, samples))
+    per_frame = (config.conv_dim[-1] * h  # feature projection
+                 + h * (h // config.num_conv_pos_embedding_groups) * config.num_conv_pos_embeddings
+                 + layers * (4 * h * h + 2 * h * config.intermediate_size)
+                 + h * config.vocab_size)  # CTC head
+    dense = 6 * per_frame * batch * frames
+    attention = layers * 3 * 2 * 2 * batch * frames**2 * h  # (QK^T, AV) x 2 FLOP/MAC x (fwd + 2 bwd)
+    conv_macs, length, channels_in = 0, samples, 1
+    for channels, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
+        length = (length - kernel) // stride + 1
+        conv_macs += batch * length * channels_in * channels * kernel
+        channels_in = channels
+    return dense + attention + (2 if frozen else 6) * conv_macs
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The chip's dense bf16 peak, or None for one not in the table (CPUs)."""
+    for pattern, peak in PEAK_BF16:
+        if re.search(pattern, device_kind, re.IGNORECASE):
+            return peak
+    return None
+
+
+def import_torch():
+    """The PyTorch side's imports, deferred so that --skip-torch runs where torch is not installed."""
+    import torch
+    from transformers import Wav2Vec2ForCTC
+    return torch, Wav2Vec2ForCTC
+
+
+# --- jax side ------------------------------------------------------------------------------------------
+
+
+def jax_model(config: Wav2Vec2Config, *, bf16: bool, frozen: bool, remat: str, scan: bool, attention: str,
+              pos_conv: str) -> tuple[FlaxWav2Vec2ForCTC, list[str]]:
+    """The Flax model with the options this version of xlsr_jax has, and the names of those it lacks
+    (the script runs before and after `remat_policy`, `scan_layers`, `attention`, `pos_conv` exist)."""
+    fields = {f.name for f in dataclasses.fields(FlaxWav2Vec2ForCTC)}
+    wanted = dict(dtype=jnp.bfloat16 if bf16 else jnp.float32, freeze_feature_encoder=frozen,
+                  remat_policy=remat, scan_layers=scan, attention=attention, pos_conv=pos_conv)
+    if "remat_policy" not in fields and "gradient_checkpointing" in fields:  # the older bool option
+        wanted["gradient_checkpointing"] = remat != "none"
+    kwargs = {k: v for k, v in wanted.items() if k in fields}
+    return FlaxWav2Vec2ForCTC(config, **kwargs), sorted(set(wanted) - set(kwargs))
+
+
+def jax_train_step(model: FlaxWav2Vec2ForCTC, params, frozen: bool):
+    """(jitted train step with the state donated, a function params -> fresh TrainState)."""
+    tx, schedule = build_optimizer(OPTIM, 1000, params, frozen)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                     blank_id=model.config.pad_token_id, reduction="mean"), donate_argnums=0)
+    return step, lambda p: create_state(p, tx, 0)
+
+
+def trainable_count(params, frozen: bool) -> int:
+    """Parameters the optimizer updates: all but the conv feature encoder when it is frozen."""
+    if frozen:
+        params = {**params, "wav2vec2": {k: v for k, v in params["wav2vec2"].items() if k != "feature_extractor"}}
+    return num_params(params)
+
+
+class JaxSide:
+    """xlsr-jax's train step on one device-resident batch; the state is donated and replaced each step."""
+
+    name = "jax"
+
+    def __init__(self, config: Wav2Vec2Config, batch: dict, model_options: dict):
+        self.model, self.missing = jax_model(config, **model_options)
+        params = self.model.init_params(jax.random.key(0))
+        self.total, self.trainable = num_params(params), trainable_count(params, model_options["frozen"])
+        self.jitted, new_state = jax_train_step(self.model, params, model_options["frozen"])
+        self.state = jax.jit(new_state)(params)
+        self.batch = jax.device_put(batch)
+        self.compiled = self.loss = None
+
+    def first_step(self) -> None:
+        """Trace, compile and run once (what a training run waits for before its first step); the
+        compiled executable also gives XLA's FLOP count."""
+        self.compiled = self.jitted.lower(self.state, self.batch).compile()
+        self.step()
+
+    def step(self) -> None:
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        self.loss = metrics["loss"]
+
+    def xla_flops(self) -> float | None:
+        try:
+            cost = self.compiled.cost_analysis()
+        except Exception:  # noqa: BLE001 - a backend without cost analysis
+            return None
+        if isinstance(cost, (list, tuple)):  # older jax: one dict per executable
+            cost = cost[0] if cost else None
+        return (cost or {}).get("flops")
+
+    def peak_bytes(self) -> int | None:
+        """Peak device memory of this process so far (JAX cannot reset it between models)."""
+        if jax.default_backend() == "cpu":
+            return None
+        return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+# --- PyTorch side --------------------------------------------------------------------------------------
+
+
+class TorchSide:
+    """transformers' Wav2Vec2ForCTC in training mode with torch.optim.AdamW and gradient clipping."""
+
+    name = "pytorch"
+
+    def __init__(self, config: Wav2Vec2Config, batch: dict, *, bf16: bool, frozen: bool, remat: bool):
+        torch, Wav2Vec2ForCTC = import_torch()
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bf16 = bf16
+        torch.manual_seed(0)
+        model = Wav2Vec2ForCTC._from_config(Wav2Vec2Config.from_dict(config.to_dict()),
+                                            attn_implementation="sdpa")
+        if frozen:
+            model.freeze_feature_encoder()
+        if remat:  # transformers renamed gradient_checkpointing_enable (deprecated since about 5.2x)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model.to(self.device).train()  # dropout, layerdrop and SpecAugment on
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.total = sum(p.numel() for p in model.parameters())
+        self.trainable = sum(p.numel() for p in self.params)
+        # float32 weights and optimizer state, as on the jax side; fused AdamW is CUDA's fastest.
+        self.optimizer = torch.optim.AdamW(self.params, lr=OPTIM.learning_rate, betas=(OPTIM.adam_b1, OPTIM.adam_b2),
+                                           eps=OPTIM.adam_eps, weight_decay=0.0, fused=self.device.type == "cuda")
+        self.inputs = {"input_values": torch.from_numpy(batch["input_values"]).to(self.device),
+                       "attention_mask": torch.from_numpy(batch["attention_mask"]).to(self.device),
+                       "labels": torch.from_numpy(batch["labels"]).long().to(self.device)}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.loss = None
+
+    def first_step(self) -> None:
+        self.step()
+
+    def step(self) -> None:
+        torch = self.torch
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(**self.inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, OPTIM.max_grad_norm)
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.loss = loss.detach()
+
+    def xla_flops(self) -> None:
+        return None
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return self.torch.cuda.max_memory_allocated(self.device)
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(sides: list, warmup: int, repeats: int, rounds: int = 2) -> dict[str, tuple[float, float]]:
+    """name -> (first step s, median step s). Each side runs in blocks (warm-up steps, then `repeats`
+    timed steps), the blocks alternating between the sides for `rounds` rounds, so a drift in machine
+    load touches both. Not step by step: on CPU the two runtimes' thread pools disturb each other when
+    their steps alternate (measured on the 20m case, 2 cores: jax 3.19 s alone vs 3.76 s interleaved
+    with torch)."""
+    first = {side.name: _seconds(side.first_step) for side in sides}
+    times: dict[str, list[float]] = {side.name: [] for side in sides}
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            for _ in range(warmup):
+                side.step()
+            times[side.name].extend(_seconds(side.step) for _ in range(repeats))
+    return {name: (first[name], statistics.median(t)) for name, t in times.items()}
+
+
+def _gib(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**30:.2f} GiB"
+
+
+def report_side(side, first_s: float, step_s: float, audio_s: float, flops: float) -> None:
+    """One line per framework: first step, median step, throughput, peak memory, MFU."""
+    peak = peak_flops(jax.devices()[0].device_kind)
+    mfu = f"MFU {flops / step_s / peak:6.1%}" if peak else "MFU n/a"
+    print(f"  {side.name:8s} first step (compile) {first_s:7.2f} s   step {step_s * 1000:9.1f} ms   "
+          f"{audio_s / step_s:8.1f} audio-s/s   peak memory {_gib(side.peak_bytes())}   {mfu}   "
+          f"loss {float(side.loss):.3f}", flush=True)
+
+
+def bench_case(case: Case, args, bf16: bool) -> float | None:
+    """Benchmark one case; its jax/pytorch speed ratio (None with --skip-torch)."""
+    config = wav2vec2_config(case)
+    batch = make_batch(config, case.batch, case.seconds)
+    samples = batch["input_values"].shape[1]
+    remat = "full" if args.remat else "none"
+    print(f"\n== {case.name}: batch {case.batch} x {case.seconds:g} s "
+          f"({int(feat_extract_output_lengths(config, samples))} frames), {config.num_hidden_layers} layers "
+          f"x {config.hidden_size}, feature encoder {'frozen' if case.frozen else 'trained'}, "
+          f"remat {remat}, {'bf16' if bf16 else 'fp32'}", flush=True)
+    jax_side = JaxSide(config, batch, dict(bf16=bf16, frozen=case.frozen, remat=remat, scan=args.scan,
+                                           attention=args.attention, pos_conv=args.pos_conv))
+    if jax_side.missing:
+        print(f"  this xlsr_jax model has no option(s) {', '.join(jax_side.missing)}: left at their default")
+    sides = [jax_side]
+    if not args.skip_torch:
+        sides.append(TorchSide(config, batch, bf16=bf16, frozen=case.frozen, remat=args.remat))
+    print("  params: " + ", ".join(f"{s.name} {s.total:,} ({s.trainable:,} trainable)" for s in sides),
+          flush=True)
+    assert len({s.trainable for s in sides}) == 1, "the frameworks' trainable parameter counts differ"
+    results = measure(sides, args.warmup, args.repeats)
+    flops = model_flops(config, case.batch, samples, case.frozen)
+    xla = jax_side.xla_flops()
+    xla_note = (f"; XLA cost analysis {xla:.3e} = x{xla / flops:.2f} (it counts elementwise ops too, and a "
+                f"scanned layer once)" if xla else "")
+    print(f"  model FLOPs per step {flops:.3e} (analytic){xla_note}")
+    for side in sides:
+        report_side(side, *results[side.name], case.batch * case.seconds, flops)
+    if args.skip_torch:
+        return None
+    ratio = results["pytorch"][1] / results["jax"][1]
+    print(f"{case.name}: jax/pytorch speed ratio: {ratio:.2f}", flush=True)
+    return ratio
+
+
+# --- compile time vs depth -----------------------------------------------------------------------------
+
+
+def compile_seconds(case: Case, layers: int, scan: bool, args, bf16: bool) -> tuple[float, float]:
+    """(trace + lower s, XLA compile s) of the train step for `case` with `layers` layers; abstract
+    parameters and batch, so nothing is allocated."""
+    config = wav2vec2_config(dataclasses.replace(case, arch={**case.arch, "num_hidden_layers": layers}))
+    model, _ = jax_model(config, bf16=bf16, frozen=case.frozen, remat="full" if args.remat else "none",
+                         scan=scan, attention=args.attention, pos_conv=args.pos_conv)
+    params = model.abstract_params()
+    step, new_state = jax_train_step(model, params, case.frozen)
+    state = jax.eval_shape(new_state, params)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+             for k, v in make_batch(config, case.batch, case.seconds).items()}
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    return lowered_at - start, time.perf_counter() - lowered_at
+
+
+def compile_report(case: Case, args, bf16: bool) -> None:
+    """Compile time at 4 and 24 layers (--compile-depths) with and without scan_layers: a scanned stack
+    should compile in about the same time at any depth."""
+    shallow, deep = args.compile_depths
+    has_scan = "scan_layers" in {f.name for f in dataclasses.fields(FlaxWav2Vec2ForCTC)}
+    print(f"\n== compile time of the jax train step, {case.name} architecture, batch {case.batch} x "
+          f"{case.seconds:g} s (persistent compilation cache off)", flush=True)
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        # Untimed: fills the process's one-time caches (e.g. GPU autotuning of these matmul shapes) that
+        # the first timed compile would otherwise pay alone.
+        compile_seconds(case, 2, False, args, bf16)
+        totals = {}
+        for scan in ((True, False) if has_scan else (False,)):
+            for layers in (shallow, deep):
+                lower_s, compile_s = compile_seconds(case, layers, scan, args, bf16)
+                totals[scan, layers] = lower_s + compile_s
+                print(f"  {layers:2d} layers, scan {'on ' if scan else 'off'}: lower {lower_s:6.1f} s + "
+                      f"compile {compile_s:6.1f} s = {lower_s + compile_s:6.1f} s", flush=True)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
+    ratio = {scan: f"{totals[scan, deep] / totals[scan, shallow]:.2f}" for scan in (True, False)
+             if (scan, deep) in totals}
+    print(f"{deep}/{shallow} layers compile ratio with scan: {ratio.get(True, 'n/a (no scan_layers option)')} "
+          f"(target <= 1.5)")
+    print(f"{deep}/{shallow} layers compile ratio without scan: {ratio[False]}", flush=True)
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=("small", "xlsr53"), default="small",
+                   help="small: demo + ~20M models, batch 8 x 4 s (CPU); xlsr53: XLSR-53, batch 8 x 10 s and "
+                        "32 x 5 s, frozen feature encoder (GPU/TPU)")
+    p.add_argument("--models", nargs="+", help="a subset of the config's cases (demo 20m | xlsr53-b8x10s "
+                                               "xlsr53-b32x5s)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per framework (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework after the first")
+    p.add_argument("--threads", type=int, help="torch CPU threads (XLA's cannot be set after import)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 on an accelerator, fp32 on CPU")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
+                   help="gradient checkpointing on both sides (jax remat_policy=full)")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
+                   help="jax: scan over the transformer layers (scan_layers)")
+    p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeze the conv feature encoder (default: small no, xlsr53 yes)")
+    p.add_argument("--attention", choices=("auto", "plain"), default="auto", help="jax attention kernel")
+    p.add_argument("--pos-conv", choices=("auto", "xla", "tap_grad"), default="auto",
+                   help="jax positional convolution implementation")
+    p.add_argument("--skip-torch", action="store_true", help="jax only (machines without torch)")
+    p.add_argument("--compile-layers", action="store_true", help="also report compile time at 4 vs 24 layers")
+    p.add_argument("--compile-only", action="store_true", help="only the 4 vs 24 layers compile report")
+    p.add_argument("--compile-depths", type=int, nargs=2, default=(4, 24), metavar=("SHALLOW", "DEEP"),
+                   help="the compile report's layer counts")
+    shrink = p.add_argument_group("shrink every case (to try a config's code path on a CPU)")
+    shrink.add_argument("--layers", type=int, help="transformer layers")
+    shrink.add_argument("--batch", type=int, help="examples per batch")
+    shrink.add_argument("--seconds", type=float, help="audio seconds per example")
+    return p.parse_args(argv)
+
+
+def select_cases(args) -> list[Case]:
+    """The config's cases, filtered by --models and shrunk by --layers/--batch/--seconds."""
+    cases = config_cases(args.config, args.frozen)
+    if args.models:
+        unknown = set(args.models) - {c.name for c in cases}
+        if unknown:
+            raise SystemExit(f"--models: {sorted(unknown)} not in --config {args.config}: "
+                             f"{[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in args.models]
+    return [dataclasses.replace(c, arch={**c.arch, "num_hidden_layers": args.layers or c.arch["num_hidden_layers"]},
+                                batch=args.batch or c.batch, seconds=args.seconds or c.seconds) for c in cases]
+
+
+def print_header(args, bf16: bool) -> None:
+    device = jax.devices()[0]
+    torch_version = "not used (--skip-torch)"
+    if not args.skip_torch:
+        torch, _ = import_torch()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cuda = f", cuda {torch.version.cuda}" if torch.cuda.is_available() else ", no cuda"
+        torch_version = f"{torch.__version__}{cuda}, {torch.get_num_threads()} threads"
+        if jax.default_backend() != "cpu" and not torch.cuda.is_available():
+            print("WARNING: jax runs on an accelerator but torch on the CPU: the ratio compares devices")
+    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}); "
+          f"precision {'bf16' if bf16 else 'fp32'}")
+    print(f"jax {jax.__version__}, transformers {transformers.__version__}, torch {torch_version}; "
+          f"{os.cpu_count()} CPUs (XLA uses them all)", flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and jax.default_backend() != "cpu")
+    cases = select_cases(args)
+    print_header(args, bf16)
+    if args.compile_layers or args.compile_only:
+        compile_report(cases[0], args, bf16)  # first: before the speed runs warm any cache
+    if args.compile_only:
+        return
+    ratios = [bench_case(case, args, bf16) for case in cases]
+    if args.skip_torch:
+        print("jax/pytorch speed ratio: n/a")
+    else:
+        print(f"jax/pytorch speed ratio: {math.exp(statistics.fmean(math.log(r) for r in ratios)):.2f}")
+
+
+if __name__ == "__main__":
+    main()

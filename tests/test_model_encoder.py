@@ -1,0 +1,138 @@
+"""The encoder's execution options: scanned vs unrolled layers, fused vs plain attention, remat policies.
+
+Hugging Face's initialisation (range 0.02) leaves attention nearly uniform, so a wrong attention barely
+moves a tiny model's logits; these tests perturb every weight by ~0.3 (`perturbed`), where making the
+attention uniform changes the logits by most of their size, and compare relative to the largest logit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from _models import padded_batch, perturbed, quiet_config
+from xlsr_jax.model import FlaxWav2Vec2ForCTC
+
+
+def _logits(model, params, x, mask, deterministic=True, seed=0):
+    return np.asarray(model.apply({"params": params}, x, attention_mask=mask, deterministic=deterministic,
+                                  rngs={"dropout": jax.random.key(seed)}))
+
+
+def _grads(model, params, x, mask, seed=3):
+    def loss(p):
+        logits = model.apply({"params": p}, x, attention_mask=mask, deterministic=False,
+                             rngs={"dropout": jax.random.key(seed)})
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
+    return jax.jit(jax.grad(loss))(params)
+
+
+def _relative_error(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def _assert_grads_close(a, b, rtol):
+    """Each gradient leaf within `rtol` of its own largest entry. Leaves whose gradient is zero in exact
+    arithmetic (k_proj's bias: softmax ignores a constant added to every score) hold only rounding
+    noise, so the scale never drops below 1e-3 of the largest gradient anywhere."""
+    flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    floor = 1e-3 * max(float(np.abs(np.asarray(y)).max()) for y in flat_b.values())
+    for path, y in flat_b.items():
+        scale = max(float(np.abs(np.asarray(y)).max()), floor)
+        assert float(np.abs(np.asarray(flat_a[path]) - np.asarray(y)).max()) <= rtol * scale, "/".join(path)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return padded_batch([4000, 3000, 1500], 4000)
+
+
+def test_scanned_layers_stack_and_convert_to_hugging_face_names():
+    config = quiet_config(num_hidden_layers=3)
+    unrolled, scanned = FlaxWav2Vec2ForCTC(config), FlaxWav2Vec2ForCTC(config, scan_layers=True)
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+    stacked = scanned.abstract_params()
+    assert stacked["wav2vec2"]["encoder"]["layers"]["layer"]["attention"]["q_proj"]["kernel"].shape == (3, 32, 32)
+    assert shapes(scanned.to_hf_layout(stacked)) == shapes(unrolled.abstract_params())
+    params = unrolled.init_params(jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, scanned.to_hf_layout(scanned.from_hf_layout(params)), params)
+    assert scanned.from_hf_layout(params)["wav2vec2"]["encoder"]["layers"].keys() == {"layer"}
+
+
+def test_scan_equals_unrolled_logits_and_gradients(batch, report):
+    config = quiet_config(num_hidden_layers=3)
+    unrolled, scanned = FlaxWav2Vec2ForCTC(config), FlaxWav2Vec2ForCTC(config, scan_layers=True)
+    params = perturbed(unrolled.init_params(jax.random.key(0)))
+    stacked = scanned.from_hf_layout(params)
+    x, mask = batch
+    error = _relative_error(_logits(scanned, stacked, x, mask), _logits(unrolled, params, x, mask))
+    report("scan vs unrolled logits, max error / max |logit|", error)
+    assert error <= 1e-5
+    _assert_grads_close(scanned.to_hf_layout(_grads(scanned, stacked, x, mask)), _grads(unrolled, params, x, mask),
+                        rtol=1e-4)
+
+
+def test_layerdrop_under_scan(batch):
+    x, mask = batch
+    everything = FlaxWav2Vec2ForCTC(quiet_config(num_hidden_layers=3, layerdrop=1.0), scan_layers=True)
+    params = perturbed(everything.init_params(jax.random.key(0)))
+    no_layers = FlaxWav2Vec2ForCTC(quiet_config(num_hidden_layers=0))
+    without = {**params, "wav2vec2": {**params["wav2vec2"], "encoder": {
+        k: v for k, v in params["wav2vec2"]["encoder"].items() if k != "layers"}}}
+    np.testing.assert_allclose(_logits(everything, params, x, mask, deterministic=False),
+                               _logits(no_layers, without, x, mask), atol=1e-5)
+    half = FlaxWav2Vec2ForCTC(quiet_config(num_hidden_layers=3, layerdrop=0.5), scan_layers=True)
+    outputs = {_logits(half, params, x, mask, deterministic=False, seed=s).tobytes() for s in range(8)}
+    # 3 layers each kept or dropped: 8 seeds give several distinct subsets (one subset: the rng is ignored,
+    # or every layer draws the same coin).
+    assert len(outputs) >= 4
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_attention_equals_plain(scan, batch, report):
+    config = quiet_config()
+    plain = FlaxWav2Vec2ForCTC(config, attention="plain", scan_layers=scan)
+    fused = FlaxWav2Vec2ForCTC(config, attention="xla", scan_layers=scan)
+    params = perturbed(plain.init_params(jax.random.key(0)))
+    x, mask = padded_batch([4000, 2500, 0], 4000)  # a filler row with no real frame at all
+    expected, got = _logits(plain, params, x, mask), _logits(fused, params, x, mask)
+    assert np.isfinite(got).all()
+    error = _relative_error(got[:2], expected[:2])
+    report(f"fused vs plain attention (scan={scan}), max error / max |logit|", error)
+    assert error <= 1e-5
+    _assert_grads_close(_grads(fused, params, x[:2], mask[:2]), _grads(plain, params, x[:2], mask[:2]), rtol=1e-4)
+
+
+def _remat_count(model, params, x, mask) -> int:
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: _logits_sum(model, p, x, mask)))(params)
+    return str(jaxpr).count("remat")
+
+
+def _logits_sum(model, params, x, mask):
+    return model.apply({"params": params}, x, attention_mask=mask, deterministic=False,
+                       rngs={"dropout": jax.random.key(0)}).sum()
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policy_recomputes_and_keeps_gradients(policy, scan, batch):
+    config = quiet_config(num_hidden_layers=2)
+    plain = FlaxWav2Vec2ForCTC(config, scan_layers=scan)
+    remat = FlaxWav2Vec2ForCTC(config, scan_layers=scan, remat_policy=policy)
+    params = perturbed(plain.init_params(jax.random.key(0)))
+    x, mask = batch
+    layer_bodies = 1 if scan else config.num_hidden_layers
+    convs = len(config.conv_dim)
+    assert _remat_count(plain, params, x, mask) == 0
+    assert _remat_count(remat, params, x, mask) == layer_bodies + convs
+    frozen = FlaxWav2Vec2ForCTC(config, scan_layers=scan, remat_policy=policy, freeze_feature_encoder=True)
+    assert _remat_count(frozen, params, x, mask) == layer_bodies, "a frozen conv stack has no backward to remat"
+    _assert_grads_close(_grads(remat, params, x, mask), _grads(plain, params, x, mask), rtol=1e-4)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="remat_policy='some'"):
+        FlaxWav2Vec2ForCTC(quiet_config(), remat_policy="some").abstract_params()
