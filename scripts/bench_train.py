@@ -151,16 +151,9 @@ def import_torch():
 
 
 def jax_model(config: Wav2Vec2Config, *, bf16: bool, frozen: bool, remat: str, scan: bool, attention: str,
-              pos_conv: str) -> tuple[FlaxWav2Vec2ForCTC, list[str]]:
-    """The Flax model with the options this version of xlsr_jax has, and the names of those it lacks
-    (the script runs before and after `remat_policy`, `scan_layers`, `attention`, `pos_conv` exist)."""
-    fields = {f.name for f in dataclasses.fields(FlaxWav2Vec2ForCTC)}
-    wanted = dict(dtype=jnp.bfloat16 if bf16 else jnp.float32, freeze_feature_encoder=frozen,
-                  remat_policy=remat, scan_layers=scan, attention=attention, pos_conv=pos_conv)
-    if "remat_policy" not in fields and "gradient_checkpointing" in fields:  # the older bool option
-        wanted["gradient_checkpointing"] = remat != "none"
-    kwargs = {k: v for k, v in wanted.items() if k in fields}
-    return FlaxWav2Vec2ForCTC(config, **kwargs), sorted(set(wanted) - set(kwargs))
+              pos_conv: str) -> FlaxWav2Vec2ForCTC:
+    return FlaxWav2Vec2ForCTC(config, dtype=jnp.bfloat16 if bf16 else jnp.float32, freeze_feature_encoder=frozen,
+                              remat_policy=remat, scan_layers=scan, attention=attention, pos_conv=pos_conv)
 
 
 def jax_train_step(model: FlaxWav2Vec2ForCTC, params, frozen: bool):
@@ -184,7 +177,7 @@ class JaxSide:
     name = "jax"
 
     def __init__(self, config: Wav2Vec2Config, batch: dict, model_options: dict):
-        self.model, self.missing = jax_model(config, **model_options)
+        self.model = jax_model(config, **model_options)
         params = self.model.init_params(jax.random.key(0))
         self.total, self.trainable = num_params(params), trainable_count(params, model_options["frozen"])
         self.jitted, new_state = jax_train_step(self.model, params, model_options["frozen"])
@@ -331,8 +324,6 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
           f"remat {remat}, {'bf16' if bf16 else 'fp32'}", flush=True)
     jax_side = JaxSide(config, batch, dict(bf16=bf16, frozen=case.frozen, remat=remat, scan=args.scan,
                                            attention=args.attention, pos_conv=args.pos_conv))
-    if jax_side.missing:
-        print(f"  this xlsr_jax model has no option(s) {', '.join(jax_side.missing)}: left at their default")
     sides = [jax_side]
     if not args.skip_torch:
         sides.append(TorchSide(config, batch, bf16=bf16, frozen=case.frozen, remat=args.remat))
@@ -361,8 +352,8 @@ def compile_seconds(case: Case, layers: int, scan: bool, args, bf16: bool) -> tu
     """(trace + lower s, XLA compile s) of the train step for `case` with `layers` layers; abstract
     parameters and batch, so nothing is allocated."""
     config = wav2vec2_config(dataclasses.replace(case, arch={**case.arch, "num_hidden_layers": layers}))
-    model, _ = jax_model(config, bf16=bf16, frozen=case.frozen, remat="full" if args.remat else "none",
-                         scan=scan, attention=args.attention, pos_conv=args.pos_conv)
+    model = jax_model(config, bf16=bf16, frozen=case.frozen, remat="full" if args.remat else "none",
+                      scan=scan, attention=args.attention, pos_conv=args.pos_conv)
     params = model.abstract_params()
     step, new_state = jax_train_step(model, params, case.frozen)
     state = jax.eval_shape(new_state, params)
@@ -379,7 +370,6 @@ def compile_report(case: Case, args, bf16: bool) -> None:
     """Compile time at 4 and 24 layers (--compile-depths) with and without scan_layers: a scanned stack
     should compile in about the same time at any depth."""
     shallow, deep = args.compile_depths
-    has_scan = "scan_layers" in {f.name for f in dataclasses.fields(FlaxWav2Vec2ForCTC)}
     print(f"\n== compile time of the jax train step, {case.name} architecture, batch {case.batch} x "
           f"{case.seconds:g} s (persistent compilation cache off)", flush=True)
     cache_was = jax.config.jax_enable_compilation_cache
@@ -389,7 +379,7 @@ def compile_report(case: Case, args, bf16: bool) -> None:
         # the first timed compile would otherwise pay alone.
         compile_seconds(case, 2, False, args, bf16)
         totals = {}
-        for scan in ((True, False) if has_scan else (False,)):
+        for scan in (True, False):
             for layers in (shallow, deep):
                 lower_s, compile_s = compile_seconds(case, layers, scan, args, bf16)
                 totals[scan, layers] = lower_s + compile_s
@@ -397,11 +387,9 @@ def compile_report(case: Case, args, bf16: bool) -> None:
                       f"compile {compile_s:6.1f} s = {lower_s + compile_s:6.1f} s", flush=True)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
-    ratio = {scan: f"{totals[scan, deep] / totals[scan, shallow]:.2f}" for scan in (True, False)
-             if (scan, deep) in totals}
-    print(f"{deep}/{shallow} layers compile ratio with scan: {ratio.get(True, 'n/a (no scan_layers option)')} "
-          f"(target <= 1.5)")
-    print(f"{deep}/{shallow} layers compile ratio without scan: {ratio[False]}", flush=True)
+    ratio = {scan: totals[scan, deep] / totals[scan, shallow] for scan in (True, False)}
+    print(f"{deep}/{shallow} layers compile ratio with scan: {ratio[True]:.2f} (target <= 1.5)")
+    print(f"{deep}/{shallow} layers compile ratio without scan: {ratio[False]:.2f}", flush=True)
 
 
 # --- main ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_predict_dispatches_the_next_batch_before_fetching_this_one(monkeypatch)
     """The precompiled eval step (one executable per bucket) and the jitted one give the same scores,
     and batch k+1 is on its way to the device before batch k's outputs are fetched."""
     from xlsr_jax.infer import predict as predict_module
-    from xlsr_jax.train.compile import StepToCompile, compile_steps
+    from xlsr_jax.compile import StepToCompile, compile_steps
 
     vocab = Vocab.build(REFERENCES)
     mesh = parallel.make_mesh(MeshConfig())

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from xlsr_jax.data.audio import normalize_waveform
-from xlsr_jax.data.batch import LABEL_PAD, MODEL_INPUTS  # noqa: F401 (re-exported)
+from xlsr_jax.data.batch import LABEL_PAD
 from xlsr_jax.data.buckets import assign_buckets
 from xlsr_jax.data.prepare import PreparedDataset
 

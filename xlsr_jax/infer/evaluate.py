@@ -16,15 +16,16 @@ from typing import Any, Sequence
 import jax
 
 from xlsr_jax import parallel
+from xlsr_jax.compile import ShapeDispatch, StepToCompile, abstract_like, compile_steps
 from xlsr_jax.config import DataConfig, MeshConfig
 from xlsr_jax.data.sources import cv_path_and_splits
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import eval_loader, read_examples
 from xlsr_jax.infer.predict import Prediction, predict, utterance_errors
 from xlsr_jax.infer.source import LoadedModel, load_model
+from xlsr_jax.infer.step import jit_eval_step
 from xlsr_jax.rundir import record_eval_result
 from xlsr_jax.text import headline_metric
-from xlsr_jax.train.compile import ShapeDispatch, StepToCompile, abstract_like, compile_steps, jit_eval_step
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from xlsr_jax import parallel
 from xlsr_jax.data import BatchLoader
-from xlsr_jax.data.loader import MODEL_INPUTS
+from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.text import Vocab
 
 
@@ -72,7 +72,7 @@ def _fetch(index: jax.Array, out: dict[str, jax.Array], vocab: Vocab, decoder) -
 def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, mesh: Mesh,
             decoder=None) -> tuple[dict[str, float], list[Prediction]]:
     """One pass of `eval_fn` over `loader`: the jitted `infer.step.eval_step`, or the
-    `train.compile.ShapeDispatch` of its executables compiled ahead of time for the loader's shapes.
+    `compile.ShapeDispatch` of its executables compiled ahead of time for the loader's shapes.
 
     Batch k+1 is dispatched before batch k's outputs are fetched, so the device computes the next
     batch while the host decodes this one (two batches in flight at most).

@@ -5,10 +5,14 @@ Jitted once per bucket shape by whoever evaluates (the trainer, `xlsr-jax evalua
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from xlsr_jax import parallel
 
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, frame_mask_from_attention_mask
 
@@ -37,3 +41,11 @@ def eval_step(params: Any, batch: dict, *, model: FlaxWav2Vec2ForCTC, blank_id: 
     if with_log_probs:
         out["log_probs"] = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return out
+
+
+def jit_eval_step(model, *, blank_id: int, reduction: str, params_shardings: Any, mesh: Mesh,
+                  with_log_probs: bool = False) -> Any:
+    """`infer.step.eval_step` jitted: parameters in `params_shardings`, batches split over the batch axes."""
+    return jax.jit(functools.partial(eval_step, model=model, blank_id=blank_id, reduction=reduction,
+                                     with_log_probs=with_log_probs),
+                   in_shardings=(params_shardings, parallel.batch_sharding(mesh)))

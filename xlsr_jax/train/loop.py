@@ -21,16 +21,17 @@ from tqdm.auto import tqdm
 from xlsr_jax import parallel
 from xlsr_jax.checkpoint import Checkpointer, abstract_with_shardings
 from xlsr_jax.config import Config, save_config
-from xlsr_jax.data.loader import MODEL_INPUTS
+from xlsr_jax.compile import ShapeDispatch, StepToCompile, batch_shape, compile_steps
+from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.hub.export import export_params, host_params
 from xlsr_jax.infer.data import SAMPLING_RATE
 from xlsr_jax.infer.predict import predict
+from xlsr_jax.infer.step import jit_eval_step
 from xlsr_jax.plots import plot_training_curves
 from xlsr_jax.rundir import RunDir
-from xlsr_jax.train.compile import (ShapeDispatch, StepToCompile, batch_shape, compile_steps, jit_eval_step,
-                                    jit_train_step)
 from xlsr_jax.train.metrics import MetricsWriter
 from xlsr_jax.train.setup import Data, build_data, build_model, build_state
+from xlsr_jax.train.step import jit_train_step
 from xlsr_jax.train.summary import read_finished, write_finished
 
 logger = logging.getLogger(__name__)

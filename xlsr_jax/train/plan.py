@@ -19,16 +19,16 @@ import jax
 
 from xlsr_jax import parallel
 from xlsr_jax.checkpoint import abstract_with_shardings
-from xlsr_jax.config import Config, MeshConfig, TrainConfig
+from xlsr_jax.config import Config, MeshConfig
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import SAMPLING_RATE
-from xlsr_jax.train.compile import abstract_batch, jit_train_step
+from xlsr_jax.compile import abstract_batch
 from xlsr_jax.train.optim import build_optimizer
 from xlsr_jax.train.setup import build_data, build_model
 from xlsr_jax.train.state import create_state
+from xlsr_jax.train.step import jit_train_step
 
 GIB = 1024 ** 3
-TOKEN_BUDGET_KEY = "per_device_audio_seconds"  # train.<key>: token-budget batching, when the config has it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +167,6 @@ def format_plan(result: Plan) -> str:
     if result.accum > 1:
         lines.append(f"batch is the micro-batch: each step runs {result.accum} of them (gradient accumulation)")
     lines.append("parameters and optimizer state are counted whole on the device; mesh.fsdp > 1 shards them")
-    if TOKEN_BUDGET_KEY in {f.name for f in dataclasses.fields(TrainConfig)}:
-        lines.append(f"suggested: --set train.{TOKEN_BUDGET_KEY}={budget:g}  (token-budget batching: each bucket "
-                     "gets the most clips within it)")
-    else:
-        lines.append(f"suggested per-device audio budget: {budget:g} padded seconds per batch")
+    lines.append(f"suggested: --set train.per_device_audio_seconds={budget:g}  (token-budget batching: each "
+                 "bucket gets the most clips within it)")
     return "\n".join(lines)

@@ -9,9 +9,15 @@ With gradient accumulation B = accum * micro; the step scans over the `accum` mi
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+
+from xlsr_jax import parallel
 
 from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, frame_mask_from_attention_mask
@@ -84,3 +90,14 @@ def train_step(state: TrainState, batch: dict, *, model: FlaxWav2Vec2ForCTC, tx:
         "examples": batch["example_mask"].sum(),
     }
     return new_state, metrics
+
+
+def jit_train_step(model, tx, schedule, *, blank_id: int, reduction: str, accum: int, state_shardings: Any,
+                   mesh: Mesh) -> Any:
+    """`train_step` jitted as a run steps it: the state in `state_shardings` and donated, batches
+    split over the batch axes, metrics replicated."""
+    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    return jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, blank_id=blank_id,
+                                     reduction=reduction, accum=accum),
+                   in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                   donate_argnums=0)

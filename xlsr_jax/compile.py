@@ -1,6 +1,6 @@
 """Every step shape compiled before the first step, so that nothing compiles mid-run.
 
-A step (`train_step(state, batch)`, `eval_step(params, batch)`) is jitted once with its shardings and
+A step (`train.step.jit_train_step`, `infer.step.jit_eval_step`) is jitted once with its shardings and
 then lowered with abstract inputs (`jax.ShapeDtypeStruct` carrying the run's shardings) for each
 bucket's batch shape (B, S, L) and compiled. Tracing runs in the calling thread (it holds the GIL);
 the XLA compilations run in threads (they release it) and go through the persistent compilation cache
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -20,11 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, Sharding
-
-from xlsr_jax import parallel
-from xlsr_jax.infer.step import eval_step
-from xlsr_jax.train.step import train_step
+from jax.sharding import Sharding
 
 logger = logging.getLogger(__name__)
 
@@ -88,25 +83,6 @@ class StepToCompile:
     jitted: Any
     first: Any
     shapes: Iterable[BatchShape]
-
-
-def jit_train_step(model, tx, schedule, *, blank_id: int, reduction: str, accum: int, state_shardings: Any,
-                   mesh: Mesh) -> Any:
-    """`train_step` jitted as a run steps it: the state in `state_shardings` and donated, batches
-    split over the batch axes, metrics replicated."""
-    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    return jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, blank_id=blank_id,
-                                     reduction=reduction, accum=accum),
-                   in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-                   donate_argnums=0)
-
-
-def jit_eval_step(model, *, blank_id: int, reduction: str, params_shardings: Any, mesh: Mesh,
-                  with_log_probs: bool = False) -> Any:
-    """`infer.step.eval_step` jitted: parameters in `params_shardings`, batches split over the batch axes."""
-    return jax.jit(functools.partial(eval_step, model=model, blank_id=blank_id, reduction=reduction,
-                                     with_log_probs=with_log_probs),
-                   in_shardings=(params_shardings, parallel.batch_sharding(mesh)))
 
 
 def _compile_timed(lowered) -> tuple[Any, float]:
