@@ -71,3 +71,86 @@ def test_restore_params_of_an_fsdp_checkpoint_onto_one_device(tmp_path):
     assert restored["layer"]["kernel"].sharding == one
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _damage(step_dir) -> str:
+    """Truncate the largest array data file of a saved checkpoint to half its size; returns its name.
+    (Orbax merges each process's ocdbt.process_N/ into the checkpoint's own d/ folder: what a restore reads.)"""
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d" and "ocdbt.process" not in str(p)]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = largest.read_bytes()
+    largest.write_bytes(data[: len(data) // 2])
+    return largest.name
+
+
+def test_a_damaged_newest_checkpoint_is_named_skipped_and_set_aside(tmp_path, caplog):
+    checkpoints = _save_series(tmp_path / "ck", {1: None, 2: None, 3: None}, max_to_keep=3)
+    _damage(tmp_path / "ck" / "3")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0.0))
+    restored = checkpoints.restore(abstract)
+    assert int(restored.step) == 2
+    np.testing.assert_array_equal(np.asarray(restored.params["layer"]["kernel"]), np.full((8, 4), 2.0))
+    assert f"{tmp_path / 'ck'}/3: cannot be restored" in caplog.text
+    assert f"{tmp_path / 'ck' / '3'}: damaged, moved aside to {tmp_path / 'ck' / '3.damaged'}" in caplog.text
+    assert (tmp_path / "ck" / "3.damaged").is_dir(), "kept for inspection, never deleted"
+    assert checkpoints.all_steps() == [1, 2]
+    checkpoints.save(3, _state(3.0))  # the step trains again and saves where the damaged one was
+    checkpoints.wait()
+    assert checkpoints.all_steps() == [1, 2, 3]
+    assert int(checkpoints.restore(abstract).step) == 3
+
+
+def test_a_tree_that_fits_no_checkpoint_moves_none_aside(tmp_path):
+    checkpoints = _save_series(tmp_path / "ck", {1: None, 2: None}, max_to_keep=2)
+    other = jax.tree.map(lambda x: jax.ShapeDtypeStruct((3, *x.shape), x.dtype), _state(0.0))
+    with pytest.raises(UserError, match=r"no checkpoint restores \(steps \[1, 2\]\)"):
+        checkpoints.restore(other)
+    assert checkpoints.all_steps() == [1, 2] and not list((tmp_path / "ck").glob("*.damaged*"))
+
+
+def test_leftovers_of_a_save_that_was_killed_are_not_steps_and_are_cleaned_up(tmp_path):
+    from xlsr_jax.checkpoint import kept_steps
+
+    _save_series(tmp_path / "ck", {1: None}).close()
+    leftover = tmp_path / "ck" / "2.orbax-checkpoint-tmp-1764000000"  # what orbax writes into before renaming
+    leftover.mkdir()
+    (leftover / "_CHECKPOINT_METADATA").write_text("{}")
+    assert kept_steps(tmp_path / "ck") == [1] and kept_steps(tmp_path / "absent") == []
+    rerun = Checkpointer(tmp_path / "ck", max_to_keep=2)  # orbax deletes the leftover before the rerun's first save
+    rerun.save(2, _state(2.0))
+    rerun.close()
+    assert not leftover.exists() and kept_steps(tmp_path / "ck") == [1, 2]
+
+
+def test_a_bucket_url_reaches_orbax_unchanged(monkeypatch):
+    """gs://bucket/run/checkpoints must not become gs:/bucket/... (pathlib) or CWD/gs:/... (absolute())."""
+    from xlsr_jax.rundir import RunDir
+
+    seen = []
+
+    class Manager:
+        def __init__(self, directory, options):
+            seen.append(directory)
+
+    monkeypatch.setattr("xlsr_jax.checkpoint.ocp.CheckpointManager", Manager)
+    run = RunDir("gs://bucket/runs/tr")
+    Checkpointer(run.checkpoints, read_only=True)
+    Checkpointer("s3://bucket/x/checkpoints")
+    assert seen == ["gs://bucket/runs/tr/checkpoints", "s3://bucket/x/checkpoints"]
+    assert str(run.vocab) == "gs://bucket/runs/tr/vocab.json"
+
+
+@pytest.mark.parametrize("best_metric, kept", [(None, [4, 5]), ("eval/wer", [1, 4, 5])], ids=["newest", "and-best"])
+def test_save_total_limit_prunes_older_checkpoints(tmp_path, best_metric, kept):
+    # The Checkpointer as train/loop.py builds it from the config; step 1 has the best WER.
+    from xlsr_jax.config import CheckpointConfig
+
+    config = CheckpointConfig(save_total_limit=2, best_metric=best_metric)
+    checkpoints = Checkpointer(tmp_path / "ck", config.save_total_limit, best_metric=config.best_metric,
+                               best_mode=config.best_mode)
+    for step in range(1, 6):
+        checkpoints.save(step, _state(step), {"eval/wer": 0.1 * step, "eval/loss": 1.0})
+        checkpoints.wait()
+    checkpoints.close()
+    assert Checkpointer(tmp_path / "ck", read_only=True).all_steps() == kept
+    assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == kept

@@ -92,6 +92,8 @@ def test_a_malformed_override_names_itself(overrides, message):
     ("train: {precision: fp8}", "train.precision must be float32 or bfloat16"),
     ("model: {pretrained: null}", "model.architecture is required when model.pretrained is not set"),
     ("data: {min_duration_s: 30}", "data.max_duration_s must be greater than data.min_duration_s >= 0"),
+    ("data: {max_skip_fraction: 1.5}", "data.max_skip_fraction must be in [0, 1]"),
+    ("data: {max_skip_fraction: -0.1}", "data.max_skip_fraction must be in [0, 1]"),
 ])
 def test_a_file_error_names_the_file_even_with_overrides(tmp_path, text, message):
     path = tmp_path / "run.yaml"

@@ -78,10 +78,16 @@ def test_no_fallback_for_broken_soundfile_formats(tmp_path, monkeypatch):
 def test_errors_name_the_file(tmp_path):
     bad = tmp_path / "broken.mp3"
     bad.write_bytes(b"this is not audio" * 10)
-    with pytest.raises(AudioError, match=r"broken\.mp3: cannot decode"):
+    with pytest.raises(AudioError, match=r"broken\.mp3: cannot decode") as err:
         load_audio(str(bad))
-    with pytest.raises(AudioError, match=r"missing\.wav: cannot decode \(no such file\)"):
+    assert err.value.reason == "undecodable"
+    with pytest.raises(AudioError, match=r"missing\.wav: cannot decode \(no such file\)") as err:
         load_audio(str(tmp_path / "missing.wav"))
+    assert err.value.reason == "missing_file"
+    (tmp_path / "empty.m4a").write_bytes(b"")  # not libsndfile's: still no ffmpeg start for 0 bytes
+    with pytest.raises(AudioError, match=r"empty\.m4a: cannot decode \(empty file, 0 bytes\)") as err:
+        load_audio(str(tmp_path / "empty.m4a"))
+    assert err.value.reason == "empty_audio"
 
 
 def test_normalize_matches_hf_feature_extractor():

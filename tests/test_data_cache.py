@@ -1,5 +1,6 @@
 import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from xlsr_jax.data import cache as cache_mod
 from xlsr_jax.data.audio import AudioError, load_audio
 from xlsr_jax.data.cache import AudioCache, build_audio_cache
 from xlsr_jax.data.sources import Example
+
+from _signals import sigterm_midway
 
 
 @pytest.fixture
@@ -23,9 +26,9 @@ def clips(tmp_path, audio_writer):
 
 def test_build_and_read(clips, tmp_path, caplog):
     cache, skipped = build_audio_cache(clips, tmp_path / "cache", num_workers=0)
-    assert [i for i, _ in skipped] == [2, 4]
-    assert "c.mp3: cannot decode" in skipped[0][1] and "missing.wav" in skipped[1][1]
-    assert "2 of 5 clips could not be decoded" in caplog.text
+    assert [(s.index, s.reason) for s in skipped] == [(2, "undecodable"), (4, "missing_file")]
+    assert "c.mp3: cannot decode" in skipped[0].message and "missing.wav" in skipped[1].message
+    assert "2 of 5 clips are skipped" in caplog.text
     assert len(cache) == 3
     np.testing.assert_array_equal(cache.example_indices, [0, 1, 3])
     np.testing.assert_array_equal(cache.lengths, [4800, 8000, 6400])
@@ -50,7 +53,8 @@ def test_rerun_reuses_and_change_rebuilds(clips, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(cache_mod, "load_audio", no_decoding)
         again, skipped = build_audio_cache(clips, tmp_path / "cache", num_workers=0)
-    assert again.folder == cache.folder and [i for i, _ in skipped] == [2, 4]
+    assert again.folder == cache.folder and [s.index for s in skipped] == [2, 4]
+    assert [s.reason for s in skipped] == ["undecodable", "missing_file"]  # reasons survive the reuse
     other_rate, _ = build_audio_cache(clips, tmp_path / "cache", sampling_rate=8000,
                                       num_workers=0)
     assert other_rate.folder != cache.folder and other_rate.lengths[0] == 2400
@@ -86,3 +90,65 @@ def test_take_and_pickle(clips, tmp_path):
     np.testing.assert_array_equal(restored[1], cache[0])
     # The audio itself is not in the pickle, only the folder and the rows.
     assert len(pickle.dumps(view)) < 1000
+
+
+def test_each_kind_of_bad_clip_gets_its_reason(tmp_path, audio_writer):
+    import soundfile as sf
+
+    audio_writer(tmp_path / "good.wav", 0.3, 16000)
+    (tmp_path / "empty.mp3").write_bytes(b"")
+    (tmp_path / "garbage.mp3").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "text.mp3").write_text("not audio, a text file\n" * 40)
+    sf.write(str(tmp_path / "zeros.mp3"), np.zeros(8000, np.float32), 16000, format="MP3")
+    sf.write(str(tmp_path / "hiss.wav"), np.full(8000, 5e-5, np.float32), 16000)  # under SILENCE_PEAK
+    sf.write(str(tmp_path / "quiet.wav"), 1e-3 * np.sin(np.arange(8000, dtype=np.float32)), 16000)  # -60 dBFS: kept
+    names = ["good.wav", "missing.mp3", "empty.mp3", "garbage.mp3", "text.mp3", "zeros.mp3", "hiss.wav", "quiet.wav"]
+    cache, skipped = build_audio_cache([Example(str(tmp_path / n), "x") for n in names], tmp_path / "c",
+                                       num_workers=0)
+    assert [(names[s.index], s.reason) for s in skipped] == [
+        ("missing.mp3", "missing_file"), ("empty.mp3", "empty_audio"), ("garbage.mp3", "undecodable"),
+        ("text.mp3", "undecodable"), ("zeros.mp3", "silence"), ("hiss.wav", "silence")]
+    assert all(s.message.startswith(str(tmp_path / names[s.index])) for s in skipped)
+    assert "empty file, 0 bytes" in skipped[1].message and "peak amplitude 3.1e-05" in skipped[5].message  # 5e-5 as 16-bit PCM
+    np.testing.assert_array_equal(cache.example_indices, [0, 7])
+
+
+# Loaded by every Python process started with its folder on PYTHONPATH, the decoding workers included: each
+# decode then takes 50 ms more and appends a byte to a marker file, slow enough to be stopped midway.
+_SLOW_DECODE = """
+import os, time
+from xlsr_jax.data import cache
+
+decode = cache.load_audio
+def slow(path, rate):
+    with open(os.environ["SLOW_DECODE_MARKER"], "a") as f:
+        f.write("x")
+    time.sleep(0.05)
+    return decode(path, rate)
+cache.load_audio = slow
+"""
+_BUILD = """
+import sys
+from xlsr_jax.data.cache import build_audio_cache
+from xlsr_jax.data.sources import Example
+build_audio_cache([Example(p, "x") for p in sys.argv[3:]], sys.argv[1], num_workers=int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])  # in-process, and a pool of decoding processes
+def test_sigterm_mid_build_leaves_no_partial_folder(tmp_path, audio_writer, num_workers):
+    clips = []
+    for k in range(120):
+        audio_writer(tmp_path / f"{k}.wav", 0.2, 16000, seed=k)
+        clips.append(str(tmp_path / f"{k}.wav"))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_DECODE)
+    folder, marker = tmp_path / "cache", tmp_path / "marker"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), SLOW_DECODE_MARKER=str(marker))
+    status, err = sigterm_midway(_BUILD, [str(folder), str(num_workers), *clips], str(marker), after=20, env=env)
+    assert status == 128 + signal.SIGTERM, err  # ended by the signal, after cleaning up (no traceback)
+    assert "Traceback" not in err and "removing the partial folder" in err
+    assert os.listdir(folder) == []  # the partial folder, 20 clips in, is gone
+    assert os.path.getsize(marker) < len(clips) // 2  # stopped; the workers' queued clips were dropped
+    cache, skipped = build_audio_cache([Example(p, "x") for p in clips], folder, num_workers=0)
+    assert len(cache) == len(clips) and skipped == [] and os.listdir(folder) == [os.path.basename(cache.folder)]

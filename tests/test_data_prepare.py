@@ -1,4 +1,6 @@
+import dataclasses
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -65,8 +67,9 @@ def test_filters_and_report(tmp_path, audio_writer):
     # e: 25 frames for 33 characters -> infeasible, dropped for training.
     assert train.texts == ["merhaba"]
     assert [e.path for e in train.examples] == [examples[0].path]
-    assert report == dict(total=6, kept=1, skipped_decode=1, empty_text=1, too_short=1,
-                          too_long=1, infeasible=1, hours=pytest.approx(1 / 3600))
+    assert report == dict(total=6, kept=1, missing_file=0, undecodable=1, empty_audio=0, silence=0,
+                          too_short=1, too_long=1, empty_text=1, out_of_vocabulary=0, infeasible=1,
+                          hours=pytest.approx(1 / 3600))
     evaluation, report = prepare_dataset(examples, drop_infeasible=False, name="dev", **common)
     assert evaluation.texts == ["merhaba", "bu çok uzun bir cümle ama ses kısa"]
     assert report["infeasible"] == 1 and report["kept"] == 2
@@ -83,3 +86,49 @@ def test_repeats_count_towards_feasibility(tmp_path, audio_writer):
                                  cache_dir=tmp_path / "c", num_workers=0, frames_fn=frames_320)
     # 'aabb' needs 4 labels + 2 blanks = 6 > 5 frames; 'abab' needs 4.
     assert ds.texts == ["abab"] and report["infeasible"] == 1
+
+
+def test_every_bad_clip_is_named_with_its_reason(tmp_path, audio_writer):
+    examples = [dataclasses.replace(e, source="manifest:m.tsv") for e in _examples(tmp_path, audio_writer)]
+    vocab = Vocab.build(tr_normalize(e) for e in examples)
+    common = dict(vocab=vocab, normalize=tr_normalize, sampling_rate=16000, cache_dir=tmp_path / "cache",
+                  num_workers=0, min_duration_s=0.3, max_duration_s=1.2, frames_fn=frames_320)
+    train, _ = prepare_dataset(examples, **common)
+    rows = [(os.path.basename(c.path), c.reason, c.dropped) for c in train.bad]
+    assert rows == [("b.wav", "too_short", True), ("c.wav", "too_long", True), ("d.wav", "empty_text", True),
+                    ("e.mp3", "infeasible", True), ("f.wav", "undecodable", True)]
+    assert {(c.split, c.source) for c in train.bad} == {("train", "manifest:m.tsv")}
+    details = {os.path.basename(c.path): c.detail for c in train.bad}
+    assert details["b.wav"] == "0.25 s, shorter than 0.3 s" and details["c.wav"] == "1.50 s, longer than 1.2 s"
+    assert details["d.wav"] == "transcript '?!'"
+    assert details["e.mp3"] == "34 CTC frames needed for the transcript, its audio gives 25"  # 34 characters, 0.5 s
+    assert details["f.wav"].startswith("cannot decode (")  # the path is the report's own column
+    # Evaluation scores infeasible utterances: flagged, not dropped.
+    evaluation, _ = prepare_dataset(examples, drop_infeasible=False, name="eval", **common)
+    flagged = [(os.path.basename(c.path), c.split, c.dropped) for c in evaluation.bad if c.reason == "infeasible"]
+    assert flagged == [("e.mp3", "eval", False)] and len(evaluation) == 2
+
+
+def test_out_of_vocabulary_is_flagged_and_still_scored(tmp_path, audio_writer):
+    audio_writer(tmp_path / "a.wav", 0.5, 16000)
+    examples = [Example(str(tmp_path / "a.wav"), "abc"), Example(str(tmp_path / "a.wav"), "a xq b")]
+    vocab = Vocab.build(["abc"])
+    ds, report = prepare_dataset(examples, vocab=vocab, normalize=lambda e: e.text, sampling_rate=16000,
+                                 cache_dir=tmp_path / "c", num_workers=0, drop_infeasible=False, name="eval")
+    assert ds.texts == ["abc", "a xq b"]  # kept: the reference keeps the characters the model cannot write
+    np.testing.assert_array_equal(ds.labels[1], vocab.encode("a xq b"))
+    assert vocab.unk_id in ds.labels[1]
+    assert [(c.reason, c.detail, c.dropped) for c in ds.bad] == [
+        ("out_of_vocabulary", "not in the vocabulary: q x", False)]
+    assert report["out_of_vocabulary"] == 1 and report["kept"] == 2
+
+
+def test_log_counts_dropped_and_flagged_by_reason(tmp_path, audio_writer, caplog):
+    examples = _examples(tmp_path, audio_writer)
+    vocab = Vocab.build(tr_normalize(e) for e in examples)
+    with caplog.at_level(logging.INFO, logger="xlsr_jax.data.prepare"):
+        prepare_dataset(examples, vocab=vocab, normalize=tr_normalize, sampling_rate=16000,
+                        cache_dir=tmp_path / "cache", num_workers=0, min_duration_s=0.3, max_duration_s=1.2,
+                        frames_fn=frames_320, drop_infeasible=False, name="dev")
+    assert ("dev: kept 2 of 6 utterances (0.00 h); dropped 4: 1 undecodable, 1 too_short, 1 too_long, "
+            "1 empty_text; kept but flagged: 1 infeasible") in caplog.text

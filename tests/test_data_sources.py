@@ -2,11 +2,14 @@ import io
 import json
 import os
 import shutil
+import signal
 import tarfile
 
 import pytest
 
-from xlsr_jax.data.sources import Example, load_sources, parse_source
+from xlsr_jax.data.sources import Example, extract_archive, load_sources, parse_source
+
+from _signals import sigterm_midway
 
 
 def test_cv_folder_default_split(cv_dir):
@@ -132,3 +135,36 @@ def test_load_sources_concatenates(cv_dir):
     assert len(both) == 5 and both[-1].source == f"cv:{cv_dir}:test"
     assert load_sources(f"cv:{cv_dir}:train,cv:{cv_dir}:dev") == load_sources(
         [f"cv:{cv_dir}:train", f"cv:{cv_dir}:dev"])
+
+
+# Extracts one member per 50 ms and appends a byte to a marker file for each: slow enough to stop midway.
+_SLOW_EXTRACT = r"""
+import sys, tarfile, time
+from xlsr_jax.data.sources import extract_archive
+
+extract = tarfile.TarFile.extract
+def slow(self, *args, **kwargs):
+    with open(sys.argv[2], "a") as f:
+        f.write("x")
+    time.sleep(0.05)
+    return extract(self, *args, **kwargs)
+tarfile.TarFile.extract = slow
+extract_archive(sys.argv[3], cache_dir=sys.argv[1])
+"""
+
+
+def test_sigterm_mid_extraction_leaves_no_partial_folder(tmp_path):
+    (tmp_path / "tr" / "clips").mkdir(parents=True)
+    (tmp_path / "tr" / "train.tsv").write_text("path\tsentence\n")
+    for k in range(100):
+        (tmp_path / "tr" / "clips" / f"{k}.mp3").write_bytes(b"x" * 1000)
+    archive = tmp_path / "tr.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "tr", arcname="tr")
+    cache, marker = tmp_path / "cache", tmp_path / "marker"
+    status, err = sigterm_midway(_SLOW_EXTRACT, [str(cache), str(marker), str(archive)], str(marker), after=20)
+    assert status == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert os.listdir(cache) == []  # 20 members in, the partial folder is gone
+    assert os.path.getsize(marker) < 102  # stopped, not finished
+    dest = extract_archive(str(archive), cache_dir=cache)  # the rerun extracts it whole
+    assert len(os.listdir(os.path.join(dest, "tr", "clips"))) == 100 and os.listdir(cache) == ["tr"]

@@ -173,3 +173,13 @@ def test_evaluate_an_exported_folder_scores_like_its_run(run_copy, cv_dir, tmp_p
     assert read_eval_results(folder / "eval_results.json")[0]["wer"] == from_run["wer"]
     with pytest.raises(UserError, match="--step and --best choose among a training run's checkpoints"):
         evaluate(str(folder), [f"cv:{cv_dir}:dev"], best=True)
+
+
+def test_summary_counts_skipped_and_scored_problems_by_reason():
+    report = dict(total=12, kept=9, hours=0.01, missing_file=1, undecodable=0, empty_audio=0, silence=1,
+                  too_short=0, too_long=0, empty_text=1, out_of_vocabulary=2, infeasible=1)
+    result = dict(report=report, step=6, decoder={"type": "greedy"}, headline="wer", source="run", data="cv:x:dev",
+                  num_utterances=9, language="tr", predictions="p.tsv", results_file="r.json", wer=0.5, cer=0.25)
+    assert format_summary(result).splitlines()[1] == (
+        "utterances: 9 scored; 3 skipped (1 missing_file, 1 silence, 1 empty_text); 1 longer in characters than "
+        "the model has frames and 2 with characters outside the vocabulary (scored)")

@@ -2,20 +2,27 @@
 sharded.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run that dies
-mid-save leaves the previous checkpoint intact and never restores a partial one. Keeping the best
-checkpoint is orbax's own preservation policy (`BestN` beside `LatestN`); the metrics it ranks by are
-stored inside each checkpoint, so `best_step()` works on a finished run's folder as well.
+mid-save leaves the previous checkpoint intact and never restores a partial one; the writer deletes such
+leftover folders when it opens. A complete checkpoint damaged later (a truncated file: orbax keeps no
+checksums) shows when it fails to restore: `restore` then falls back to the previous one and moves the
+damaged folder aside (`<step>.damaged`) with a warning, so that nothing is lost and the step can be
+saved again. Keeping the best checkpoint is orbax's own preservation policy (`BestN` beside
+`LatestN`); the metrics it ranks by are stored inside each checkpoint, so `best_step()` works on a
+finished run's folder as well.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from xlsr_jax.errors import UserError
@@ -34,9 +41,22 @@ class _ReadOnlyNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
-def _directory(directory: str | Path) -> str | Path:
-    # gs://bucket/... must stay a URL; a local path is made absolute (orbax requires it).
-    return directory if "://" in str(directory) else Path(directory).absolute()
+DAMAGED = ".damaged"  # suffix of a checkpoint folder that failed to restore (orbax skips the name)
+
+
+def _directory(directory: str | os.PathLike) -> str | Path:
+    # gs://bucket/... must stay the URL string (str() of an etils path gives it back); a local path is
+    # made absolute (orbax requires it).
+    return str(directory) if "://" in str(directory) else Path(directory).absolute()
+
+
+def kept_steps(directory: str | os.PathLike) -> list[int]:
+    """The complete checkpoints' steps in `directory`, sorted; [] when it does not exist. Opens no
+    manager (which would create the folder), and ignores orbax's temporary and `.damaged` folders."""
+    directory = _directory(directory)
+    if not epath.Path(directory).is_dir():
+        return []
+    return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 class Checkpointer:
@@ -61,6 +81,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 create=not read_only, read_only=read_only, best_fn=best_fn, best_mode=best_mode,
+                cleanup_tmp_directories=not read_only,  # what a run killed mid-save left
                 preservation_policy=None if read_only else policies.AnyPreservationPolicy(keep)),
         )
 
@@ -88,12 +109,54 @@ class Checkpointer:
 
     def restore(self, abstract_tree: Any, step: int | None = None) -> Any:
         """Restore into the structure, dtypes and shardings of `abstract_tree` (ShapeDtypeStructs with
-        `.sharding`); without it optax states would come back as plain lists."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        `.sharding`); without it optax states would come back as plain lists.
+
+        `step`: that checkpoint, or an error. None: the newest that restores. A newer one that fails while
+        an older one restores into the same tree is damaged (not a tree that does not fit, which fails
+        for all): it is named in a warning and moved aside. If none restores, nothing is moved.
+        """
+        if step is not None:
+            if step not in self.all_steps():
+                raise UserError(f"{self.directory}: no checkpoint for step {step}; steps kept: {self.all_steps()}")
+            return self._restore(abstract_tree, step)
+        steps = self.all_steps()
+        if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        failed: dict[int, Exception] = {}
+        for candidate in reversed(steps):
+            try:
+                restored = self._restore(abstract_tree, candidate)
+            except Exception as err:  # tensorstore reports a bad file as a bare Exception
+                logger.warning("%s/%d: cannot be restored (%s); trying the checkpoint before it",
+                               self.directory, candidate, _first_line(err))
+                failed[candidate] = err
+                continue
+            for bad in failed:
+                self._set_aside(bad)
+            return restored
+        newest = steps[-1]
+        raise UserError(f"{self.directory}: no checkpoint restores (steps {steps}); the newest, {newest}, fails "
+                        f"with: {_first_line(failed[newest])}") from failed[newest]
+
+    def _restore(self, abstract_tree: Any, step: int) -> Any:
         logger.info("restoring checkpoint %s/%d", self.directory, step)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_tree))
+
+    def _set_aside(self, step: int) -> None:
+        """Move a damaged checkpoint to `<step>.damaged` (kept for inspection; orbax no longer lists it,
+        so the step can be saved again). Process 0 moves it; every process forgets it."""
+        folder = epath.Path(self.directory) / str(step)
+        aside = folder.with_name(folder.name + DAMAGED)
+        k = 1
+        while aside.exists():
+            k += 1
+            aside = folder.with_name(f"{folder.name}{DAMAGED}-{k}")
+        if jax.process_index() == 0:
+            folder.rename(aside)
+        if jax.process_count() > 1:  # every host reads the same files, so every host got here
+            multihost_utils.sync_global_devices(f"xlsr_jax: checkpoint {step} set aside")
+        logger.warning("%s: damaged, moved aside to %s; training goes on from an earlier checkpoint", folder, aside)
+        self.manager.reload()
 
     def restore_params(self, abstract_params: Any, step: int) -> Any:
         """Only the `params` of a saved train state, onto the shardings in `abstract_params` (any
@@ -136,6 +199,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

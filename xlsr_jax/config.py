@@ -105,6 +105,9 @@ class DataConfig:
     vocab: str | None = _key(None, "an existing vocab.json; null: built from train + eval text")
     min_duration_s: float = _key(0.5, "drop training clips shorter than this, in seconds")
     max_duration_s: float = _key(20.0, "drop training clips longer than this, in seconds")
+    max_skip_fraction: float = _key(0.2, "stop at start-up if a source drops more than this share of its clips "
+                                         "(missing, broken, silent, empty text...; all listed in data_report.tsv), "
+                                         "in [0, 1]")
     num_buckets: int = _key(8, "length buckets (batch shapes) for training batches, >= 1")
     eval_num_buckets: int = _key(4, "length buckets (batch shapes) for evaluation batches, >= 1")
     max_train_examples: int | None = _key(None, "use at most this many training clips, drawn at random; "
@@ -120,6 +123,7 @@ class DataConfig:
         _check(self.eval_num_buckets >= 1, "data.eval_num_buckets", "must be >= 1")
         _check(0 <= self.min_duration_s < self.max_duration_s, "data.max_duration_s",
                "must be greater than data.min_duration_s >= 0", related=["data.min_duration_s"])
+        _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", "must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +137,8 @@ class OptimConfig:
     adam_eps: float = _key(1e-8, "AdamW epsilon")
     max_grad_norm: float = _key(1.0, "clip gradients to this global L2 norm")
     gradient_accumulation_steps: int = _key(1, "micro-batches summed into one optimizer step, >= 1")
+    max_consecutive_skips: int = _key(100, "stop the run with an error once this many updates in a row were "
+                                           "skipped for a non-finite loss or gradient (checked at logging steps)")
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate", "must be > 0")
@@ -140,6 +146,7 @@ class OptimConfig:
         _check(self.schedule in ("linear", "cosine", "constant"), "optim.schedule",
                "must be linear, cosine or constant")
         _check(self.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
+        _check(self.max_consecutive_skips >= 1, "optim.max_consecutive_skips", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +168,11 @@ class TrainConfig:
     seed: int = _key(42, "seed for initialisation, shuffling, dropout and example subsets")
     compilation_cache: str | None = _key("~/.cache/xlsr_jax/jax", "persistent XLA compilation cache folder; "
                                                                   "null: off")
+    overwrite_output_dir: bool = _key(False, "start over in train.output_dir, deleting the old run's files "
+                                              "(checkpoints, metrics, vocab, hf_model...; other files stay); "
+                                              "false: a folder with checkpoints resumes")
+    init_from: str | None = _key(None, "RUN_DIR[:STEP]: start a new run (step 0, fresh optimizer) from another "
+                                       "run's parameters and vocab (its newest checkpoint without :STEP)")
 
     def __post_init__(self):
         _check(self.precision in ("float32", "bfloat16"), "train.precision", "must be float32 or bfloat16")
@@ -179,6 +191,7 @@ class MeshConfig:
 
     `rules` are (regex over a parameter's path `a/b/kernel`, partition spec per dimension) pairs, first
     match wins; parameters no rule matches shard their largest dimension divisible by the fsdp size.
+    The optimizer's copies of a parameter (Adam's moments) always shard like the parameter.
     """
 
     data: int = _key(-1, "devices along the data axis; -1: every device not used by fsdp")
@@ -186,23 +199,41 @@ class MeshConfig:
     rules: tuple[tuple[str, tuple[str | None, ...]], ...] = _key(
         (), "[regex over a parameter path a/b/kernel, [axis or null per dimension]] pairs, first match wins; "
             "unmatched parameters shard their largest dimension")
-    distributed: bool = _key(False, "call jax.distributed.initialize() (multi-host TPU pods, multi-node GPU)")
+    distributed: bool = _key(False, "start JAX's multi-process runtime (jax.distributed.initialize): TPU pods and "
+                                    "SLURM/Open MPI clusters find their peers; elsewhere set the three keys below")
+    # A cluster JAX cannot detect (several machines started by hand, or processes on one machine) names its
+    # coordinator and each process's place; the environment variables let one config serve every process.
+    coordinator_address: str | None = _key(None, "host:port of process 0's coordinator (implies "
+                                                 "mesh.distributed); null: $JAX_COORDINATOR_ADDRESS or auto-detect")
+    num_processes: int | None = _key(None, "processes in the run; null: $JAX_NUM_PROCESSES or auto-detect")
+    process_id: int | None = _key(None, "this process's index, 0 .. num_processes - 1; null: $JAX_PROCESS_ID "
+                                        "or auto-detect")
 
     def __post_init__(self):
         _check(self.fsdp >= 1, "mesh.fsdp", "must be >= 1")
         _check(self.data == -1 or self.data >= 1, "mesh.data", "must be -1 or >= 1")
+        _check(self.num_processes is None or self.num_processes >= 1, "mesh.num_processes", "must be >= 1")
+        _check(self.process_id is None or self.process_id >= 0, "mesh.process_id", "must be >= 0")
+        _check(self.process_id is None or self.num_processes is None or self.process_id < self.num_processes,
+               "mesh.process_id", "must be less than mesh.num_processes", related=["mesh.num_processes"])
+        _check(self.coordinator_address is None or re.fullmatch(r".+:\d+", self.coordinator_address) is not None,
+               "mesh.coordinator_address", "must be host:port")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     save_total_limit: int = _key(2, "keep this many newest checkpoints, >= 1")
-    resume: bool = _key(True, "continue from the newest checkpoint in train.output_dir")
+    resume: bool = _key(True, "continue from the newest checkpoint in train.output_dir (false: a folder "
+                              "holding checkpoints is an error; see train.overwrite_output_dir)")
+    resume_step: int | None = _key(None, "resume from this kept step instead of the newest; null: the newest "
+                                         "that restores")
     best_metric: str | None = _key("eval/wer", "also keep the best checkpoint by this metrics.jsonl metric "
                                                "(eval/wer, eval/cer, eval/loss); null: keep only the newest")
     best_mode: str = _key("min", "min or max: whether a lower or a higher checkpoint.best_metric is better")
 
     def __post_init__(self):
         _check(self.save_total_limit >= 1, "checkpoint.save_total_limit", "must be >= 1")
+        _check(self.resume_step is None or self.resume_step >= 0, "checkpoint.resume_step", "must be >= 0 or null")
         _check(self.best_metric is None or self.best_metric.startswith("eval/"), "checkpoint.best_metric",
                "must be null or an eval/ metric (eval/wer, eval/cer, eval/loss)")
         _check(self.best_mode in ("min", "max"), "checkpoint.best_mode", "must be min or max")

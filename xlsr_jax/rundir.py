@@ -6,6 +6,7 @@ RUN/
   model_config.json         the Wav2Vec2Config trained (evaluate/export need no pretrained download)
   vocab.json                the CTC vocabulary
   text_normalization.json   how transcripts became labels (evaluate scores the same way)
+  data_report.tsv           every clip skipped (or flagged) at start-up: split, source, path, reason, detail
   metrics.jsonl             {"step": N, "train/loss": ..., "eval/wer": ...} per line
   tensorboard/              event files
   checkpoints/<step>/       orbax checkpoints: the newest N and the best by checkpoint.best_metric
@@ -13,15 +14,25 @@ RUN/
   training_curves.png       loss and error rates against step
   hf_model/                 the Hugging Face folder written when the run finishes
   finished.json             the step budget and final metrics of a finished run
+  run_signature.json        what a resume must match (vocab, model shape, batch, data plan; train/signature.py)
 ```
+
+Every path named here belongs to the run: `train.overwrite_output_dir` deletes exactly these, never other
+files. A run directory may be a URL (`gs://bucket/run`): `RunDir` keeps it one (pathlib would turn it
+into `gs:/bucket/run`), and orbax writes the checkpoints there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from etils import epath
 
 from xlsr_jax.text import NORMALIZATION_FILE
 
@@ -31,22 +42,69 @@ EXPORT_INFO = "xlsr_jax.json"  # in an exported model folder: the run and step i
 CURVES_FILE = "training_curves.png"  # in a run and in its exports
 
 
-class RunDir:
-    """Paths inside one run directory."""
+def as_path(path: str | os.PathLike) -> Path | epath.Path:
+    """A local path as a `pathlib.Path`; a URL (`gs://bucket/run`, any scheme orbax/etils read) as an
+    `etils.epath.Path`, which keeps the URL where `pathlib` would collapse its `//`."""
+    text = str(path)
+    return epath.Path(text) if "://" in text else Path(path)
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+
+def write_atomically(path: str | os.PathLike, save: Callable[[str], Any]) -> None:
+    """`save(local_file)` writes a temporary file that then replaces `path` in one step, so a process
+    killed meanwhile leaves the old file or the new one, never half of one (a URL gets a copy)."""
+    path = as_path(path)
+    if isinstance(path, Path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    with tempfile.TemporaryDirectory() as local:
+        save(os.path.join(local, path.name))
+        epath.Path(local, path.name).copy(path, overwrite=True)
+
+
+class RunDir:
+    """Paths inside one run directory (local, or a URL such as gs://bucket/run)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = as_path(path)
 
     config = property(lambda self: self.path / "config.yaml")
     model_config = property(lambda self: self.path / "model_config.json")
     vocab = property(lambda self: self.path / "vocab.json")
     normalization = property(lambda self: self.path / NORMALIZATION_FILE)
+    data_report = property(lambda self: self.path / "data_report.tsv")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    tensorboard = property(lambda self: self.path / "tensorboard")
     checkpoints = property(lambda self: self.path / "checkpoints")
     eval_results = property(lambda self: self.path / "eval_results.json")
     curves = property(lambda self: self.path / CURVES_FILE)
     hf_model = property(lambda self: self.path / "hf_model")
     finished = property(lambda self: self.path / "finished.json")
+    signature = property(lambda self: self.path / "run_signature.json")
+
+    def layout(self) -> list[Path | epath.Path]:
+        """Every path the run layout names (the properties of this class), present or not."""
+        return [getattr(self, name) for name, value in vars(type(self)).items() if isinstance(value, property)]
+
+    def clear(self) -> list[str]:
+        """Delete the run's own files and folders (`layout`), leaving anything else in the folder;
+        returns the names deleted."""
+        deleted = []
+        for path in self.layout():
+            if path.is_dir():
+                shutil.rmtree(path) if isinstance(path, Path) else path.rmtree()
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            deleted.append(path.name)
+        return deleted
 
     def is_run(self) -> bool:
         """A training run (config + checkpoints), as opposed to a Hugging Face model folder."""
@@ -66,7 +124,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, each with an int "step". A resumed run repeats steps; all stay.
     Unreadable lines (a process killed mid-write) are skipped with a warning."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

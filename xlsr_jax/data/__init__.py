@@ -17,13 +17,14 @@ _EXPORTS = {
     "AudioCache": "cache", "build_audio_cache": "cache",
     "BatchLoader": "loader",
     "PreparedDataset": "prepare", "ctc_min_frames": "prepare", "prepare_dataset": "prepare",
+    "BadClip": "report", "report_bad_data": "report",
     "Example": "sources", "load_manifest": "sources", "load_sources": "sources", "parse_source": "sources",
 }
 
 __all__ = [
-    "AudioCache", "AudioError", "BatchLoader", "Example", "PreparedDataset", "assign_buckets",
+    "AudioCache", "AudioError", "BadClip", "BatchLoader", "Example", "PreparedDataset", "assign_buckets",
     "bucket_boundaries", "build_audio_cache", "ctc_min_frames", "load_audio", "load_manifest", "load_sources",
-    "normalize_waveform", "padding_fraction", "parse_source", "prepare_dataset",
+    "normalize_waveform", "padding_fraction", "parse_source", "prepare_dataset", "report_bad_data",
 ]
 
 if typing.TYPE_CHECKING:  # linters and type checkers see the names
@@ -32,6 +33,7 @@ if typing.TYPE_CHECKING:  # linters and type checkers see the names
     from xlsr_jax.data.cache import AudioCache, build_audio_cache
     from xlsr_jax.data.loader import BatchLoader
     from xlsr_jax.data.prepare import PreparedDataset, ctc_min_frames, prepare_dataset
+    from xlsr_jax.data.report import BadClip, report_bad_data
     from xlsr_jax.data.sources import Example, load_manifest, load_sources, parse_source
 
 

@@ -22,7 +22,12 @@ SOUNDFILE_EXTENSIONS = frozenset({
 
 
 class AudioError(Exception):
-    """A clip could not be decoded; the message names the file."""
+    """A clip could not be decoded; the message names the file, ``reason`` says why in one word:
+    ``missing_file``, ``empty_audio`` (a 0-byte file, or no samples in it) or ``undecodable``."""
+
+    def __init__(self, message: str, reason: str = "undecodable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
@@ -38,7 +43,10 @@ def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
             wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
         except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
             if not os.path.exists(path):
-                raise FileNotFoundError("no such file") from sf_err
+                raise AudioError(f"{path}: cannot decode (no such file)", "missing_file") from sf_err
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                # libsndfile calls a 0-byte file "not a regular file"; say what it is.
+                raise AudioError(f"{path}: cannot decode (empty file, 0 bytes)", "empty_audio") from sf_err
             # For formats libsndfile reads, its error is final: the file is broken, and
             # audioread would start ffmpeg for seconds per bad clip to say the same.
             if os.path.splitext(path)[1].lower() in SOUNDFILE_EXTENSIONS:
@@ -46,11 +54,13 @@ def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
             wav, rate = _librosa_load(path, sampling_rate), sampling_rate
         if rate != sampling_rate:
             wav = resample(wav, rate, sampling_rate)
+    except AudioError:
+        raise
     except Exception as err:  # noqa: BLE001 - any decoder failure becomes a named AudioError
         raise AudioError(f"{path}: cannot decode ({err or type(err).__name__})") from err
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     if wav.size == 0:
-        raise AudioError(f"{path}: cannot decode (no samples)")
+        raise AudioError(f"{path}: cannot decode (no samples)", "empty_audio")
     if not np.isfinite(wav).all():
         raise AudioError(f"{path}: cannot decode (non-finite samples)")
     return wav

@@ -8,31 +8,48 @@ a re-run reuses it and a changed file rebuilds it. Layout of ``<cache_dir>/audio
   offsets.npy        int64 [n]  first sample of each kept clip
   lengths.npy        int64 [n]  samples of each kept clip
   example_index.npy  int64 [n]  index of the kept clip in the examples passed in
-  meta.json          sampling rate, counts, skipped examples with reasons
+  meta.json          sampling rate, counts, skipped examples as [index, reason, message]
+
+A clip is skipped when it is missing, empty, cannot be decoded or is silent (see
+:data:`SILENCE_PEAK`). SIGTERM or an error during the build leaves no partial folder (see atomic.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
-import shutil
-import socket
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from xlsr_jax.data.atomic import partial_folder
 from xlsr_jax.data.audio import AudioError, load_audio
 from xlsr_jax.data.sources import Example
 
 log = logging.getLogger(__name__)
 
 _SCALE = 32767.0
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: skipped clips carry a reason word
+# A clip whose peak amplitude stays below this (-80 dBFS, ~3 steps of 16-bit audio) holds no recorded
+# sound: a muted microphone or digital zeros. Any real recording, even a quiet one, has a noise floor
+# far above it (-60 to -70 dBFS), so nothing a person said is lost; a transcript paired with silence
+# only teaches the model to emit text from nothing.
+SILENCE_PEAK = 1e-4
+
+
+class DecodeFailure(NamedTuple):
+    """A clip the cache does not hold: its index in the examples, a reason word (``missing_file``,
+    ``empty_audio``, ``undecodable``, ``silence``) and a message naming the file."""
+
+    index: int
+    reason: str
+    message: str
 
 
 class AudioCache:
@@ -83,14 +100,18 @@ def cache_key(examples: Sequence[Example], sampling_rate: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _decode_chunk(paths: list[str], sampling_rate: int) -> list[np.ndarray | str]:
-    """Worker: each path -> int16 ``[samples]``, or the error message."""
-    out: list[np.ndarray | str] = []
+def _decode_chunk(paths: list[str], sampling_rate: int) -> list[np.ndarray | tuple[str, str]]:
+    """Worker: each path -> int16 ``[samples]``, or (reason, message)."""
+    out: list[np.ndarray | tuple[str, str]] = []
     for path in paths:
         try:
             wav = load_audio(path, sampling_rate)
         except AudioError as err:
-            out.append(str(err))
+            out.append((err.reason, str(err)))
+            continue
+        peak = float(np.abs(wav).max())
+        if peak < SILENCE_PEAK:
+            out.append(("silence", f"{path}: silent (peak amplitude {peak:.1e} < {SILENCE_PEAK:g})"))
             continue
         out.append(np.round(np.clip(wav, -1.0, 1.0) * _SCALE).astype(np.int16))
     return out
@@ -105,21 +126,25 @@ def _decoded_chunks(paths: list[str], sampling_rate: int, num_workers: int, chun
         return
     # spawn, not fork: the parent may already run JAX's threads, which fork would corrupt.
     ctx = multiprocessing.get_context("spawn")
+    # Stopped early (an error, SIGTERM), map's iterator cancels the queued chunks: only the ones the
+    # workers hold are finished.
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
         yield from pool.map(_decode_chunk, chunks, [sampling_rate] * len(chunks))
 
 
-def _write_cache(tmp: str, examples: Sequence[Example], sampling_rate: int, num_workers: int):
-    """Decode all clips into ``tmp``; return the skipped ``[(index, reason)]``."""
+def _write_cache(tmp: str, examples: Sequence[Example], sampling_rate: int, num_workers: int) -> None:
+    """Decode all clips into ``tmp``."""
     paths = [ex.path for ex in examples]
     chunk = max(1, min(64, len(paths) // max(1, 4 * num_workers)))
     offsets, lengths, kept, skipped = [], [], [], []
     pos, done, last_log = 0, 0, time.monotonic()
-    with open(os.path.join(tmp, "audio.bin"), "wb") as f:
-        for results in _decoded_chunks(paths, sampling_rate, num_workers, chunk):
+    # closing(): an exception here shuts the worker pool down now, not when the traceback is freed.
+    with open(os.path.join(tmp, "audio.bin"), "wb") as f, \
+            contextlib.closing(_decoded_chunks(paths, sampling_rate, num_workers, chunk)) as decoded:
+        for results in decoded:
             for res in results:
-                if isinstance(res, str):
-                    skipped.append((done, res))
+                if isinstance(res, tuple):
+                    skipped.append(DecodeFailure(done, *res))
                 else:
                     f.write(res.tobytes())
                     offsets.append(pos)
@@ -131,7 +156,7 @@ def _write_cache(tmp: str, examples: Sequence[Example], sampling_rate: int, num_
                 log.info("audio cache: decoded %d/%d clips", done, len(paths))
                 last_log = time.monotonic()
     if not kept:
-        first = "; ".join(reason for _, reason in skipped[:3])
+        first = "; ".join(s.message for s in skipped[:3])
         raise AudioError(f"none of the {len(paths)} clips could be decoded: {first}")
     np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
     np.save(os.path.join(tmp, "lengths.npy"), np.asarray(lengths, dtype=np.int64))
@@ -139,11 +164,10 @@ def _write_cache(tmp: str, examples: Sequence[Example], sampling_rate: int, num_
     meta = {
         "version": _FORMAT_VERSION, "sampling_rate": sampling_rate,
         "num_examples": len(paths), "num_kept": len(kept), "total_samples": pos,
-        "skipped": [[i, reason] for i, reason in skipped],
+        "skipped": [list(s) for s in skipped],
     }
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)
-    return skipped
 
 
 def build_audio_cache(
@@ -152,11 +176,11 @@ def build_audio_cache(
     *,
     sampling_rate: int = 16000,
     num_workers: int = 2,
-) -> tuple[AudioCache, list[tuple[int, str]]]:
+) -> tuple[AudioCache, list[DecodeFailure]]:
     """Decode every clip once (or reuse a cache of the same files) -> (cache, skipped).
 
-    ``skipped`` lists ``(example index, reason)`` of clips that failed to decode; they are
-    logged, not fatal, unless every clip fails (:class:`AudioError`).
+    ``skipped`` lists the clips left out (missing, empty, undecodable, silent); they are logged, not
+    fatal, unless every clip fails (:class:`AudioError`).
     """
     if not examples:
         raise ValueError("build_audio_cache: no examples")
@@ -164,25 +188,20 @@ def build_audio_cache(
                           f"{cache_key(examples, sampling_rate)}")
     if not os.path.isfile(os.path.join(folder, "meta.json")):
         os.makedirs(cache_dir, exist_ok=True)
-        # Host and pid in the name: hosts of a pod may share the file system.
-        tmp = f"{folder}.partial-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
         start = time.monotonic()
         log.info("audio cache: decoding %d clips into %s", len(examples), folder)
-        try:
-            _write_cache(tmp, examples, sampling_rate, num_workers)
-            os.rename(tmp, folder)  # atomic: a half-written cache never has the final name
-        except OSError:
-            if not os.path.isfile(os.path.join(folder, "meta.json")):
-                raise
-            log.info("audio cache: another process built %s first; using it", folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with partial_folder(folder, "building the audio cache") as tmp:
+            try:
+                _write_cache(tmp, examples, sampling_rate, num_workers)
+                os.rename(tmp, folder)  # atomic: a half-written cache never has the final name
+            except OSError:
+                if not os.path.isfile(os.path.join(folder, "meta.json")):
+                    raise
+                log.info("audio cache: another process built %s first; using it", folder)
         log.info("audio cache: built in %.1f s", time.monotonic() - start)
     cache = AudioCache(folder)
-    skipped = [(int(i), str(reason)) for i, reason in cache.meta["skipped"]]
+    skipped = [DecodeFailure(int(i), str(reason), str(message)) for i, reason, message in cache.meta["skipped"]]
     if skipped:
-        log.warning("audio cache: %d of %d clips could not be decoded and are skipped; first: %s",
-                    len(skipped), len(examples), "; ".join(r for _, r in skipped[:3]))
+        log.warning("audio cache: %d of %d clips are skipped (missing, empty, undecodable or silent); first: %s",
+                    len(skipped), len(examples), "; ".join(s.message for s in skipped[:3]))
     return cache, skipped

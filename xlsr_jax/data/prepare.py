@@ -1,4 +1,8 @@
-"""Examples -> a training-ready dataset: normalised texts, labels, decoded audio, filters."""
+"""Examples -> a training-ready dataset: normalised texts, labels, decoded audio, filters.
+
+Every clip a filter drops, or keeps with a flag, is named with its reason in ``PreparedDataset.bad``
+(see report.py, which writes them to the run's data_report.tsv).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from xlsr_jax.data.cache import build_audio_cache
+from xlsr_jax.data.cache import DecodeFailure, build_audio_cache
+from xlsr_jax.data.report import REASONS, BadClip, count_reasons, format_counts
 from xlsr_jax.data.sources import Example
 from xlsr_jax.text import Vocab
 
@@ -25,6 +30,7 @@ class PreparedDataset:
     lengths: np.ndarray  # int64 [n] samples
     audio: Any  # AudioCache, or anything with __getitem__(i) -> float32 [samples]
     examples: list[Example]
+    bad: list[BadClip] = dataclasses.field(default_factory=list)  # dropped or flagged clips, by name
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -54,33 +60,38 @@ def prepare_dataset(
     drop_infeasible: bool = True,
     name: str = "train",
 ) -> tuple[PreparedDataset, dict]:
-    """Normalise, decode (via the cache), filter; return the dataset and a report of counts.
+    """Normalise, decode (via the cache), filter; return the dataset and a report of counts
+    (``total``, ``kept``, ``hours`` and one count per reason of data/report.py's REASONS).
 
     ``frames_fn`` maps samples ``[n]`` to the model's output frames ``[n]``. Utterances whose
     labels cannot fit their frames are dropped when ``drop_infeasible`` (training: their CTC loss
-    is meaningless) and kept but counted otherwise (evaluation: dropping them would flatter WER).
+    is meaningless) and kept but flagged otherwise (evaluation: dropping them would flatter WER).
+    Transcripts with characters the vocabulary lacks are kept (they encode as [UNK]) and flagged.
+    ``name`` is the split the report rows name.
     """
     examples = list(examples)
     # Every clip goes into the cache, so it depends on the audio files only: changing the text
     # normalisation or the duration filters never re-decodes.
-    cache, _ = build_audio_cache(
+    cache, failures = build_audio_cache(
         examples, cache_dir, sampling_rate=sampling_rate, num_workers=num_workers
     )
     texts = [normalize(ex) for ex in examples]
-    report = dict.fromkeys(
-        ("total", "kept", "skipped_decode", "empty_text", "too_short", "too_long", "infeasible"), 0
-    )
-    report["total"] = len(examples)
     min_len = -np.inf if min_duration_s is None else min_duration_s * sampling_rate
     max_len = np.inf if max_duration_s is None else max_duration_s * sampling_rate
-    keep = _select(texts, cache, min_len, max_len, report)
+    keep, bad = _select(examples, texts, cache, failures, (min_len, max_len), sampling_rate, name)
+    bad += _flag_out_of_vocabulary([(i, examples[i], texts[i]) for i, _ in keep], vocab, name)
 
     labels = [vocab.encode(texts[i]) for i, _ in keep]
     lengths = np.asarray([cache.lengths[r] for _, r in keep], dtype=np.int64)
     if frames_fn is not None and keep:
         frames = np.asarray(frames_fn(lengths)).reshape(-1)
-        feasible = frames >= ctc_min_frames(labels)
-        report["infeasible"] = int((~feasible).sum())
+        needed = ctc_min_frames(labels)
+        feasible = frames >= needed
+        for (i, _), n, f, ok in zip(keep, needed, frames, feasible):
+            if not ok:
+                bad.append((i, BadClip(name, examples[i].source, examples[i].path, "infeasible",
+                                       f"{n} CTC frames needed for the transcript, its audio gives {f}",
+                                       dropped=drop_infeasible)))
         if drop_infeasible:
             keep = [k for k, ok in zip(keep, feasible) if ok]
             labels = [lab for lab, ok in zip(labels, feasible) if ok]
@@ -92,39 +103,60 @@ def prepare_dataset(
         lengths=lengths,
         audio=cache.take([r for _, r in keep]),
         examples=[examples[i] for i, _ in keep],
+        bad=[clip for _, clip in sorted(bad, key=lambda ic: ic[0])],  # in the sources' order
     )
-    report["kept"] = len(dataset)
-    report["hours"] = float(lengths.sum()) / sampling_rate / 3600.0
-    _log_report(name, report, drop_infeasible)
+    report = {"total": len(examples), "kept": len(dataset),
+              "hours": float(lengths.sum()) / sampling_rate / 3600.0,
+              **dict.fromkeys(REASONS, 0), **count_reasons(dataset.bad)}
+    _log_report(name, report, dataset.bad)
     return dataset, report
 
 
-def _select(texts: list[str], cache, min_len: float, max_len: float, report: dict) -> list:
-    """(example index, cache row) of examples with text, audio and a length in range; counts
-    the others into ``report``."""
+def _select(examples: list[Example], texts: list[str], cache, failures: list[DecodeFailure],
+            length_range: tuple[float, float], sampling_rate: int, split: str) -> tuple[list, list]:
+    """([(example index, cache row)] of examples with audio, text and a length in range, [(example
+    index, dropped BadClip)] of the others). One reason per clip: the audio's first, then the text's,
+    then the length's."""
     row_of = np.full(len(texts), -1, dtype=np.int64)  # example index -> cache row
     row_of[cache.example_indices] = np.arange(len(cache))
-    keep = []
-    for i, text in enumerate(texts):
+    failed = {f.index: f for f in failures}
+    min_len, max_len = length_range
+    keep, bad = [], []
+    for i, (ex, text) in enumerate(zip(examples, texts)):
         row = int(row_of[i])
-        if not text:
-            report["empty_text"] += 1
-        elif row < 0:
-            report["skipped_decode"] += 1
+        seconds = cache.lengths[row] / sampling_rate if row >= 0 else 0.0
+        if i in failed:
+            # The message starts with the path, which the report has in its own column.
+            reason, detail = failed[i].reason, failed[i].message.removeprefix(f"{ex.path}: ")
+        elif not text:
+            reason, detail = "empty_text", f"transcript {ex.text!r}"
         elif cache.lengths[row] < min_len:
-            report["too_short"] += 1
+            reason, detail = "too_short", f"{seconds:.2f} s, shorter than {min_len / sampling_rate:g} s"
         elif cache.lengths[row] > max_len:
-            report["too_long"] += 1
+            reason, detail = "too_long", f"{seconds:.2f} s, longer than {max_len / sampling_rate:g} s"
         else:
             keep.append((i, row))
-    return keep
+            continue
+        bad.append((i, BadClip(split, ex.source, ex.path, reason, detail)))
+    return keep, bad
 
 
-def _log_report(name: str, report: dict, drop_infeasible: bool) -> None:
-    log.info(
-        "%s: kept %d of %d utterances (%.2f h); skipped: %d undecodable, %d empty text, "
-        "%d too short, %d too long, %d infeasible for CTC (%s)",
-        name, report["kept"], report["total"], report["hours"], report["skipped_decode"],
-        report["empty_text"], report["too_short"], report["too_long"], report["infeasible"],
-        "dropped" if drop_infeasible else "kept",
-    )
+def _flag_out_of_vocabulary(kept: list[tuple[int, Example, str]], vocab: Vocab, split: str) -> list:
+    """[(example index, flagged BadClip)] of the kept (index, example, normalised text) whose text has
+    characters ``vocab`` lacks. Flagged, not dropped: evaluation scores them as before (the reference
+    keeps the characters, which the model cannot produce)."""
+    flagged = []
+    for i, ex, text in kept:
+        missing = sorted({c for c in text if c != " " and vocab.token_to_id(c) == vocab.unk_id})
+        if missing:
+            flagged.append((i, BadClip(split, ex.source, ex.path, "out_of_vocabulary",
+                                       f"not in the vocabulary: {' '.join(missing)}", dropped=False)))
+    return flagged
+
+
+def _log_report(name: str, report: dict, bad: list[BadClip]) -> None:
+    dropped = count_reasons(c for c in bad if c.dropped)
+    flagged = count_reasons(c for c in bad if not c.dropped)
+    log.info("%s: kept %d of %d utterances (%.2f h); dropped %d: %s%s", name, report["kept"], report["total"],
+             report["hours"], report["total"] - report["kept"], format_counts(dropped),
+             f"; kept but flagged: {format_counts(flagged)}" if flagged else "")

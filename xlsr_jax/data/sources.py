@@ -15,10 +15,10 @@ import json
 import logging
 import os
 import re
-import shutil
-import socket
 import tarfile
 from typing import Iterable, Sequence
+
+from xlsr_jax.data.atomic import partial_folder
 
 log = logging.getLogger(__name__)
 
@@ -310,30 +310,24 @@ def extract_archive(archive: str, *, cache_dir: str | os.PathLike | None = None)
     """Extract a Common Voice ``.tar.gz`` once into ``<cache_dir>/<archive name>``; return it.
 
     Extraction goes to a temporary sibling folder that is renamed at the end, so a folder under
-    the final name is always complete; a later call reuses it.
+    the final name is always complete; a later call reuses it. An error, SIGINT or SIGTERM removes
+    the temporary folder (see atomic.py).
     """
     dest = os.path.join(os.fspath(cache_dir or default_archive_cache()), _archive_stem(archive))
     if os.path.isdir(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    # Host and pid in the name: hosts of a pod may share the file system.
-    tmp = f"{dest}.partial-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     log.info("extracting %s to %s (once)", archive, dest)
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:  # streaming: one pass over a multi-GB .tar.gz
-                _check_member(member, archive)
-                if member.isfile() or member.isdir():
-                    tar.extract(member, tmp, filter="data")
-        os.rename(tmp, dest)
-    except OSError as err:
-        if os.path.isdir(dest):  # another process finished first; use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-            return dest
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"{archive}: cannot extract ({err})") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with partial_folder(dest, f"extracting {archive}") as tmp:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                for member in tar:  # streaming: one pass over a multi-GB .tar.gz
+                    _check_member(member, archive)
+                    if member.isfile() or member.isdir():
+                        tar.extract(member, tmp, filter="data")
+            os.rename(tmp, dest)
+        except OSError as err:
+            if not os.path.isdir(dest):
+                raise OSError(f"{archive}: cannot extract ({err})") from err
+            log.info("%s: another process extracted it first; using its copy", archive)
     return dest

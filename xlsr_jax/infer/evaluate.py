@@ -18,6 +18,7 @@ import jax
 from xlsr_jax import parallel
 from xlsr_jax.compile import ShapeDispatch, StepToCompile, abstract_like, compile_steps
 from xlsr_jax.config import DataConfig, MeshConfig
+from xlsr_jax.data.report import REASONS, format_counts
 from xlsr_jax.data.sources import cv_path_and_splits
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import eval_loader, read_examples
@@ -166,11 +167,12 @@ def format_summary(result: dict[str, Any]) -> str:
     decoded = "greedy (argmax)" if decoder["type"] == "greedy" else (
         f"n-gram LM {decoder['lm']} (alpha {decoder['alpha']}, beta {decoder['beta']}, beam {decoder['beam_width']})")
     headline = result["headline"]
+    skipped = {r: report[r] for r in REASONS if r not in ("infeasible", "out_of_vocabulary")}  # those two are scored
     return "\n".join([
         f"evaluated {result['source']}{step} on {result['data']}",
-        f"utterances: {result['num_utterances']} scored; {report['skipped_decode']} undecodable and "
-        f"{report['empty_text']} with empty text skipped; {report['infeasible']} longer in characters than "
-        "the model has frames (scored)",
+        f"utterances: {result['num_utterances']} scored; {report['total'] - report['kept']} skipped "
+        f"({format_counts(skipped)}); {report['infeasible']} longer in characters than the model has frames "
+        f"and {report['out_of_vocabulary']} with characters outside the vocabulary (scored)",
         f"text normalisation: language {result['language']}",
         f"decoder: {decoded}",
         f"predictions: {result['predictions']}",

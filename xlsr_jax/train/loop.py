@@ -9,18 +9,21 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from xlsr_jax import parallel
 from xlsr_jax.checkpoint import Checkpointer, abstract_with_shardings
-from xlsr_jax.config import Config, save_config
+from xlsr_jax.config import Config, save_config, to_dict
 from xlsr_jax.compile import ShapeDispatch, StepToCompile, batch_shape, compile_steps
 from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.hub.export import export_params, host_params
@@ -28,34 +31,62 @@ from xlsr_jax.infer.data import SAMPLING_RATE
 from xlsr_jax.infer.predict import predict
 from xlsr_jax.infer.step import jit_eval_step
 from xlsr_jax.plots import plot_training_curves
-from xlsr_jax.rundir import RunDir
+from xlsr_jax.rundir import RunDir, write_atomically
 from xlsr_jax.train.metrics import MetricsWriter
+from xlsr_jax.train.optim import check_consecutive_skips
+from xlsr_jax.train.resume import check_start, clear_output_dir, init_model, plan_start, start_state, write_signature
 from xlsr_jax.train.setup import Data, build_data, build_model, build_state
+from xlsr_jax.train.signature import plan_sha256, run_signature
 from xlsr_jax.train.step import jit_train_step
 from xlsr_jax.train.summary import read_finished, write_finished
 
 logger = logging.getLogger(__name__)
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks between steps; a second SIGINT interrupts at once."""
+class _StopSignal:
+    """SIGINT/SIGTERM (a TPU VM's preemption notice) stop the run after a step, every process at the same one.
+
+    One process: a Python handler sets a flag. Several: JAX's preemption service (started with
+    `jax.distributed.initialize`) catches a SIGTERM on any process and has all of them agree on the step at
+    which to stop (`multihost_utils.reached_preemption_sync_point`, asked once per step); a SIGINT is handed
+    to it as a SIGTERM. Processes that each stopped at the step they saw a signal would wait in different
+    collectives (one in a checkpoint's barrier, another in a train step) and hang. A second SIGINT
+    interrupts at once.
+    """
 
     def __init__(self):
-        self.requested = False
+        self.received = False  # this process got a signal
+        self.requested = False  # the run stops after the current step (the same step on every process)
 
     @contextlib.contextmanager
     def installed(self):
+        shared = jax.process_count() > 1
+
         def handler(signum, _frame):
-            if self.requested and signum == signal.SIGINT:
+            if self.received and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.requested = True
-            logger.warning("signal %d: saving a checkpoint and stopping after this step", signum)
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.received = True
+            logger.warning("signal %d: saving a checkpoint and stopping%s", signum,
+                           " at a step all processes agree on" if shared else " after this step")
+            if shared:
+                os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier, which tells every process
+            else:
+                self.requested = True
+
+        # With several processes JAX's notifier owns SIGTERM (a C handler): a Python one would replace it.
+        signals = (signal.SIGINT,) if shared else (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, handler) for s in signals}
         try:
             yield self
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def check(self, step: int) -> bool:
+        """Whether to stop after `step`; every process must call this at every step."""
+        if not self.requested and jax.process_count() > 1:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def total_steps(config: Config, batches_per_epoch: int) -> int:
@@ -128,7 +159,7 @@ def train(config: Config) -> dict[str, float]:
     "run/already_finished" set instead of training again.
     """
     run = RunDir(config.train.output_dir)
-    finished = read_finished(run, config)
+    finished = None if config.train.overwrite_output_dir else read_finished(run, config)
     if finished is not None:
         return {**finished["metrics"], "run/already_finished": 1.0}
     # --- mesh
@@ -142,8 +173,17 @@ def train(config: Config) -> dict[str, float]:
     batch_size = config.train.per_device_batch_size * dp * accum
     eval_batch_size = (config.eval.per_device_batch_size or config.train.per_device_batch_size) * dp
 
-    # --- data (before the output directory exists: a bad source leaves no empty run folder behind)
+    # --- output directory: resume its checkpoints, start over, or start from another run (train/resume.py)
+    begin = plan_start(config)
+    if begin.clear:
+        clear_output_dir(run, is_main)
+
+    # --- data (before the run's files are written: a bad source leaves only data_report.tsv behind)
     data = build_data(config, run.path, batch_size, eval_batch_size, data_parallel=dp)
+    data.report_bad_clips(run.data_report, config.data.max_skip_fraction, write=is_main)  # may stop the run
+    # Each host built its data alone: one host's transient decode failure would give it another plan (a
+    # hang, or other batches). Compared before the first collective that depends on it.
+    parallel.assert_hosts_agree(_host_fields(config, data))
     steps = total_steps(config, data.train.batches_per_epoch)
     sizes = data.train.batch_sizes  # one per bucket: differ under train.per_device_audio_seconds
     logger.info("train: %d utterances, %d batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
@@ -152,20 +192,27 @@ def train(config: Config) -> dict[str, float]:
                 100 * data.train.padding_fraction, steps)
 
     # --- model, optimizer and state, built sharded
-    model, host_params = build_model(config, data.vocab)
+    if begin.kind == "init":
+        model, host_params = init_model(begin.source, config, data.vocab)
+    else:
+        model, host_params = build_model(config, data.vocab)
     state, shardings, tx, schedule = build_state(config, model, host_params, mesh, steps)
     del host_params
+    signature = run_signature(config, data, model.config)
+    check_start(begin, run, signature)  # before any file of the run is rewritten
     run.path.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        save_config(config, run.config)
-        data.vocab.save(run.vocab)
-        data.normalization.save(run.normalization)
-        model.config.to_json_file(str(run.model_config))
+    if is_main:  # each written whole or not at all: a kill here must not spoil the next resume
+        write_atomically(run.config, lambda tmp: save_config(config, tmp))
+        write_atomically(run.vocab, data.vocab.save)
+        write_atomically(run.normalization, data.normalization.save)
+        write_atomically(run.model_config, model.config.to_json_file)
+        write_signature(run, signature)
     c = config.checkpoint
     checkpoints = Checkpointer(run.checkpoints, c.save_total_limit, best_metric=c.best_metric, best_mode=c.best_mode)
-    if c.resume and checkpoints.latest_step() is not None:
-        state = checkpoints.restore(abstract_with_shardings(state, shardings))
+    state = start_state(begin, run, checkpoints, state, shardings, is_main)
     start = int(jax.device_get(state.step))
+    # A checkpoint that one host cannot read (and skips as damaged) would start the hosts at different steps.
+    parallel.assert_hosts_agree({"start step": start})
 
     # --- compiled steps: every train and eval bucket shape, ahead of time (nothing compiles mid-run)
     step_fn, eval_fn = _compile(config, data, model, tx, schedule, state, shardings, mesh)
@@ -173,7 +220,7 @@ def train(config: Config) -> dict[str, float]:
     writer = MetricsWriter(run.path, enabled=is_main)
     loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer)
     try:
-        with _StopFlag().installed() as stop:
+        with _StopSignal().installed() as stop:
             state, last = loop.run(state, start, steps, stop)
         final_step = int(jax.device_get(state.step))
         if checkpoints.latest_step() != final_step:
@@ -189,6 +236,22 @@ def train(config: Config) -> dict[str, float]:
         if is_main:
             plot_training_curves(run.metrics, run.curves)
     return last
+
+
+def _host_fields(config: Config, data: Data) -> dict[str, Any]:
+    """What every process of a run must hold identically: config, vocabulary, text normalisation and the
+    data plans (examples, lengths, labels and the first epoch's batches)."""
+    tree = to_dict(config)
+    tree["mesh"].pop("process_id")  # the one key that differs by design
+    fields = {"config": tree, "vocab": list(data.vocab.tokens), "normalization": dataclasses.asdict(data.normalization)}
+    for name, loader in (("train", data.train), ("eval", data.eval)):
+        if loader is None:
+            continue
+        d = loader.dataset
+        fields[f"{name}.examples"] = [e.path for e in d.examples]
+        fields[f"{name}.labels"] = np.concatenate([np.asarray([len(x) for x in d.labels]), *d.labels])
+        fields[f"{name}.plan"] = plan_sha256(loader.epoch_batches(0), d.lengths)
+    return fields
 
 
 def _compile(config: Config, data: Data, model, tx, schedule, state, shardings, mesh: Mesh
@@ -219,7 +282,7 @@ def _export(run: RunDir, config: Config, model, params, data: Data, step: int, i
     dataset = (data.eval or data.train).dataset
     clips = [np.asarray(dataset.audio[i]) for i in range(min(3, len(dataset)))]
     out = export_params(params, model.config, data.vocab, run.hf_model, normalization=data.normalization, run=run,
-                        run_config=config, step=step, clips=clips, info={"run": str(run.path.absolute()),
+                        run_config=config, step=step, clips=clips, info={"run": str(run.path if "://" in str(run.path) else run.path.absolute()),
                                                                           "selected": "final"})
     if out["check"] is None:
         logger.info("hf_model: torch is not installed, so the PyTorch self-check was skipped "
@@ -242,7 +305,7 @@ class _Loop:
     writer: MetricsWriter
     _evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
-    def run(self, state, start: int, steps: int, stop: _StopFlag):
+    def run(self, state, start: int, steps: int, stop: _StopSignal):
         t = self.config.train
         tracker, last, shapes = _TrainMetrics(), {}, set()
         # The next batch's host-to-device copy overlaps this step; resuming starts at batch `start`.
@@ -250,18 +313,23 @@ class _Loop:
         progress = _Progress(tqdm(total=steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
                                   unit="step"))
         step = start
-        while step < steps and not stop.requested:
+        while step < steps:
             step += 1
             local, batch = next(batches)
             shapes.add(batch_shape(batch))
             state, metrics = self.step_fn(state, batch)
             tracker.add(metrics, local)
             progress.dispatched(metrics["loss"])
-            if step % t.logging_steps == 0 or step == steps or stop.requested:
+            stopping = stop.check(step)
+            if step % t.logging_steps == 0 or step == steps or stopping:
                 last = tracker.flush(self.data.train.padding_fraction)  # the only read of train metrics
                 self.writer.write(step, last)
+                # Read with the metrics: no extra wait. Every process holds the same count, so all stop.
+                check_consecutive_skips(state.opt_state, self.config.optim.max_consecutive_skips, step)
                 progress.finished(step, loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}",
                                   audio_s_per_s=f"{last['train/audio_seconds_per_second']:.0f}")
+            if stopping:  # no evaluation: a preempted machine's grace period is for the checkpoint
+                break
             if self.data.eval is not None and (step % t.eval_steps == 0 or (step == steps and self.config.eval.at_end)):
                 last = self.evaluate(state, step)
             # With keep-best, every evaluated state is a candidate: it is saved with its metrics.

@@ -18,11 +18,14 @@ from xlsr_jax import parallel
 from xlsr_jax.config import Config, ConfigError, DataConfig, ModelConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, prepare_dataset
 from xlsr_jax.data.buckets import bucket_batch_sizes
+from xlsr_jax.data.report import report_bad_data
+from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import eval_loader, prepare_kwargs, read_examples
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
 from xlsr_jax.model.pretrained import resolve_model_dir
 from xlsr_jax.text import TextNormalization, Vocab
 from xlsr_jax.train.optim import build_optimizer
+from xlsr_jax.train.resume import vocab_to_reuse
 from xlsr_jax.train.state import TrainState, create_state
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,12 @@ class Data:
     eval: BatchLoader | None
     reports: dict[str, dict]
 
+    def report_bad_clips(self, path, max_skip_fraction: float, *, write: bool) -> None:
+        """Write `path` (the run's data_report.tsv) naming every clip of both splits that was skipped or
+        flagged, with its reason; then stop (UserError) if a source dropped more than `max_skip_fraction`."""
+        datasets = {"train": self.train.dataset, **({"eval": self.eval.dataset} if self.eval else {})}
+        report_bad_data(datasets, path, max_skip_fraction, write=write)
+
 
 def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
     """At most `limit` examples, drawn at random (a prefix would often be one speaker)."""
@@ -46,13 +55,20 @@ def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Examp
 
 
 def resolve_vocab(config: Config, texts: list[str], output_dir: Path) -> Vocab:
-    """An explicit `data.vocab`, else the run's own vocab.json (resuming), else built from `texts`."""
+    """The vocab.json of the checkpoints this run continues from (its own when resuming, or
+    `train.init_from`'s), else an explicit `data.vocab`, else built from `texts`. A fresh run never
+    reads an old vocab.json left in `output_dir`; a `data.vocab` must equal a reused one."""
+    reused = vocab_to_reuse(config, output_dir)
+    if reused is not None and not reused.exists():
+        raise UserError(f"{reused}: missing; the checkpoints next to it were trained with it")
+    vocab = Vocab.load(reused) if reused is not None else None
     if config.data.vocab:
-        return Vocab.load(config.data.vocab)
-    own = output_dir / "vocab.json"
-    if own.exists():
-        return Vocab.load(own)
-    return Vocab.build(texts)
+        given = Vocab.load(config.data.vocab)
+        if vocab is not None and given != vocab:
+            raise UserError(f"data.vocab={config.data.vocab} differs from {reused}, the vocabulary the checkpoints "
+                            "to continue from were trained with; leave data.vocab unset to use that one")
+        return given
+    return vocab if vocab is not None else Vocab.build(texts)
 
 
 def choose_normalization(data: DataConfig, train_examples: list[Example]) -> TextNormalization:

@@ -12,9 +12,9 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 [], optimizer updates done (skipped ones included)
+    step: jax.Array  # int32 [], steps done, skipped ones included: the loader's and the lr schedule's position
     params: Any
-    opt_state: Any
+    opt_state: Any  # optim.build_optimizer's: apply_if_finite around the AdamW moments
     rng: jax.Array  # uint32 [2], raw key data so orbax stores it like any array
     skipped: jax.Array  # int32 [], updates skipped for a non-finite loss or gradient
 

@@ -21,6 +21,7 @@ from xlsr_jax import parallel
 
 from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, frame_mask_from_attention_mask
+from xlsr_jax.train import optim
 from xlsr_jax.train.state import TrainState
 
 
@@ -51,8 +52,11 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 def train_step(state: TrainState, batch: dict, *, model: FlaxWav2Vec2ForCTC, tx: optax.GradientTransformation,
                schedule: optax.Schedule, blank_id: int, reduction: str, accum: int = 1
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update. A non-finite loss or gradient leaves params and optimizer state untouched
-    (the update is skipped and counted in `state.skipped`)."""
+    """One optimizer update at learning rate `schedule(state.step)`.
+
+    A non-finite loss or gradient skips the update (optax.apply_if_finite): params and optimizer moments
+    stay as they were, `state.skipped` counts it, and `state.step` still advances, so the next batch
+    and the next learning rate are those of the next step, as without the skip."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     normalizer = jnp.maximum(batch["example_mask"].sum(), 1.0) if reduction == "mean" else 1.0
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
@@ -71,22 +75,24 @@ def train_step(state: TrainState, batch: dict, *, model: FlaxWav2Vec2ForCTC, tx:
         (grads, loss, infeasible), _ = jax.lax.scan(
             body, init, (_micro_batches(batch, accum), jnp.arange(accum)))
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    # apply_if_finite judges the gradients only; a non-finite loss must skip the update too.
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+    learning_rate = schedule(state.step)
+    opt_state = optim.set_learning_rate(state.opt_state, learning_rate)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    skipped = optim.skipped(opt_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        skipped=state.skipped + (~finite).astype(jnp.int32),
+        params=optax.apply_updates(state.params, updates),  # zero updates when skipped
+        opt_state=opt_state,
+        skipped=state.skipped + skipped,
     )
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step),
+        "learning_rate": optim.learning_rate(opt_state),
         "infeasible": infeasible,
-        "skipped": (~finite).astype(jnp.int32),
+        "skipped": skipped,
         "examples": batch["example_mask"].sum(),
     }
     return new_state, metrics

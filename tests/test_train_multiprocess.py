@@ -1,0 +1,155 @@
+"""Two processes × two fake CPU devices on localhost, started as a user starts a cluster JAX cannot detect
+(`--set mesh.coordinator_address/num_processes/process_id`), against one process with four devices:
+same losses and scores, every example once, a SIGTERM to one process stopping both at the same step,
+resume, export from parameters sharded across the processes, and hosts that disagree stopping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from _runs import tiny_run_config
+from xlsr_jax.config import to_dict
+from xlsr_jax.rundir import read_metrics
+
+WORKER = Path(__file__).with_name("_multiprocess_worker.py")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class _Cluster:
+    """`processes` workers of one run; each one's output goes to `<out>/process<i>.log`."""
+
+    def __init__(self, config_file: Path, out: Path, *overrides: str, processes: int = 2,
+                 per_process: dict[int, list[str]] | None = None, record: bool = False):
+        port, self.out = _free_port(), out
+        out.mkdir(parents=True, exist_ok=True)
+        self.procs, self.logs = [], []
+        for i in range(processes):
+            env = dict(os.environ, PYTHONPATH=str(WORKER.parent.parent))
+            env.pop("XLA_FLAGS", None)
+            if record:
+                env["XLSR_TEST_RECORD"] = str(out / f"rows{i}.jsonl")
+            args = [sys.executable, str(WORKER), "train", "--config", str(config_file), *sum(
+                (["--set", o] for o in (*overrides, f"mesh.coordinator_address=localhost:{port}",
+                                        f"mesh.num_processes={processes}", f"mesh.process_id={i}",
+                                        *(per_process or {}).get(i, []))), [])]
+            log = open(out / f"process{i}.log", "w")
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout: float = 400) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+            for log in self.logs:
+                log.close()
+
+    def log(self, i: int) -> str:
+        return (self.out / f"process{i}.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def setup(cv_dir, tmp_path_factory):
+    """(config file, work folder, the 4-device single-process reference run's folder). Parameters are
+    FSDP-sharded over all four devices, so in the two-process runs they span both processes. A constant
+    schedule keeps every run's program independent of its step budget: one compilation cache serves all."""
+    from xlsr_jax.train.loop import train
+
+    work = tmp_path_factory.mktemp("multiprocess")
+    config = tiny_run_config(cv_dir, work, max_steps=4, eval_steps=2, save_steps=2, mesh={"fsdp": 4})
+    tree = to_dict(config)
+    tree["optim"]["schedule"] = "constant"
+    tree["train"]["compilation_cache"] = str(work / "jax_cache")
+    tree["train"]["output_dir"] = str(work / "reference")
+    config_file = work / "config.yaml"
+    config_file.write_text(yaml.safe_dump(tree, allow_unicode=True))
+    from xlsr_jax.config import load_config
+
+    train(load_config(config_file))  # this pytest process has 4 fake devices (conftest)
+    return config_file, work, work / "reference"
+
+
+def _train_losses(run: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+
+
+def _evals(run: Path) -> list[tuple]:
+    return [(r["step"], r["eval/wer"], r["eval/cer"]) for r in read_metrics(run / "metrics.jsonl") if "eval/wer" in r]
+
+
+def test_two_processes_train_like_one_with_four_devices(setup):
+    config_file, work, reference = setup
+    run = work / "two"
+    cluster = _Cluster(config_file, work / "two_logs", f"train.output_dir={run}", record=True)
+    assert cluster.wait() == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    np.testing.assert_allclose(_train_losses(run), _train_losses(reference), rtol=1e-5)
+    assert len(_train_losses(run)) == 4
+    assert _evals(run) == _evals(reference) and [s for s, *_ in _evals(run)] == [2, 4]
+    # Every example of the first epoch (6 utterances, 2 batches of 4 with 2 filler rows) exactly once
+    # across the two processes, each process holding half of every batch.
+    first_epoch = [json.loads(line) for i in (0, 1)
+                   for line in (work / "two_logs" / f"rows{i}.jsonl").read_text().splitlines()[:2]]
+    assert all(len(rows) == 2 for rows in first_epoch)
+    seen = sorted(k for rows in first_epoch for k in rows if k >= 0)
+    assert seen == list(range(6))
+    assert (run / "hf_model" / "model.safetensors").exists(), "export of parameters spread over both processes"
+    assert "greedy transcripts identical: True" in cluster.log(0)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resumes(setup):
+    config_file, work, _ = setup
+    run = work / "preempted"
+    long = (f"train.output_dir={run}", "train.max_steps=100000", "train.eval_steps=100000",
+            "train.save_steps=100000")
+    cluster = _Cluster(config_file, work / "preempted_logs", *long)
+    deadline = time.monotonic() + 300
+    while len(_train_losses(run) if (run / "metrics.jsonl").exists() else []) < 3:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in cluster.procs), cluster.log(0)[-3000:]
+        time.sleep(0.2)
+    cluster.procs[1].send_signal(signal.SIGTERM)  # a maintenance event on one host only
+    assert cluster.wait(timeout=120) == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    stopped = [int(line.split("stopped at step ")[1].split()[0]) for i in (0, 1)
+               for line in cluster.log(i).splitlines() if "stopped at step" in line]
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(stopped) == 2 and stopped[0] == stopped[1] == saved[-1] == len(_train_losses(run)), (stopped, saved)
+    assert saved == [stopped[0]] and not (run / "hf_model").exists()
+
+    final = stopped[0] + 2
+    rerun = _Cluster(config_file, work / "resumed_logs", *long[:1], f"train.max_steps={final}",
+                     "train.eval_steps=100000", "train.save_steps=100000")
+    assert rerun.wait() == [0, 0], rerun.log(0)[-3000:] + rerun.log(1)[-3000:]
+    for i in (0, 1):
+        assert f"checkpoints/{stopped[0]}" in rerun.log(i), "both processes resume from the saved step"
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r][-2:] == [final - 1, final]
+    assert (run / "hf_model" / "model.safetensors").exists()
+
+
+def test_processes_that_build_different_data_stop_naming_the_difference(setup):
+    config_file, work, _ = setup
+    cluster = _Cluster(config_file, work / "disagree_logs", f"train.output_dir={work / 'disagree'}",
+                       per_process={1: ["data.max_train_examples=5"]})
+    assert cluster.wait() == [2, 2], "the CLI exit status of a UserError"
+    for i in (0, 1):
+        error = next(line for line in cluster.log(i).splitlines() if "disagree on" in line)
+        assert "config (" in error and "train.plan (" in error and "eval.plan" not in error, error
+    assert not (work / "disagree" / "checkpoints").exists(), "stopped before anything was written"
