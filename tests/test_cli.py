@@ -35,7 +35,7 @@ def test_help_describes_the_tool_and_lists_every_command(capsys):
     assert "fine-tune XLSR-Wav2Vec2 speech recognition" in text
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(commands.choices) == {"train", "plan", "config", "evaluate", "export", "push", "transcribe",
-                                     "build-lm"}
+                                     "build-lm", "inventory", "split"}
     for action in commands._choices_actions:  # each command with its one-line help
         assert action.dest in text and action.help.split()[0] in text, action.dest
     assert "xlsr-jax config" in text and "xlsr-jax evaluate" in text
@@ -170,3 +170,29 @@ def test_build_lm_command(trained_run, cv_dir, tmp_path, capsys):
     assert f"wrote {out}: 3-gram from 4 sentences, 16 words" in capsys.readouterr().out
     assert main(["build-lm", "--data", f"cv:{cv_dir}:test", "--language", "tr", "--out", str(out)]) == 2
     assert "test split" in capsys.readouterr().err
+
+
+def test_inventory_command_on_a_common_voice_folder(cv_dir, capsys):
+    assert main(["inventory", f"cv:{cv_dir}:train+dev", "--language", "tr",
+                 "--set", "data.keep_apostrophes=true"]) == 0
+    out = capsys.readouterr().out
+    assert "before normalisation: " in out and "in 6 utterances" in out
+    after = out.split("after normalisation")[1]
+    assert "apostrophes kept inside words" in after and "istanbul'da" in after  # the override applied
+    assert out.splitlines()[-1].startswith("characters_after: ")
+
+
+def test_split_command_writes_speaker_disjoint_manifests(cv_dir, tmp_path, capsys):
+    out = tmp_path / "split"
+    assert main(["split", f"cv:{cv_dir}:train+dev", "--out", str(out), "--dev", "0.15", "--test", "0.15"]) == 0
+    text = capsys.readouterr().out
+    speakers = {}
+    for name in ("train", "dev", "test"):
+        rows = (out / f"{name}.tsv").read_text(encoding="utf-8").splitlines()
+        assert rows[0] == "path\tsentence\tspeaker\tduration_s\tlocale"
+        speakers[name] = {r.split("\t")[2] for r in rows[1:]}
+        assert f"-> manifest:{out / name}.tsv" in text
+    assert sum(map(len, speakers.values())) == len(set().union(*speakers.values())) == 4  # spk_a .. spk_d
+    assert min(map(len, speakers.values())) >= 1 and text.endswith("shared_sentences: 0\n")
+    assert main(["split", f"cv:{cv_dir}", "--out", str(out), "--dev", "0.9", "--test", "0.2"]) == 2
+    assert "--dev 0.9, --test 0.2" in capsys.readouterr().err

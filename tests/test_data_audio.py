@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xlsr_jax.data import audio as audio_mod
-from xlsr_jax.data.audio import AudioError, load_audio, normalize_waveform
+from xlsr_jax.data.audio import AudioError, load_audio, normalize_int16_into, normalize_waveform
 
 
 def _peak_hz(x: np.ndarray, sampling_rate: int) -> float:
@@ -107,3 +107,28 @@ def test_normalize_matches_hf_feature_extractor():
         np.testing.assert_array_equal(out["input_values"][row, n:], 0.0)
     assert abs(float(normalize_waveform(clips[0]).std()) - 1.0) < 1e-3
     np.testing.assert_array_equal(normalize_waveform(np.zeros(5, np.float32)), 0.0)
+
+
+def _normalized_float64(x: np.ndarray) -> np.ndarray:
+    x64 = np.asarray(x, dtype=np.float64)
+    return (x64 - x64.mean()) / np.sqrt(x64.var() + 1e-7)
+
+
+def test_float32_normalisation_matches_float64_on_a_long_clip():
+    # 20 s at 16 kHz with a DC offset of 1/4 of the standard deviation: a mean and variance
+    # accumulated in float32 one sample after another (np.cumsum) is off by 6e-5 here; ours within 1e-6.
+    rng = np.random.default_rng(3)
+    pcm = np.clip(rng.standard_normal(320000) * 4000 + 1000, -32768, 32767).astype(np.int16)
+    wav = pcm.astype(np.float32) / 32767.0
+    expected = _normalized_float64(wav)
+    ours = normalize_waveform(wav)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - expected).max() <= 1e-6 * np.abs(expected).max()
+
+    row = np.full(320010, 7.0, np.float32)  # a batch row longer than the clip
+    normalize_int16_into(pcm, row[:320000])
+    assert np.abs(row[:320000] - expected).max() <= 1e-6 * np.abs(expected).max()
+    np.testing.assert_array_equal(row[320000:], 7.0)  # padding untouched
+    silent = np.full(4, -3.0, np.float32)
+    normalize_int16_into(np.zeros(4, np.int16), silent)
+    np.testing.assert_array_equal(silent, 0.0)

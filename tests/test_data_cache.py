@@ -1,6 +1,11 @@
+import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,20 +140,125 @@ build_audio_cache([Example(p, "x") for p in sys.argv[3:]], sys.argv[1], num_work
 """
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])  # in-process, and a pool of decoding processes
-def test_sigterm_mid_build_leaves_no_partial_folder(tmp_path, audio_writer, num_workers):
+def _files(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+# Chunks of 200 // (4 * workers) clips: 50 in-process, 25 with two decoding processes.
+@pytest.mark.parametrize("num_workers, chunk", [(0, 50), (2, 25)])
+def test_sigterm_mid_build_keeps_decoded_chunks_and_resumes(tmp_path, audio_writer, num_workers, chunk, monkeypatch):
     clips = []
-    for k in range(120):
+    for k in range(200):
         audio_writer(tmp_path / f"{k}.wav", 0.2, 16000, seed=k)
         clips.append(str(tmp_path / f"{k}.wav"))
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_DECODE)
     folder, marker = tmp_path / "cache", tmp_path / "marker"
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), SLOW_DECODE_MARKER=str(marker))
-    status, err = sigterm_midway(_BUILD, [str(folder), str(num_workers), *clips], str(marker), after=20, env=env)
+    status, err = sigterm_midway(_BUILD, [str(folder), str(num_workers), *clips], str(marker), after=60, env=env)
     assert status == 128 + signal.SIGTERM, err  # ended by the signal, after cleaning up (no traceback)
-    assert "Traceback" not in err and "removing the partial folder" in err
-    assert os.listdir(folder) == []  # the partial folder, 20 clips in, is gone
-    assert os.path.getsize(marker) < len(clips) // 2  # stopped; the workers' queued clips were dropped
-    cache, skipped = build_audio_cache([Example(p, "x") for p in clips], folder, num_workers=0)
+    assert "Traceback" not in err and "decoded clips for the next run" in err
+    # Stopped: what the workers held was finished (at most 3 chunks: one each, one queued), the rest dropped.
+    assert os.path.getsize(marker) <= 60 + 3 * chunk, err
+    [building] = os.listdir(folder)  # no cache yet, no lock file: only what the next run resumes
+    assert building.endswith(".building")
+    done = sum(len(json.loads(line)["lengths"]) for line in (folder / building / "progress.jsonl").open())
+    assert done % chunk == 0 and chunk <= done <= os.path.getsize(marker)  # whole chunks, at least one
+
+    decoded = []
+    decode = cache_mod.load_audio
+    monkeypatch.setattr(cache_mod, "load_audio", lambda path, rate: decoded.append(path) or decode(path, rate))
+    examples = [Example(p, "x") for p in clips]
+    cache, skipped = build_audio_cache(examples, folder, num_workers=0)
+    assert decoded == clips[done:]  # the completed chunks were not decoded again
     assert len(cache) == len(clips) and skipped == [] and os.listdir(folder) == [os.path.basename(cache.folder)]
+    fresh, _ = build_audio_cache(examples, tmp_path / "fresh", num_workers=0)
+    assert _files(Path(cache.folder)) == _files(Path(fresh.folder))
+
+
+@pytest.mark.parametrize("audio_lost", [False, True])
+def test_interrupted_build_resumes_byte_identical(tmp_path, audio_writer, monkeypatch, audio_lost):
+    names = []
+    for k in range(12):  # 12 clips in-process: chunks of 3; clip 4 is broken, clip 7 missing
+        name = f"{k}.mp3" if k != 7 else "missing.mp3"
+        if k == 4:
+            (tmp_path / name).write_bytes(b"\x00garbage" * 50)
+        elif k != 7:
+            audio_writer(tmp_path / name, 0.1 + 0.05 * k, 48000, seed=k)
+        names.append(str(tmp_path / name))
+    examples = [Example(p, "x") for p in names]
+    reference, ref_skipped = build_audio_cache(examples, tmp_path / "reference", num_workers=0)
+
+    calls = []
+    decode = cache_mod.load_audio
+
+    def failing_at_8(path, rate):
+        calls.append(path)
+        if len(calls) == 8:  # in the third chunk: two chunks (6 clips) are complete
+            raise RuntimeError("interrupted")
+        return decode(path, rate)
+
+    monkeypatch.setattr(cache_mod, "load_audio", failing_at_8)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_audio_cache(examples, tmp_path / "cache", num_workers=0)
+    building = tmp_path / "cache" / (os.path.basename(reference.folder) + ".building")
+    assert len((building / "progress.jsonl").read_text().splitlines()) == 2
+    if audio_lost:  # less audio than progress.jsonl vouches for: nothing can be trusted, start over
+        os.truncate(building / "audio.bin", 10)
+    else:  # clip 6's audio was written but its line was not: the resumed build cuts it off, decodes it again
+        (building / "audio.bin").open("ab").write(b"\x01\x02" * 100)
+    calls.clear()
+    monkeypatch.setattr(cache_mod, "load_audio", lambda path, rate: calls.append(path) or decode(path, rate))
+    cache, skipped = build_audio_cache(examples, tmp_path / "cache", num_workers=0)
+    assert calls == (names if audio_lost else names[6:])
+    assert skipped == ref_skipped and [s.index for s in skipped] == [4, 7]
+    assert os.path.basename(cache.folder) == os.path.basename(reference.folder)
+    assert _files(Path(cache.folder)) == _files(Path(reference.folder))
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(cache.folder)]
+
+
+def test_changed_setting_rebuilds(clips, tmp_path, monkeypatch):
+    cache, _ = build_audio_cache(clips, tmp_path / "cache", num_workers=0)
+    assert cache.meta["resampler"] == "soxr_hq" and cache.meta["silence_peak"] == cache_mod.SILENCE_PEAK
+    keys = {os.path.basename(cache.folder)}
+    for change in (lambda m: m.setitem(cache_mod.DECODE_SETTINGS, "resampler", "soxr_vhq"),
+                   lambda m: m.setitem(cache_mod.DECODE_SETTINGS, "channels", "first"),
+                   lambda m: m.setattr(cache_mod, "SILENCE_PEAK", 1e-3),
+                   lambda m: m.setattr(cache_mod, "_FORMAT_VERSION", 99)):
+        with monkeypatch.context() as m:
+            change(m)
+            rebuilt, _ = build_audio_cache(clips, tmp_path / "cache", num_workers=0)
+        keys.add(os.path.basename(rebuilt.folder))
+    assert len(keys) == 5 and len(os.listdir(tmp_path / "cache")) == 5
+    again, _ = build_audio_cache(clips, tmp_path / "cache", num_workers=0)  # settings back: reused
+    assert again.folder == cache.folder
+
+
+def test_pcm_is_the_stored_int16(clips, tmp_path):
+    cache, _ = build_audio_cache(clips, tmp_path / "cache", num_workers=0)
+    view = cache.take([2, 0])
+    pcm = view.pcm(0)
+    assert pcm.dtype == np.int16 and isinstance(pcm, np.memmap) and len(pcm) == 6400
+    np.testing.assert_array_equal(pcm.astype(np.float32) / 32767.0, view[0])
+
+
+def test_concurrent_builds_decode_once(tmp_path, audio_writer):
+    clips = []
+    for k in range(20):
+        audio_writer(tmp_path / f"{k}.wav", 0.2, 16000, seed=k)
+        clips.append(str(tmp_path / f"{k}.wav"))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_DECODE)
+    folder, marker = tmp_path / "cache", tmp_path / "marker"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), SLOW_DECODE_MARKER=str(marker))
+    args = [sys.executable, "-c", _BUILD, str(folder), "0", *clips]
+    first = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.stat().st_size >= 2) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)  # waits for the first
+    assert first.wait(timeout=120) == 0 and second.returncode == 0, second.stderr
+    assert "another process is building" in second.stderr
+    assert marker.stat().st_size == len(clips)  # every clip decoded once, by the first
+    [name] = os.listdir(folder)  # the cache; no lock file, no build folder
+    assert not name.endswith((".lock", ".building"))

@@ -168,6 +168,39 @@ def test_prefetch_propagates_errors_and_stops():
     assert not prefetch_threads()
 
 
+def test_loader_threads_keep_the_order_propagate_errors_and_stop():
+    ds = fake_dataset()
+    one, three = make_loader(ds, prefetch=2), make_loader(ds, prefetch=2, workers=3)
+    for a, b in zip(itertools.islice(one.iter_from_step(5), 20), itertools.islice(three.iter_from_step(5), 20)):
+        assert_same_batch(a, b)
+    with pytest.raises(OSError, match="clip 5: disk on fire"):
+        for _ in make_loader(fake_dataset(fail_at=5), workers=2).iter_epoch(0):
+            pass
+
+    for k, _ in enumerate(three.iter_from_step(0)):  # infinite; abandon it half-way
+        if k == 2:
+            break
+    # Dropped (no gc needed: nothing else refers to it), the generator shut its threads down, and waited.
+    assert not [t for t in threading.enumerate() if t.name.startswith("xlsr_jax-loader") and t.is_alive()]
+
+
+def test_cache_rows_are_normalised_from_int16(tmp_path, audio_writer):
+    from xlsr_jax.data.cache import build_audio_cache
+
+    clips = []
+    for k, seconds in enumerate([0.3, 0.7, 0.5, 1.2]):
+        audio_writer(tmp_path / f"{k}.wav", seconds, 16000, seed=k)
+        clips.append(Example(str(tmp_path / f"{k}.wav"), "x"))
+    cache, _ = build_audio_cache(clips, tmp_path / "cache", num_workers=0)
+    ds = PreparedDataset(texts=["x"] * 4, labels=[np.ones(3, np.int32)] * 4, lengths=cache.lengths.copy(),
+                         audio=cache, examples=clips)
+    batch = make_loader(ds, batch_size=4, boundaries=[20000], shuffle=False).load_batch(0, np.arange(4))
+    for row, i in enumerate(batch["index"]):
+        n = int(ds.lengths[i])
+        np.testing.assert_allclose(batch["input_values"][row, :n], normalize_waveform(cache[i]), atol=1e-6)
+        np.testing.assert_array_equal(batch["input_values"][row, n:], 0.0)
+
+
 def test_real_cache_end_to_end(cv_dir, tmp_path):
     examples = parse_source(f"cv:{cv_dir}:train+dev")
     def normalize(example):
@@ -276,3 +309,57 @@ def test_per_bucket_process_rows_partition_each_global_batch():
         make_loader(ds, batch_size=[8, 3, 4, 2], process_count=2)
     with pytest.raises(ValueError, match="batch_size has 3 sizes for 4 buckets"):
         make_loader(ds, batch_size=[8, 6, 4])
+
+
+# ---------------------------------------------------------------- weighted mixtures
+
+
+def test_weighted_mixture_shares_resume_and_fixed_epoch_size():
+    ds = fake_dataset(n=90, seed=5)
+    a, b = np.arange(60), np.arange(60, 90)  # source A: 60 examples, source B: 30
+    # Weights 1 and 3: B's share of each epoch is 3 x 30 / (60 + 90) = 0.6 exactly; every B example thrice.
+    loader = make_loader(ds, batch_size=BUDGET_SIZES, seed=2, weights=[1.0] * 60 + [3.0] * 30)
+    for epoch in range(3):
+        plan = loader.epoch_batches(epoch)
+        assert len(plan) == loader.batches_per_epoch
+        rows = np.concatenate([idx for _, idx in plan])
+        counts = np.bincount(rows[rows >= 0], minlength=90)
+        assert np.all(counts[a] == 1) and np.all(counts[b] == 3)
+        for bucket, idx in plan:
+            assert np.all(ds.lengths[idx[idx >= 0]] <= loader.boundaries[bucket])
+    # Weights 0.5 and 2.5: an epoch draws 30 of A and 75 of B (share 75 / 105 = 0.714 exactly), a random
+    # half of A and a random half of B a third time; over 40 epochs each example's mean count lands near
+    # its weight (binomial spread: |mean - w| < 0.3 is > 3.7 sigma for 40 draws of p = 0.5).
+    loader = make_loader(ds, batch_size=BUDGET_SIZES, seed=2, weights=[0.5] * 60 + [2.5] * 30)
+    sizes = {len(loader.epoch_batches(e)) for e in range(40)}
+    assert sizes == {loader.batches_per_epoch}
+    counts = np.zeros((40, 90))
+    for epoch in range(40):
+        rows = np.concatenate([idx for _, idx in loader.epoch_batches(epoch)])
+        counts[epoch] = np.bincount(rows[rows >= 0], minlength=90)
+        assert (counts[epoch, a].sum(), counts[epoch, b].sum()) == (30, 75)
+    assert set(np.unique(counts[:, a])) == {0, 1} and set(np.unique(counts[:, b])) == {2, 3}
+    mean = counts.mean(axis=0)
+    assert np.all(np.abs(mean[a] - 0.5) < 0.3) and np.all(np.abs(mean[b] - 2.5) < 0.3)
+    assert abs(mean[a].mean() - 0.5) < 1e-12 and abs(mean[b].mean() - 2.5) < 1e-12
+    # Exact resume over the mixture, across an epoch boundary.
+    per_epoch = loader.batches_per_epoch
+    stream = loader.iter_from_step(0)
+    reference = list(itertools.islice(stream, 2 * per_epoch + 2))
+    stream.close()
+    for step in (1, per_epoch - 1, per_epoch, 2 * per_epoch):
+        resumed = make_loader(ds, batch_size=BUDGET_SIZES, seed=2,
+                              weights=[0.5] * 60 + [2.5] * 30).iter_from_step(step)
+        assert_same_batch(next(resumed), reference[step])
+        assert_same_batch(next(resumed), reference[step + 1])
+        resumed.close()
+
+
+def test_unit_weights_keep_the_plain_plan():
+    ds = fake_dataset()
+    plain, ones = make_loader(ds, seed=4), make_loader(ds, seed=4, weights=np.ones(len(ds)))
+    for epoch in range(2):
+        for (b1, i1), (b2, i2) in zip(plain.epoch_batches(epoch), ones.epoch_batches(epoch)):
+            assert b1 == b2 and i1.tolist() == i2.tolist()
+    with pytest.raises(ValueError, match="one per example"):
+        make_loader(ds, weights=[1.0, 2.0])

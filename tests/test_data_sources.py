@@ -5,9 +5,12 @@ import shutil
 import signal
 import tarfile
 
+import numpy as np
 import pytest
 
-from xlsr_jax.data.sources import Example, extract_archive, load_sources, parse_source
+from xlsr_jax.config import ConfigError
+from xlsr_jax.data.sources import (Example, extract_archive, is_test_split, load_sources, parse_source,
+                                   source_weight, split_hf_spec, split_options)
 
 from _signals import sigterm_midway
 
@@ -120,8 +123,6 @@ def test_manifest_missing_column_lists_columns(tmp_path):
 
 
 def test_bad_specs(tmp_path):
-    with pytest.raises(ValueError, match="hub datasets are not supported yet"):
-        parse_source("hf:mozilla-foundation/common_voice_17_0:tr:train")
     with pytest.raises(ValueError, match="valid schemes: cv:PATH"):
         parse_source("s3://bucket/data")
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -135,6 +136,10 @@ def test_load_sources_concatenates(cv_dir):
     assert len(both) == 5 and both[-1].source == f"cv:{cv_dir}:test"
     assert load_sources(f"cv:{cv_dir}:train,cv:{cv_dir}:dev") == load_sources(
         [f"cv:{cv_dir}:train", f"cv:{cv_dir}:dev"])
+    # `--set data.train=A,B` gives one comma-joined string in a list: each piece keeps its own options.
+    joined = load_sources([f"cv:{cv_dir}:train?weight=2,cv:{cv_dir}:dev?language=az"])
+    assert [(e.source.split(":")[-1], e.language) for e in joined] == [("train?weight=2", "tr")] * 4 + [
+        ("dev?language=az", "az")] * 2
 
 
 # Extracts one member per 50 ms and appends a byte to a marker file for each: slow enough to stop midway.
@@ -168,3 +173,92 @@ def test_sigterm_mid_extraction_leaves_no_partial_folder(tmp_path):
     assert os.path.getsize(marker) < 102  # stopped, not finished
     dest = extract_archive(str(archive), cache_dir=cache)  # the rerun extracts it whole
     assert len(os.listdir(os.path.join(dest, "tr", "clips"))) == 100 and os.listdir(cache) == ["tr"]
+
+
+# ---------------------------------------------------------------- per-source options, hf specs, test splits
+
+
+def test_options_parse_and_apply_to_every_scheme(cv_dir, tmp_path):
+    spec = "hf:google/fleurs:tr_tr:train?text=transcription&weight=0.5&language=tr"
+    assert split_options(spec) == ("hf:google/fleurs:tr_tr:train",
+                                   {"text": "transcription", "weight": "0.5", "language": "tr"})
+    assert source_weight(spec) == 0.5 and source_weight("cv:/x:train") == 1.0
+    assert split_options("manifest:/odd?name.tsv") == ("manifest:/odd?name.tsv", {})  # not key=value
+    examples = parse_source(f"cv:{cv_dir}:dev?weight=2&language=az")
+    assert [e.language for e in examples] == ["az", "az"]
+    assert examples[0].source == f"cv:{cv_dir}:dev?weight=2&language=az"
+    (tmp_path / "m.tsv").write_text("wav\twords\tsentence\nx.wav\thi\tignored\n")
+    (e,) = parse_source(f"manifest:{tmp_path / 'm.tsv'}?audio=wav&text=words")
+    assert (e.path, e.text) == (str(tmp_path / "x.wav"), "hi")
+    with pytest.raises(ValueError, match=r"no text column \(looked for \['nope'\]\); columns found: "):
+        parse_source(f"manifest:{tmp_path / 'm.tsv'}?audio=wav&text=nope")
+    with pytest.raises(ValueError, match=r"unknown option 'text' for a cv: source; valid options: weight, "
+                                         r"language$"):
+        parse_source(f"cv:{cv_dir}?text=sentence")
+    with pytest.raises(ValueError, match=r"unknown option 'weigth' for a hf: source; valid options: weight, "
+                                         r"language, audio, text"):
+        split_options("hf:x?weigth=2")
+    for bad in ("0", "-1", "inf", "nan", "two"):
+        with pytest.raises(ValueError, match=f"weight='{bad}' must be a number > 0"):
+            split_options(f"cv:/x?weight={bad}")
+
+
+def test_hf_spec_name_config_splits(tmp_path):
+    assert split_hf_spec("google/fleurs:tr_tr:train+validation") == ("google/fleurs", "tr_tr",
+                                                                   ["train", "validation"])
+    assert split_hf_spec("google/fleurs:tr_tr") == ("google/fleurs", "tr_tr", ["train"])
+    assert split_hf_spec("user/set:test") == ("user/set", None, ["test"])  # split names, not a config
+    assert split_hf_spec("user/set::dev") == ("user/set", None, ["dev"])
+    (tmp_path / "a:b").mkdir()
+    assert split_hf_spec(f"{tmp_path}/a:b") == (f"{tmp_path}/a:b", None, ["train"])
+    with pytest.raises(ValueError, match="expected hf:NAME"):
+        split_hf_spec("a:b:c:d")
+
+
+def test_is_test_split():
+    assert is_test_split("cv:/data/tr:test") and is_test_split("cv:/data/tr:train+test?weight=2")
+    assert not is_test_split("cv:/data/tr:train+dev") and not is_test_split("manifest:/data/test.tsv")
+    assert is_test_split("hf:fsicoli/common_voice_17_0:tr:test")
+    assert is_test_split("hf:someone/Common-Voice-tr-parquet::train+test")
+    assert not is_test_split("hf:google/fleurs:tr_tr:test")  # FLEURS' test split is not Common Voice's
+    assert not is_test_split("hf:fsicoli/common_voice_17_0:tr:train")
+
+
+def _data_config(cv_dir, tmp_path, train, eval=(), **data):
+    from _runs import tiny_run_config
+    from xlsr_jax.config import from_dict, to_dict
+
+    tree = to_dict(tiny_run_config(cv_dir, tmp_path))
+    tree["data"].update(train=list(train), eval=list(eval), min_duration_s=0.1, **data)
+    return from_dict(tree)
+
+
+def test_run_refuses_test_split_in_train_and_weighted_eval(cv_dir, tmp_path):
+    from xlsr_jax.train.setup import build_data
+
+    config = _data_config(cv_dir, tmp_path, [f"cv:{cv_dir}:train+test"])
+    with pytest.raises(ConfigError, match=r"data.train: .*:train\+test'\] names a Common Voice test split, "
+                                          r"the benchmark.*data.allow_test_split_in_train=true"):
+        build_data(config, tmp_path / "run", 4, 4, data_parallel=4)
+    allowed = _data_config(cv_dir, tmp_path, [f"cv:{cv_dir}:train+test"], allow_test_split_in_train=True)
+    assert len(build_data(allowed, tmp_path / "run", 4, 4, data_parallel=4).train.dataset) == 5
+    weighted_eval = _data_config(cv_dir, tmp_path, [f"cv:{cv_dir}:train"], [f"cv:{cv_dir}:dev?weight=2"])
+    with pytest.raises(ConfigError, match=r"data.eval: .*dev\?weight=2'\]: evaluation sources take no weight"):
+        build_data(weighted_eval, tmp_path / "run", 4, 4, data_parallel=4)
+
+
+def test_weighted_train_sources_set_the_epoch_and_step_count(cv_dir, tmp_path):
+    from xlsr_jax.train.loop import total_steps
+    from xlsr_jax.train.setup import build_data
+
+    # train: 4 clips, dev: 2 clips. Weight 3 on train: 3 x 4 + 2 = 14 examples an epoch, 4 batches of 4.
+    plain = build_data(_data_config(cv_dir, tmp_path, [f"cv:{cv_dir}:train", f"cv:{cv_dir}:dev"]),
+                       tmp_path / "run", 4, 4, data_parallel=4).train
+    mixed = build_data(_data_config(cv_dir, tmp_path, [f"cv:{cv_dir}:train?weight=3", f"cv:{cv_dir}:dev"]),
+                       tmp_path / "run", 4, 4, data_parallel=4).train
+    assert (plain.batches_per_epoch, mixed.batches_per_epoch) == (2, 4)  # ceil(6 / 4), ceil(14 / 4)
+    rows = np.concatenate([idx for _, idx in mixed.epoch_batches(0)])
+    sources = [mixed.dataset.examples[i].source.split(":")[-1] for i in rows[rows >= 0]]
+    assert (sources.count("train?weight=3"), sources.count("dev")) == (12, 2)
+    from _runs import tiny_run_config
+    assert total_steps(tiny_run_config(cv_dir, tmp_path, num_train_epochs=2.0), mixed.batches_per_epoch) == 8

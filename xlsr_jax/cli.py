@@ -114,6 +114,29 @@ def _build_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inventory(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import load_config
+    from xlsr_jax.data.inventory import character_inventory, format_inventory
+    from xlsr_jax.infer.data import read_examples
+
+    data = load_config(args.config, args.set).data
+    examples = read_examples(args.specs, data)
+    sys.stdout.write(format_inventory(character_inventory(examples, data.normalization(args.language))))
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import load_config
+    from xlsr_jax.data.split import format_split, make_split
+    from xlsr_jax.infer.data import read_examples
+
+    data = load_config(args.config, args.set).data
+    split, paths = make_split(read_examples(args.specs, data), args.out, dev=args.dev, test=args.test,
+                              seed=args.seed, normalization=data.normalization(args.language))
+    sys.stdout.write(format_split(split, paths))
+    return 0
+
+
 def _add_checkpoint_choice(parser: argparse.ArgumentParser) -> None:
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--step", type=int, help="use the run's checkpoint of this step (default: the newest)")
@@ -240,12 +263,42 @@ def _parse_build_lm(commands) -> None:
     p.set_defaults(handler=_build_lm)
 
 
+def _parse_inventory(commands) -> None:
+    p = commands.add_parser("inventory", help="characters of a source's transcripts before and after normalisation",
+                            description="Count every character of the transcripts of SPEC, raw and normalised as "
+                                        "training would (data.language / --language presets, chars_to_ignore, "
+                                        "keep_apostrophes, unicode_normalization), with its Unicode name and a "
+                                        "word it occurs in. Each character left after normalisation becomes a "
+                                        "vocabulary entry: drop one with --set data.chars_to_ignore=... only if "
+                                        "removing it changes no word's meaning.")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="cv:DIR[:SPLITS] or manifest:FILE")
+    p.add_argument("--language", help="normalise as this language (default: data.language, else each locale)")
+    _add_config_args(p)
+    p.set_defaults(handler=_inventory)
+
+
+def _parse_split(commands) -> None:
+    p = commands.add_parser("split", help="speaker-disjoint train/dev/test manifests for data without a test split",
+                            description="Write OUT/train.tsv, dev.tsv, test.tsv (use them as manifest:FILE) with "
+                                        "no speaker in two splits, sizes by utterance count near --dev/--test, "
+                                        "the same for the same --seed. Sentences are kept apart too where that "
+                                        "leaves dev and test near their size; else the shared ones are counted.")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="cv:DIR[:SPLITS] or manifest:FILE, e.g. cv:DIR:validated")
+    p.add_argument("--out", required=True, help="folder for the three manifests")
+    p.add_argument("--dev", type=float, default=0.1, help="share of utterances for dev (default 0.1)")
+    p.add_argument("--test", type=float, default=0.1, help="share of utterances for test (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--language", help="compare sentences normalised as this language (default: data.language)")
+    _add_config_args(p)
+    p.set_defaults(handler=_split)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_parse_train, _parse_plan, _parse_config, _parse_evaluate, _parse_export, _parse_push,
-                _parse_transcribe, _parse_build_lm):
+                _parse_transcribe, _parse_build_lm, _parse_inventory, _parse_split):
         add(commands)
     return parser
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from xlsr_jax.errors import UserError
-from xlsr_jax.text import DEFAULT_CHARS_TO_IGNORE
+from xlsr_jax.text import DEFAULT_CHARS_TO_IGNORE, UNICODE_FORMS, TextNormalization
 
 
 def _key(default: Any = dataclasses.MISSING, meaning: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
@@ -96,12 +96,20 @@ class DataConfig:
     """Where the audio comes from and how transcripts become labels."""
 
     train: tuple[str, ...] = _key((), "training sources: cv:DIR[:SPLITS] (Common Voice, splits joined by +), "
-                                      "manifest:FILE")
-    eval: tuple[str, ...] = _key((), "evaluation sources, same forms as data.train; empty: no evaluation")
-    language: str | None = _key(None, "language code for lowercasing rules (tr, az); null: each source's "
-                                      "locale (Common Voice's)")
+                                      "manifest:FILE, hf:NAME[:CONFIG][:SPLITS] (Hugging Face dataset or "
+                                      "local folder); each may end in ?weight=W&language=L&audio=COL&text=COL")
+    eval: tuple[str, ...] = _key((), "evaluation sources, same forms as data.train (no weight); empty: no "
+                                     "evaluation")
+    allow_test_split_in_train: bool = _key(False, "allow a Common Voice test split (the benchmark) in data.train")
+    language: str | None = _key(None, "language code choosing the text normalisation preset (tr, de, en-US: "
+                                      "dotted/dotless i, apostrophes, NFKC; see xlsr_jax/text.py); null: each "
+                                      "source's locale (Common Voice's)")
     lowercase: bool = _key(True, "lowercase transcripts before building labels")
     chars_to_ignore: str = _key(DEFAULT_CHARS_TO_IGNORE, "characters deleted from transcripts (punctuation)")
+    keep_apostrophes: bool | None = _key(None, "keep apostrophes between two letters (it's, l'homme) as \"'\" "
+                                               "though chars_to_ignore lists them; null: the language preset")
+    unicode_normalization: str | None = _key(None, "NFC | NFKC (also folds full-width forms, ligatures, "
+                                                   "presentation forms); null: the language preset")
     vocab: str | None = _key(None, "an existing vocab.json; null: built from train + eval text")
     min_duration_s: float = _key(0.5, "drop training clips shorter than this, in seconds")
     max_duration_s: float = _key(20.0, "drop training clips longer than this, in seconds")
@@ -117,13 +125,25 @@ class DataConfig:
     cache_dir: str | None = _key(None, "decoded-audio and archive cache; null: ~/.cache/xlsr_jax")
     num_workers: int = _key(2, "parallel workers decoding audio into the cache")
     prefetch: int = _key(4, "batches prepared ahead of the training step")
+    loader_workers: int = _key(1, "threads assembling batches (same batches, same order); 2 gave 1.2-1.8x "
+                                  "the audio-s/s of 1 on a 2-core host (scripts/bench_input.py)")
 
     def __post_init__(self):
         _check(self.num_buckets >= 1, "data.num_buckets", "must be >= 1")
+        _check(self.loader_workers >= 1, "data.loader_workers", "must be >= 1")
         _check(self.eval_num_buckets >= 1, "data.eval_num_buckets", "must be >= 1")
         _check(0 <= self.min_duration_s < self.max_duration_s, "data.max_duration_s",
                "must be greater than data.min_duration_s >= 0", related=["data.min_duration_s"])
         _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", "must be in [0, 1]")
+        _check(self.unicode_normalization in (None, *UNICODE_FORMS), "data.unicode_normalization",
+               f"must be null or one of {', '.join(UNICODE_FORMS)}")
+
+    def normalization(self, language: str | None = None) -> TextNormalization:
+        """The text normalisation these keys describe, for `language` (default data.language; None: each
+        utterance's locale), with the language preset's values written in where keys are null."""
+        return TextNormalization(language=language or self.language or None, lowercase=self.lowercase,
+                                 chars_to_ignore=self.chars_to_ignore, keep_apostrophes=self.keep_apostrophes,
+                                 unicode_normalization=self.unicode_normalization).resolved()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,8 @@ import numpy as np
 
 # The XLSR fine-tuning week's punctuation set, widened with the quotes, dashes and brackets that
 # Common Voice sentences actually contain. Apostrophes are removed too ("İstanbul'da" ->
-# "istanbulda"): they are rare, inconsistent and mostly unpronounced.
+# "istanbulda"): they are rare, inconsistent and mostly unpronounced; the languages whose
+# word-internal apostrophes carry meaning keep those (LANGUAGE_PRESETS).
 DEFAULT_CHARS_TO_IGNORE = (
     ",?.!-;:\"“”„‚‟%‘’'`«»‹›()[]{}<>…–—―‐‑/\\*&#@´¨^~_|+=$€£§°¿¡؟،؛"
     "。、，！？：；「」『』•″′\u00ad\ufffd"
@@ -33,8 +34,50 @@ UNK = "[UNK]"
 PAD = "[PAD]"
 
 _SPACE_RE = re.compile(r"\s+")
-# Languages whose dotted/dotless i pair breaks Python's locale-free str.lower().
-_DOTLESS_I_LANGUAGES = frozenset({"tr", "az"})
+UNICODE_FORMS = ("NFC", "NFKC")
+# Spellings of the apostrophe people type inside words (it’s, l´homme, Ukrainian мʼясо); with
+# keep_apostrophes they all become "'", one vocabulary entry.
+APOSTROPHES = "'’ʼ`´‘"
+_INNER_APOSTROPHE = re.compile(rf"(?<=\w)[{APOSTROPHES}](?=\w)")
+_OUTER_APOSTROPHE = re.compile(r"(?<!\w)'|'(?!\w)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguagePreset:
+    """What a language's transcripts need beyond lowercasing and removing ``chars_to_ignore``."""
+
+    dotless_i: bool = False  # I -> ı and İ -> i when lowercasing (Python's str.lower is locale-free)
+    keep_apostrophes: bool = False  # keep apostrophes between two letters (it's, l'homme)
+    unicode_normalization: str = "NFKC"
+
+
+# A language with no entry gets DEFAULT_PRESET; an unknown one (no code) gets UNKNOWN_PRESET.
+#
+# Apostrophes are kept where they tell words apart or are part of the spelling: English it's/its,
+# we'll/well; French, Italian, Catalan, Occitan, Romansh elision (l'homme, dell'anno); Dutch zo'n,
+# 's avonds; Welsh i'r, a'r; Irish and Scottish Gaelic d'fhág; Luxembourgish; Breton, where c'h is a
+# letter; Ukrainian and Belarusian, where the apostrophe is a letter-like sign (м'ясо vs мясо). Elsewhere
+# they are dropped: in Turkish and Azerbaijani it only separates a suffix from a proper noun
+# (İstanbul'da), is often left out by writers, and Common Voice fine-tuning recipes delete it; German
+# geht's/gibt's is colloquial and also written without one.
+#
+# NFKC folds compatibility variants into the letter a reader sees (full-width Ａ１, half-width ｶ,
+# ligatures ﬁ ĳ, Arabic and Hebrew presentation forms, ŀ -> l·), so one sound has one label. It is
+# skipped (NFC only) where it changes letters (checked over every letter and mark NFKC alters):
+# Korean (compatibility jamo ㄱ ㅏ would compose into the syllable 가), Thai and Lao (the vowel ำ / ຳ
+# splits into two marks; ໜ ໝ split into two letters), Armenian (the letter և becomes ե + ւ), Taiwanese
+# Hokkien (POJ's nasal ⁿ would become the consonant n), Tifinagh Tamazight (the labialisation mark ⵯ
+# would become the letter ⵡ). Without a language code the script is unknown, so NFC only.
+DEFAULT_PRESET = LanguagePreset()
+UNKNOWN_PRESET = LanguagePreset(unicode_normalization="NFC")
+_NFC_ONLY = LanguagePreset(unicode_normalization="NFC")
+_APOSTROPHES_KEPT = LanguagePreset(keep_apostrophes=True)
+LANGUAGE_PRESETS: dict[str, LanguagePreset] = {
+    "tr": LanguagePreset(dotless_i=True), "az": LanguagePreset(dotless_i=True),
+    **dict.fromkeys(("en", "fr", "it", "ca", "oc", "rm", "nl", "lb", "cy", "ga", "gd", "br", "uk", "be"),
+                    _APOSTROPHES_KEPT),
+    **dict.fromkeys(("ko", "th", "lo", "hy", "nan", "zgh", "tzm"), _NFC_ONLY),
+}
 
 
 def _base_language(language: str | None) -> str:
@@ -44,9 +87,32 @@ def _base_language(language: str | None) -> str:
     return re.split(r"[-_]", language, maxsplit=1)[0].lower()
 
 
+def language_preset(language: str | None) -> LanguagePreset:
+    """The preset of a language code ('tr', 'tr-TR', 'zh-CN'); UNKNOWN_PRESET for None or ''."""
+    base = _base_language(language)
+    return LANGUAGE_PRESETS.get(base, DEFAULT_PRESET) if base else UNKNOWN_PRESET
+
+
 @functools.lru_cache(maxsize=16)
 def _deletion_table(chars: str) -> dict[int, None]:
     return {ord(c): None for c in chars}
+
+
+@functools.lru_cache(maxsize=1)
+def _orphan_marks() -> re.Pattern:
+    """Combining marks after whitespace or at the start: what NFKC leaves of a spacing accent
+    (´ -> space + U+0301, the isolated Arabic fatha ﹶ -> space + U+064E), with no letter to sit on."""
+    marks = "".join(re.escape(chr(c)) for c in range(0x110000) if unicodedata.category(chr(c)) in ("Mn", "Mc", "Me"))
+    return re.compile(rf"(?:(?<=\s)|^)[{marks}]+")
+
+
+def _remove_ignored(text: str, chars_to_ignore: str, keep_apostrophes: bool) -> str:
+    if not keep_apostrophes:
+        return text.translate(_deletion_table(chars_to_ignore)) if chars_to_ignore else text
+    text = _INNER_APOSTROPHE.sub("'", text)
+    text = text.translate(_deletion_table(chars_to_ignore.replace("'", "")))
+    # An apostrophe that is not between two letters is a quotation mark: removed if "'" is ignored.
+    return _OUTER_APOSTROPHE.sub("", text) if "'" in chars_to_ignore else text
 
 
 def normalize_text(
@@ -55,20 +121,33 @@ def normalize_text(
     language: str | None = None,
     lowercase: bool = True,
     chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE,
+    keep_apostrophes: bool | None = None,
+    unicode_normalization: str | None = None,
 ) -> str:
     """Normalise one transcript for character-level CTC.
 
-    NFC first so that precomposed and combining spellings of a letter become one vocab entry.
-    Lowercasing is locale-aware for Turkish/Azerbaijani: Python maps 'İ' to 'i' + U+0307 and 'I'
-    to 'i', both wrong there.
+    ``keep_apostrophes`` and ``unicode_normalization`` (NFC | NFKC) None take the language's preset
+    (see LANGUAGE_PRESETS). NFC always, so that precomposed and combining spellings of a letter become
+    one vocab entry. Lowercasing is locale-aware for Turkish/Azerbaijani: Python maps 'İ' to 'i' +
+    U+0307 and 'I' to 'i', both wrong there. It is str.lower, never str.casefold, which would turn
+    German ß into ss.
     """
+    preset = language_preset(language)
+    keep = preset.keep_apostrophes if keep_apostrophes is None else keep_apostrophes
+    form = unicode_normalization or preset.unicode_normalization
+    if form not in UNICODE_FORMS:
+        raise ValueError(f"unicode_normalization {form!r}: expected one of {UNICODE_FORMS}")
     text = unicodedata.normalize("NFC", text)
+    if form == "NFKC":
+        # Ignored characters go first: NFKC turns the spacing accents among them (´ ¨) into a space
+        # plus a combining mark that the deletion would no longer find.
+        text = unicodedata.normalize("NFKC", _remove_ignored(text, chars_to_ignore, keep))
+        text = _orphan_marks().sub("", text)
     if lowercase:
-        if _base_language(language) in _DOTLESS_I_LANGUAGES:
+        if preset.dotless_i:
             text = text.replace("I", "ı").replace("İ", "i")
-        text = unicodedata.normalize("NFC", text.lower())
-    if chars_to_ignore:
-        text = text.translate(_deletion_table(chars_to_ignore))
+        text = unicodedata.normalize(form, text.lower())
+    text = _remove_ignored(text, chars_to_ignore, keep)
     return _SPACE_RE.sub(" ", text).strip()
 
 
@@ -86,17 +165,37 @@ def headline_metric(language: str | None) -> str:
 class TextNormalization:
     """How a run turns raw transcripts into label text; stored with the run and its export.
 
-    ``language`` None means each utterance's own locale decides (Common Voice's locale column).
+    ``language`` None means each utterance's own locale decides (Common Voice's locale column), and
+    so does its preset. ``keep_apostrophes`` / ``unicode_normalization`` None: the language preset's;
+    :meth:`resolved` writes the preset's values in when the language is known, so that the stored file
+    says what was done.
     """
 
     language: str | None = None
     lowercase: bool = True
     chars_to_ignore: str = DEFAULT_CHARS_TO_IGNORE
+    keep_apostrophes: bool | None = None
+    unicode_normalization: str | None = None
+
+    def __post_init__(self):
+        if self.unicode_normalization not in (None, *UNICODE_FORMS):
+            raise ValueError(f"unicode_normalization {self.unicode_normalization!r}: expected null or one of "
+                             f"{UNICODE_FORMS}")
 
     def __call__(self, text: str, language: str | None = None) -> str:
         """Normalise ``text``; ``language`` (the utterance's locale) applies when ours is None."""
         return normalize_text(text, language=self.language or language or None, lowercase=self.lowercase,
-                              chars_to_ignore=self.chars_to_ignore)
+                              chars_to_ignore=self.chars_to_ignore, keep_apostrophes=self.keep_apostrophes,
+                              unicode_normalization=self.unicode_normalization)
+
+    def resolved(self) -> "TextNormalization":
+        """With a language set, the preset's values in place of None (what a run stores)."""
+        if not self.language:
+            return self
+        preset = language_preset(self.language)
+        return dataclasses.replace(
+            self, keep_apostrophes=preset.keep_apostrophes if self.keep_apostrophes is None else self.keep_apostrophes,
+            unicode_normalization=self.unicode_normalization or preset.unicode_normalization)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -110,7 +209,13 @@ class TextNormalization:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; expected {sorted(fields)}")
-        return cls(**values)
+        # A file written before the presets existed: its run kept no apostrophe and applied NFC only.
+        values.setdefault("keep_apostrophes", False)
+        values.setdefault("unicode_normalization", "NFC")
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ def sigterm_raises(what: str) -> Iterator[None]:
         if raised:
             return
         raised = True
-        log.warning("signal %d while %s: removing the partial folder and stopping", signum, what)
+        log.warning("signal %d while %s: stopping", signum, what)
         raise Terminated(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

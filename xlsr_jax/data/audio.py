@@ -21,6 +21,15 @@ SOUNDFILE_EXTENSIONS = frozenset({
 })
 
 
+# What load_audio does to a file besides decoding it. Part of the decoded-audio cache's key: change one of
+# these (or what the code does) and describe it here, and every cache is rebuilt instead of reused.
+DECODE_SETTINGS = {
+    "channels": "mean",  # multichannel audio is mixed to mono by averaging
+    "resampler": "soxr_hq",  # see resample()
+    "fallback": "librosa.load",  # containers libsndfile lacks
+}
+
+
 class AudioError(Exception):
     """A clip could not be decoded; the message names the file, ``reason`` says why in one word:
     ``missing_file``, ``empty_audio`` (a 0-byte file, or no samples in it) or ``undecodable``."""
@@ -91,16 +100,42 @@ def _librosa_load(path: str, sampling_rate: int) -> np.ndarray:
     return wav
 
 
+# Wav2Vec2FeatureExtractor's variance floor, on waveforms in [-1, 1].
+_VAR_EPS = 1e-7
+
+
 def normalize_waveform(x: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance of one utterance ``[samples]`` -> float32 ``[samples]``.
 
-    Same formula as ``Wav2Vec2FeatureExtractor(do_normalize=True)``:
-    ``(x - mean) / sqrt(var + 1e-7)``. Statistics in float64 so long clips do not drift.
+    Same formula as ``Wav2Vec2FeatureExtractor(do_normalize=True)``: ``(x - mean) / sqrt(var + 1e-7)``.
+    No float64 copy of the clip: the mean is a float64-accumulated sum, the variance the two-pass
+    (centred) one, so a DC offset does not cancel digits; within ~1e-7 of the float64 result.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.size == 0:
-        return x
-    x64 = x.astype(np.float64)
-    mean = x64.mean()
-    var = x64.var()
-    return ((x64 - mean) / np.sqrt(var + 1e-7)).astype(np.float32)
+        return x.copy()
+    mean = np.float32(np.sum(x, dtype=np.float64) / x.size)
+    out = np.subtract(x, mean)  # float32 [samples], centred
+    var = float(np.sum(np.square(out), dtype=np.float64)) / x.size
+    out *= np.float32(1.0 / np.sqrt(var + _VAR_EPS))
+    return out
+
+
+def normalize_int16_into(pcm: np.ndarray, out: np.ndarray, scale: float = 32767.0) -> None:
+    """Write ``normalize_waveform(pcm / scale)`` into ``out`` (float32 ``[samples]``, e.g. a batch row)
+    from int16 ``pcm`` ``[samples]``, without a float copy of the clip.
+
+    The sums of the samples and of their squares are exact integers (int64: exact up to ~2**33
+    samples), so mean and variance are exact to float64 rounding; then one subtract and one multiply
+    in float32, in place in ``out``.
+    """
+    n = pcm.size
+    if n == 0:
+        return
+    total = int(np.sum(pcm, dtype=np.int64))
+    squares = int(np.sum(np.square(pcm, dtype=np.int32), dtype=np.int64))  # int16**2 < 2**31
+    mean = total / n
+    var = (n * squares - total * total) / (n * n)  # Python ints: exact before the division
+    inv = 1.0 / np.sqrt(var + _VAR_EPS * scale * scale)
+    np.subtract(pcm, np.float32(mean), out=out, dtype=np.float32)
+    np.multiply(out, np.float32(inv), out=out)

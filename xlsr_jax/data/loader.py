@@ -2,7 +2,9 @@
 
 Each epoch's plan is a pure function of (seed, epoch): examples are shuffled within their length
 bucket and cut into full batches (so a batch holds similar lengths and little padding), then the
-order of batches is shuffled (so the order of lengths is random). Buckets share one batch size or
+order of batches is shuffled (so the order of lengths is random). With per-example weights (a mixture
+of sources, `sources.source_weight`) an example of weight w appears w times per epoch on average:
+floor(w) times, plus once more for a share of them drawn each epoch. Buckets share one batch size or
 each has its own (token-budget batching: short clips in bigger batches, `buckets.bucket_batch_sizes`);
 either way every bucket is one static shape. Every process computes the same global plan and loads
 only its own rows, so hosts agree without talking to each other.
@@ -10,13 +12,16 @@ only its own rows, so hosts agree without talking to each other.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 import queue
 import threading
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from xlsr_jax.data.audio import normalize_waveform
+from xlsr_jax.data.audio import normalize_int16_into, normalize_waveform
 from xlsr_jax.data.batch import LABEL_PAD
 from xlsr_jax.data.buckets import assign_buckets
 from xlsr_jax.data.prepare import PreparedDataset
@@ -38,7 +43,8 @@ class BatchLoader:
 
     def __init__(self, dataset: PreparedDataset, *, batch_size: int | Sequence[int], boundaries,
                  label_multiple: int = 16, seed: int = 0, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 2):
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 2, workers: int = 1,
+                 weights: Sequence[float] | None = None):
         if len(dataset) == 0:
             raise ValueError("BatchLoader: the dataset is empty")
         if not 0 <= process_index < process_count:
@@ -47,15 +53,21 @@ class BatchLoader:
         self.boundaries = np.asarray(boundaries, dtype=np.int64)
         self.batch_sizes = _per_bucket(batch_size, len(self.boundaries), process_count)  # global, [k]
         self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
+        self.workers = workers  # threads assembling batches (numpy releases the GIL in its loops)
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_sizes = tuple(bs // process_count for bs in self.batch_sizes)
         self.buckets = assign_buckets(dataset.lengths, self.boundaries)  # [n]
         self.label_lengths = _bucket_label_lengths(
             self.buckets, dataset.labels, len(self.boundaries), label_multiple)
         self._members = [np.flatnonzero(self.buckets == b) for b in range(len(self.boundaries))]
-        # How many batches a bucket yields depends on its size, never on the order of its members:
-        # the unshuffled cut has exactly as many batches as every epoch's plan.
-        self.batches_per_epoch = len(self._cut(self._members))
+        self._draws = _weighted_draws(self._members, weights, len(dataset)) if shuffle else None
+        # How many batches a bucket yields depends on its size, never on the order of its members; the
+        # weighted draws fix each bucket's size per epoch: any epoch's plan has exactly this many batches.
+        sizes = ([len(m) for m in self._members] if self._draws is None
+                 else [sum(count for _, count in groups) for groups in self._draws])
+        if sum(sizes) == 0:
+            raise ValueError("BatchLoader: the weights draw no example per epoch; raise them")
+        self.batches_per_epoch = len(self._cut([np.zeros(n, np.int64) for n in sizes]))
         self._padding_fraction: float | None = None
 
     # ------------------------------------------------------------ plan
@@ -64,7 +76,10 @@ class BatchLoader:
         """The global plan of one epoch: ``[(bucket, example indices int64 [batch_sizes[bucket]])]``,
         ``-1`` marking dummy rows. A pure function of (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
-        members = [rng.permutation(m) if self.shuffle else m for m in self._members]
+        if self._draws is not None:
+            members = [rng.permutation(_draw(groups, rng)) for groups in self._draws]
+        else:
+            members = [rng.permutation(m) if self.shuffle else m for m in self._members]
         batches = self._cut(members)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -129,39 +144,92 @@ class BatchLoader:
             "example_mask": (rows >= 0).astype(np.float32),
             "index": rows.copy(),
         }
+        audio = self.dataset.audio
+        # The cache's int16 samples normalised straight into the batch row: no float copy per clip.
+        pcm = getattr(audio, "pcm", None)
         for r, i in enumerate(rows):
             if i < 0:
                 continue
-            wav = self.dataset.audio[int(i)]
+            wav = pcm(int(i)) if pcm is not None else audio[int(i)]
             n, label = len(wav), self.dataset.labels[i]
             if n != self.dataset.lengths[i]:
                 raise ValueError(f"example {i} ({self.dataset.examples[i].path}): audio has {n} "
                                  f"samples, the dataset says {self.dataset.lengths[i]}")
-            batch["input_values"][r, :n] = normalize_waveform(wav)
+            if pcm is not None:
+                normalize_int16_into(wav, batch["input_values"][r, :n])
+            else:
+                batch["input_values"][r, :n] = normalize_waveform(wav)
             batch["attention_mask"][r, :n] = 1
             batch["labels"][r, : len(label)] = label
         return batch
 
-    def _produce(self, step: int) -> Iterator[dict[str, np.ndarray]]:
+    def _plan_from(self, step: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The planned (bucket, indices) of every global step from ``step`` on, endlessly."""
         epoch, offset = divmod(step, self.batches_per_epoch)
         while True:
-            for bucket, indices in self.epoch_batches(epoch)[offset:]:
-                yield self.load_batch(bucket, indices)
+            yield from self.epoch_batches(epoch)[offset:]
             epoch, offset = epoch + 1, 0
+
+    def _loaded(self, plan: Iterator[tuple[int, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """``load_batch`` of each planned batch, in plan order, ``prefetch`` ahead, on ``workers``
+        threads."""
+        if self.workers > 1:
+            return _loaded_in_threads(self.load_batch, plan, self.workers, self.prefetch)
+        return _prefetched((self.load_batch(b, idx) for b, idx in plan), self.prefetch)
 
     def iter_from_step(self, step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Infinite batches starting at global ``step`` (same batches as skipping from 0)."""
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
-        return _prefetched(self._produce(step), self.prefetch)
+        return self._loaded(self._plan_from(step))
 
     def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the data (evaluation)."""
-        plan = self.epoch_batches(epoch)
-        return _prefetched((self.load_batch(b, idx) for b, idx in plan), self.prefetch)
+        return self._loaded(iter(self.epoch_batches(epoch)))
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+def _weighted_draws(members: list[np.ndarray], weights, n: int) -> list[list[tuple[np.ndarray, int]]] | None:
+    """Per bucket, ``[(indices of one weight, how many of them an epoch draws)]``; None when every weight
+    is 1 (the plain plan, unchanged).
+
+    A weight's examples contribute ``round(w * count)`` draws per epoch, apportioned to the buckets by
+    largest remainder, so each bucket's size, and with it the number of batches, is the same every epoch.
+    """
+    if weights is None:
+        return None
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (n,):
+        raise ValueError(f"weights has shape {weights.shape}, expected one per example ({n})")
+    if not np.all(weights > 0):
+        raise ValueError(f"weights must be > 0; got {weights.min()}")
+    if np.all(weights == 1):
+        return None
+    draws: list[list[tuple[np.ndarray, int]]] = [[] for _ in members]
+    for w in np.unique(weights):
+        groups = [m[weights[m] == w] for m in members]
+        sizes = np.array([len(g) for g in groups], dtype=np.float64)
+        quota = round(w * sizes.sum()) * sizes / sizes.sum()  # [buckets], sums to the weight's draws
+        counts = np.floor(quota).astype(np.int64)
+        short = int(round(quota.sum())) - int(counts.sum())
+        counts[np.argsort(-(quota - counts), kind="stable")[:short]] += 1
+        for b, (g, c) in enumerate(zip(groups, counts)):
+            if len(g):
+                draws[b].append((g, int(c)))
+    return draws
+
+
+def _draw(groups: list[tuple[np.ndarray, int]], rng: np.random.Generator) -> np.ndarray:
+    """One epoch's members of a bucket: each group's indices ``count // len`` times over, plus
+    ``count % len`` of them drawn without replacement."""
+    parts = []
+    for indices, count in groups:
+        full, extra = divmod(count, len(indices))
+        parts.extend([indices] * full)
+        parts.append(rng.choice(indices, size=extra, replace=False))
+    return np.concatenate(parts).astype(np.int64)
 
 
 def _per_bucket(batch_size: int | Sequence[int], num_buckets: int, process_count: int) -> tuple[int, ...]:
@@ -246,3 +314,20 @@ def _prefetched(source: Iterator, depth: int) -> Iterator:
     finally:
         stop.set()
         thread.join(timeout=5.0)
+
+
+def _loaded_in_threads(load, plan: Iterator[tuple[int, np.ndarray]], workers: int, depth: int) -> Iterator:
+    """``load(bucket, indices)`` of each planned batch on a pool of ``workers`` threads, yielded in plan
+    order, with ``max(depth, workers)`` batches in flight. Closing the generator cancels the rest."""
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="xlsr_jax-loader")
+    pending: collections.deque = collections.deque()
+    try:
+        for bucket, indices in itertools.islice(plan, max(depth, workers)):
+            pending.append(pool.submit(load, bucket, indices))
+        while pending:
+            batch = pending.popleft().result()
+            for bucket, indices in itertools.islice(plan, 1):
+                pending.append(pool.submit(load, bucket, indices))
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

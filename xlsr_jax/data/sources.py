@@ -4,7 +4,14 @@ Specs:
   ``cv:PATH[:SPLITS]``        a Common Voice language folder or the ``.tar.gz`` Mozilla ships;
                               SPLITS is ``+``-joined TSV names (``train+dev``), default ``train``.
   ``manifest:PATH``           a ``.tsv`` / ``.csv`` / ``.jsonl`` file of (audio path, text[, ...]).
-  ``hf:NAME[:CONFIG[:SPLIT]]`` reserved for hub datasets (not supported yet).
+  ``hf:NAME[:CONFIG][:SPLITS]`` a Hugging Face dataset, on the Hub or in a local folder (hub.py);
+                              one suffix is SPLITS if it is made of split names (``train+validation``),
+                              else CONFIG; ``hf:NAME::SPLITS`` names splits without a config.
+
+Any spec may end in options, ``?key=value&key=value`` (the same in YAML and ``--set``):
+  ``weight``    training share: each example is drawn ``weight`` times per epoch on average (loader.py);
+  ``language``  locale for text normalisation of this source's utterances (tr, de, zh-CN);
+  ``audio``, ``text``  column names (manifest: and hf: only).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import logging
 import os
 import re
 import tarfile
+import urllib.parse
 from typing import Iterable, Sequence
 
 from xlsr_jax.data.atomic import partial_folder
@@ -31,6 +39,11 @@ TEXT_COLUMNS = ("sentence", "text", "transcription", "transcript")
 DURATION_COLUMNS = ("duration_s", "duration")
 SPEAKER_COLUMNS = ("speaker", "client_id")
 LANGUAGE_COLUMNS = ("locale", "language", "lang")
+# Per-source options each scheme takes (see the module docstring).
+SOURCE_OPTIONS = {"cv": ("weight", "language"), "manifest": ("weight", "language", "audio", "text"),
+                  "hf": ("weight", "language", "audio", "text")}
+# A suffix of an hf: spec made only of these (joined by +) names splits, not a config.
+HF_SPLIT_NAMES = frozenset({"train", "validation", "valid", "dev", "test", "other", "validated", "invalidated"})
 # A Common Voice language folder is named by its locale: tr, de, zh-CN, sv-SE, ...
 _LOCALE_NAME = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 
@@ -48,55 +61,136 @@ class Example:
 
 
 def load_sources(specs: str | Sequence[str], **kw) -> list[Example]:
-    """Concatenate :func:`parse_source` over several specs.
-
-    A single string may hold several comma-joined specs (``cv:a,cv:b``) when every piece starts
-    with a known scheme; otherwise it is one spec (paths may contain commas).
-    """
-    if isinstance(specs, str):
-        pieces = specs.split(",")
-        specs = pieces if all(_scheme_of(p) in SCHEMES for p in pieces) else [specs]
+    """Concatenate :func:`parse_source` over several specs (see :func:`expand_specs`)."""
     examples: list[Example] = []
-    for spec in specs:
-        examples.extend(parse_source(spec.strip(), **kw))
+    for spec in expand_specs(specs):
+        examples.extend(parse_source(spec, **kw))
     return examples
+
+
+def expand_specs(specs: str | Sequence[str]) -> list[str]:
+    """One spec per source. A string may hold several comma-joined specs (``cv:a,hf:b?weight=2``) when
+    every piece starts with a known scheme; otherwise it is one spec (paths may contain commas)."""
+    out = []
+    for spec in [specs] if isinstance(specs, str) else specs:
+        pieces = spec.split(",")
+        out.extend(p.strip() for p in (pieces if all(_scheme_of(p) in SCHEMES for p in pieces) else [spec]))
+    return out
 
 
 def _scheme_of(spec: str) -> str:
     return spec.strip().split(":", 1)[0] if ":" in spec else ""
 
 
-def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None) -> list[Example]:
-    """One spec string -> its examples (see the module docstring for the syntax)."""
-    scheme = _scheme_of(spec)
-    rest = spec.split(":", 1)[1] if scheme else ""
+def split_options(spec: str) -> tuple[str, dict[str, str]]:
+    """``'SPEC?weight=2&language=tr'`` -> ``('SPEC', {'weight': '2', 'language': 'tr'})``.
+
+    Only a suffix that parses as ``key=value`` pairs counts, so a path holding ``?`` still works.
+    Unknown keys, keys the scheme does not take and bad values raise ValueError naming the spec.
+    """
+    head, sep, tail = spec.rpartition("?")
+    if not sep or not re.fullmatch(r"[A-Za-z_]+=[^&=]*(&[A-Za-z_]+=[^&=]*)*", tail):
+        return spec, {}
+    options = dict(urllib.parse.parse_qsl(tail, keep_blank_values=True))
+    scheme = _scheme_of(head)
+    if scheme not in SOURCE_OPTIONS:
+        return spec, {}  # parse_source names the unknown scheme
+    valid = SOURCE_OPTIONS[scheme]
+    for key, value in options.items():
+        if key not in valid:
+            raise ValueError(f"{spec!r}: unknown option {key!r} for a {scheme}: source; valid options: "
+                             f"{', '.join(valid)}")
+        if not value:
+            raise ValueError(f"{spec!r}: option {key!r} has no value")
+    source_weight(spec, options)  # checks the value
+    return head, options
+
+
+def source_weight(spec: str, options: dict[str, str] | None = None) -> float:
+    """The spec's ``weight`` option (> 0), 1.0 without one."""
+    value = (split_options(spec)[1] if options is None else options).get("weight", "1")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = float("nan")
+    if not weight > 0 or weight == float("inf"):
+        raise ValueError(f"{spec!r}: weight={value!r} must be a number > 0")
+    return weight
+
+
+def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
+                 hub_cache_dir: str | os.PathLike | None = None) -> list[Example]:
+    """One spec string -> its examples (see the module docstring for the syntax).
+
+    ``cache_dir``: where Common Voice archives are extracted; ``hub_cache_dir``: where hub clips stored as
+    bytes are written (default ``~/.cache/xlsr_jax/cv`` and ``.../hf``).
+    """
+    base, options = split_options(spec)
+    scheme = _scheme_of(base)
+    rest = base.split(":", 1)[1] if scheme else ""
     if scheme == "cv":
         path, splits = _split_cv_spec(rest)
-        return _load_common_voice(path, splits, source=spec, cache_dir=cache_dir)
-    if scheme == "manifest":
-        return load_manifest(os.path.expanduser(rest), source=spec)
-    if scheme == "hf":
+        examples = _load_common_voice(path, splits, source=spec, cache_dir=cache_dir)
+    elif scheme == "manifest":
+        examples = load_manifest(os.path.expanduser(rest), source=spec, audio_column=options.get("audio"),
+                                 text_column=options.get("text"))
+    elif scheme == "hf":
+        from xlsr_jax.data.hub import load_hub_source  # imports `datasets`: only when used
+
+        name, config, splits = split_hf_spec(rest)
+        examples = load_hub_source(name, config, splits, source=spec,
+                                   cache_dir=os.fspath(hub_cache_dir or default_cache("hf")),
+                                   audio_column=options.get("audio"), text_column=options.get("text"))
+    else:
         raise ValueError(
-            f"{spec!r}: hub datasets are not supported yet; download the data and use "
-            "cv:PATH or manifest:PATH"
+            f"{spec!r}: unknown data source scheme {scheme!r}; valid schemes: "
+            "cv:PATH[:SPLITS], manifest:PATH, hf:NAME[:CONFIG][:SPLITS]"
         )
-    raise ValueError(
-        f"{spec!r}: unknown data source scheme {scheme!r}; valid schemes: "
-        "cv:PATH[:SPLITS], manifest:PATH, hf:NAME[:CONFIG[:SPLIT]]"
-    )
+    if "language" in options:
+        examples = [dataclasses.replace(e, language=options["language"]) for e in examples]
+    return examples
+
+
+def split_hf_spec(rest: str) -> tuple[str, str | None, list[str]]:
+    """'NAME[:CONFIG][:SPLITS]' -> (name, config or None, splits). A NAME that is an existing local
+    path is taken whole (it may hold ':')."""
+    if os.path.exists(os.path.expanduser(rest)):
+        return rest, None, ["train"]
+    name, *more = rest.split(":")
+    if len(more) > 2 or not name:
+        raise ValueError(f"hf:{rest}: expected hf:NAME[:CONFIG][:SPLITS]")
+    config, splits = None, "train"
+    if len(more) == 2:
+        config, splits = more[0] or None, more[1] or "train"
+    elif len(more) == 1 and set(more[0].split("+")) <= HF_SPLIT_NAMES:
+        splits = more[0]
+    elif more:
+        config = more[0] or None
+    if not _SPLITS_RE.match(splits):
+        raise ValueError(f"hf:{rest}: bad split names {splits!r}; join several with +")
+    return name, config, splits.split("+")
 
 
 def cv_path_and_splits(spec: str) -> tuple[str, list[str]] | None:
-    """`cv:PATH[:SPLITS]` -> (PATH, [split, ...]); None for other schemes."""
+    """`cv:PATH[:SPLITS]` -> (PATH, [split, ...]); None for other schemes. Options are ignored."""
+    spec = split_options(spec)[0]
     if _scheme_of(spec) != "cv":
         return None
     return _split_cv_spec(spec.split(":", 1)[1])
 
 
 def is_test_split(spec: str) -> bool:
-    """True for a Common Voice source that names the `test` split: the benchmark, never training text."""
-    parsed = cv_path_and_splits(spec)
-    return parsed is not None and "test" in parsed[1]
+    """True for a Common Voice source that names the `test` split: the benchmark, never training text.
+    That is a ``cv:`` spec, or an ``hf:`` spec whose dataset name says Common Voice (contains
+    ``common_voice`` or ``common-voice``, any case: Mozilla's and its parquet mirrors)."""
+    base = split_options(spec)[0]
+    parsed = cv_path_and_splits(base)
+    if parsed is not None:
+        return "test" in parsed[1]
+    if _scheme_of(base) != "hf":
+        return False
+    name, _config, splits = split_hf_spec(base.split(":", 1)[1])
+    return "test" in splits and re.search(r"common[_-]voice", name, re.IGNORECASE) is not None
 
 
 def _split_cv_spec(rest: str) -> tuple[str, list[str]]:
@@ -230,12 +324,15 @@ def _rows(reader: Iterable[list[str]], required: dict, optional: dict | None, pa
 # ---------------------------------------------------------------- manifests
 
 
-def load_manifest(path: str, *, source: str = "") -> list[Example]:
+def load_manifest(path: str, *, source: str = "", audio_column: str | None = None,
+                  text_column: str | None = None) -> list[Example]:
     """A ``.tsv`` / ``.csv`` / ``.jsonl`` manifest -> examples; relative audio paths resolve
-    against the manifest's folder."""
+    against the manifest's folder. ``audio_column`` / ``text_column`` name the columns to use instead
+    of the first of PATH_COLUMNS / TEXT_COLUMNS present."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such manifest")
-    required = {"path": PATH_COLUMNS, "text": TEXT_COLUMNS}
+    required = {"path": (audio_column,) if audio_column else PATH_COLUMNS,
+                "text": (text_column,) if text_column else TEXT_COLUMNS}
     optional = {"duration": DURATION_COLUMNS, "speaker": SPEAKER_COLUMNS, "language": LANGUAGE_COLUMNS}
     if path.endswith(".jsonl"):
         rows = _read_jsonl(path, required, optional)
@@ -284,8 +381,12 @@ def _read_jsonl(path: str, required: dict, optional: dict) -> list[dict]:
 # ---------------------------------------------------------------- archives
 
 
+def default_cache(kind: str) -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax", kind)
+
+
 def default_archive_cache() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax", "cv")
+    return default_cache("cv")
 
 
 def _archive_stem(path: str) -> str:

@@ -205,10 +205,15 @@ def _evaluation(model_id: str, language: str | None, normalization: Mapping[str,
         "language": config.data.language, "lowercase": config.data.lowercase,
         "chars_to_ignore": config.data.chars_to_ignore}
     lang_dir = language or "LANG"
-    steps = ["Unicode NFC"]
+    # A field left null (a run without one language) means each utterance's language preset (text.py).
+    unicode_form = norm.get("unicode_normalization", "NFC")
+    steps = [f"Unicode {unicode_form}" if unicode_form else "Unicode NFC or NFKC by each utterance's language"]
     if norm.get("lowercase", True):
         steps.append("lowercase (Turkish/Azerbaijani dotted and dotless i kept apart)")
     steps.append("the characters below removed")
+    apostrophes = norm.get("keep_apostrophes", False)
+    if apostrophes is None or apostrophes:
+        steps.append("apostrophes between two letters kept" + (" where the language keeps them" if apostrophes is None else ""))
     steps.append("runs of whitespace collapsed to one space")
     norm_language = f"`{norm['language']}`" if norm.get("language") else "each utterance's own locale"
     return "\n\n".join([

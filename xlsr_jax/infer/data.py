@@ -9,8 +9,9 @@ from typing import Sequence
 import jax
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.config import DataConfig
+from xlsr_jax.config import ConfigError, DataConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, load_sources, prepare_dataset
+from xlsr_jax.data.sources import expand_specs, is_test_split, split_options
 from xlsr_jax.model import feat_extract_output_lengths
 from xlsr_jax.text import TextNormalization, Vocab
 
@@ -18,13 +19,32 @@ SAMPLING_RATE = 16000
 
 
 def cache_root(data: DataConfig) -> str:
-    """Where decoded audio and extracted Common Voice archives are cached."""
+    """Where decoded audio, extracted Common Voice archives and hub clips stored as bytes are cached."""
     return data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax")
 
 
-def read_examples(specs: Sequence[str], data: DataConfig) -> list[Example]:
-    """The utterances of every source spec (Common Voice archives are extracted once into the cache)."""
-    return load_sources(list(specs), cache_dir=os.path.join(cache_root(data), "cv"))
+def read_examples(specs: Sequence[str], data: DataConfig, *, purpose: str | None = None) -> list[Example]:
+    """The utterances of every source spec (Common Voice archives are extracted once into the cache, hub
+    clips stored as bytes written once into it).
+
+    ``purpose="train"`` refuses a Common Voice test split (the benchmark) unless
+    ``data.allow_test_split_in_train``; ``purpose="eval"`` refuses a ``weight`` (every utterance is scored
+    once)."""
+    specs = expand_specs(specs)
+    if purpose == "train":
+        tests = [spec for spec in specs if is_test_split(spec)]
+        if tests and not data.allow_test_split_in_train:
+            raise ConfigError(f"data.train: {tests} names a Common Voice test split, the benchmark: a model "
+                              "trained on it has a meaningless test WER. Train on train (and dev); set "
+                              "data.allow_test_split_in_train=true only if you mean it.",
+                              ("data.train", "data.allow_test_split_in_train"))
+    if purpose == "eval":
+        weighted = [spec for spec in specs if "weight" in split_options(spec)[1]]
+        if weighted:
+            raise ConfigError(f"data.eval: {weighted}: evaluation sources take no weight (every utterance "
+                              "is scored once)", ("data.eval",))
+    return load_sources(specs, cache_dir=os.path.join(cache_root(data), "cv"),
+                        hub_cache_dir=os.path.join(cache_root(data), "hf"))
 
 
 def prepare_kwargs(data: DataConfig, vocab: Vocab, normalization: TextNormalization,

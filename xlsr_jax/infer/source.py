@@ -72,7 +72,9 @@ def stored_normalization(run: RunDir, config: Config) -> TextNormalization:
     logger.warning("%s: no %s (a run older than it); using data.language/lowercase/chars_to_ignore from "
                    "its config.yaml", run.path, NORMALIZATION_FILE)
     d = config.data
-    return TextNormalization(language=d.language, lowercase=d.lowercase, chars_to_ignore=d.chars_to_ignore)
+    # Such runs predate the language presets: score them the way they trained (NFC, apostrophes dropped).
+    return TextNormalization(language=d.language, lowercase=d.lowercase, chars_to_ignore=d.chars_to_ignore,
+                             keep_apostrophes=False, unicode_normalization="NFC")
 
 
 def run_checkpointer(run: RunDir, config: Config) -> Checkpointer:

@@ -19,6 +19,7 @@ from xlsr_jax.config import Config, ConfigError, DataConfig, ModelConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, prepare_dataset
 from xlsr_jax.data.buckets import bucket_batch_sizes
 from xlsr_jax.data.report import report_bad_data
+from xlsr_jax.data.sources import source_weight
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import eval_loader, prepare_kwargs, read_examples
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
@@ -78,8 +79,7 @@ def choose_normalization(data: DataConfig, train_examples: list[Example]) -> Tex
     if language is None:
         locales = {e.language for e in train_examples}
         language = locales.pop() if len(locales) == 1 and "" not in locales else None
-    return TextNormalization(language=language or None, lowercase=data.lowercase,
-                             chars_to_ignore=data.chars_to_ignore)
+    return data.normalization(language or None)
 
 
 def model_overrides(config: ModelConfig, vocab: Vocab) -> dict[str, Any]:
@@ -119,8 +119,9 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     d = config.data
     if not d.train:
         raise ConfigError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
-    train_examples = _subset(read_examples(d.train, d), d.max_train_examples, config.train.seed)
-    eval_examples = _subset(read_examples(d.eval, d), d.max_eval_examples, config.train.seed) if d.eval else []
+    train_examples = _subset(read_examples(d.train, d, purpose="train"), d.max_train_examples, config.train.seed)
+    eval_examples = (_subset(read_examples(d.eval, d, purpose="eval"), d.max_eval_examples, config.train.seed)
+                     if d.eval else [])
     normalization = choose_normalization(d, train_examples)
     texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
     vocab = resolve_vocab(config, texts, output_dir)
@@ -131,7 +132,9 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     boundaries = bucket_boundaries(train_set.lengths, d.num_buckets)
     train = BatchLoader(train_set, batch_size=train_batch_sizes(config, boundaries, batch_size, data_parallel),
                         seed=config.train.seed, shuffle=True, boundaries=boundaries,
-                        process_index=jax.process_index(), process_count=jax.process_count(), prefetch=d.prefetch)
+                        process_index=jax.process_index(), process_count=jax.process_count(), prefetch=d.prefetch,
+                        workers=d.loader_workers,
+                        weights=[source_weight(e.source) for e in train_set.examples])
     reports, evaluation = {"train": train_report}, None
     if eval_examples:
         evaluation, reports["eval"] = eval_loader(eval_examples, data=d, vocab=vocab, normalization=normalization,
