@@ -158,6 +158,12 @@ def test_dataset_description_for_the_card():
         {"type": "common_voice", "name": "Common Voice 23.0 (tr)", "config": "tr", "split": "test"}
     assert describe_dataset("cv:data/demo_tr:dev+test", "tr")["split"] == "dev+test"
     assert describe_dataset("manifest:/x/eval.tsv", "de")["type"] == "manifest"
+    assert describe_dataset("hf:google/fleurs:tr_tr:test?text=transcription", "tr") == \
+        {"type": "google/fleurs", "name": "google/fleurs", "config": "tr_tr", "split": "test"}
+    assert describe_dataset("hf:mozilla-foundation/common_voice_17_0:test", "tr") == \
+        {"type": "mozilla-foundation/common_voice_17_0", "name": "mozilla-foundation/common_voice_17_0",
+         "config": "tr", "split": "test"}
+    assert describe_dataset("cv:/data/tr:test?language=tr", None)["split"] == "test"
 
 
 def test_evaluate_an_exported_folder_scores_like_its_run(run_copy, cv_dir, tmp_path):

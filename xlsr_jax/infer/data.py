@@ -65,5 +65,5 @@ def eval_loader(examples: Sequence[Example], *, data: DataConfig, vocab: Vocab,
     loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False,
                          boundaries=bucket_boundaries(dataset.lengths, data.eval_num_buckets),
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         prefetch=data.prefetch)
+                         prefetch=data.prefetch, workers=data.loader_workers)
     return loader, report

@@ -19,7 +19,7 @@ from xlsr_jax import parallel
 from xlsr_jax.compile import ShapeDispatch, StepToCompile, abstract_like, compile_steps
 from xlsr_jax.config import DataConfig, MeshConfig
 from xlsr_jax.data.report import REASONS, format_counts
-from xlsr_jax.data.sources import cv_path_and_splits
+from xlsr_jax.data.sources import cv_path_and_splits, split_hf_spec, split_options
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.data import eval_loader, read_examples
 from xlsr_jax.infer.predict import Prediction, predict, utterance_errors
@@ -53,8 +53,15 @@ _CV_VERSION = re.compile(r"cv-corpus-(\d+(?:\.\d+)?)")
 def describe_dataset(spec: str, language: str | None) -> dict[str, str]:
     """Model-card fields of a data spec: type, name, config, split.
 
-    `cv:/data/cv-corpus-23.0-2025-09-05/tr:test` -> common_voice, "Common Voice 23.0 (tr)", tr, test.
+    `cv:/data/cv-corpus-23.0-2025-09-05/tr:test` -> common_voice, "Common Voice 23.0 (tr)", tr, test;
+    `hf:google/fleurs:tr_tr:test` -> google/fleurs, google/fleurs, tr_tr, test.
     """
+    base = split_options(spec)[0]
+    if base.startswith("hf:"):  # the Hub's own ids, so the card's model-index links the dataset
+        name, config, splits = split_hf_spec(base[len("hf:"):])
+        local = os.path.exists(os.path.expanduser(name))
+        return {"type": "local" if local else name, "name": os.path.basename(os.path.normpath(name)) if local else name,
+                "config": config or language or "", "split": "+".join(splits)}
     parsed = cv_path_and_splits(spec)
     if parsed is None:
         return {"type": spec.partition(":")[0] or "local", "name": spec, "config": language or "", "split": "eval"}
