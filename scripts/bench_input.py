@@ -97,17 +97,22 @@ def dataset_of(cache, seed: int, lengths: np.ndarray | None = None) -> PreparedD
 def bench_batches(loader: BatchLoader, min_seconds: float) -> float:
     """Real (unpadded) audio-seconds per second from ``loader.iter_from_step``, for at least
     ``min_seconds`` after one warm-up batch."""
-    lengths = loader.dataset.lengths
     batches = loader.iter_from_step(0)
     try:
-        next(batches)
-        audio, start = 0.0, time.perf_counter()
-        while time.perf_counter() - start < min_seconds:
-            index = next(batches)["index"]
-            audio += float(lengths[index[index >= 0]].sum()) / SAMPLING_RATE
-        return audio / (time.perf_counter() - start)
+        return _delivered(batches, loader.dataset.lengths, min_seconds)
     finally:
         batches.close()
+
+
+def _delivered(batches, lengths: np.ndarray, min_seconds: float) -> float:
+    """Real audio-seconds per second of ``batches`` (dicts with an ``index`` row, -1 for fillers) over at
+    least ``min_seconds`` after one warm-up batch; ``lengths`` in samples ``[n]``."""
+    next(batches)
+    audio, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        index = next(batches)["index"]
+        audio += float(lengths[index[index >= 0]].sum()) / SAMPLING_RATE
+    return audio / (time.perf_counter() - start)
 
 
 def random_batch_padding(lengths: np.ndarray, boundaries: np.ndarray, batch_size: int, seed: int):
@@ -161,14 +166,7 @@ def bench_grain(loader: BatchLoader, workers: int, min_seconds: float) -> float:
     # worker_count=0: in the main process; >0: that many worker processes, batches come back by shared memory.
     data = grain.DataLoader(data_source=_GrainPlan(loader), sampler=sampler, operations=[Load(loader)],
                             worker_count=workers, worker_buffer_size=2)
-    lengths = loader.dataset.lengths
-    batches = iter(data)
-    next(batches)
-    audio, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        index = next(batches)["index"]
-        audio += float(lengths[index[index >= 0]].sum()) / SAMPLING_RATE
-    return audio / (time.perf_counter() - start)
+    return _delivered(iter(data), loader.dataset.lengths, min_seconds)
 
 
 def main(argv: list[str] | None = None) -> None:

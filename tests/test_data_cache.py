@@ -144,17 +144,24 @@ def _files(folder) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
-# Chunks of 200 // (4 * workers) clips: 50 in-process, 25 with two decoding processes.
-@pytest.mark.parametrize("num_workers, chunk", [(0, 50), (2, 25)])
-def test_sigterm_mid_build_keeps_decoded_chunks_and_resumes(tmp_path, audio_writer, num_workers, chunk, monkeypatch):
-    clips = []
-    for k in range(200):
+def _slow_build(tmp_path, audio_writer, clips: int):
+    """(clip paths, cache folder, marker file, environment) for a `_BUILD` subprocess whose decoding is
+    slowed by a sitecustomize module (which also touches the marker once decoding is under way)."""
+    paths = []
+    for k in range(clips):
         audio_writer(tmp_path / f"{k}.wav", 0.2, 16000, seed=k)
-        clips.append(str(tmp_path / f"{k}.wav"))
+        paths.append(str(tmp_path / f"{k}.wav"))
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_DECODE)
     folder, marker = tmp_path / "cache", tmp_path / "marker"
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), SLOW_DECODE_MARKER=str(marker))
+    return paths, folder, marker, env
+
+
+# Chunks of 200 // (4 * workers) clips: 50 in-process, 25 with two decoding processes.
+@pytest.mark.parametrize("num_workers, chunk", [(0, 50), (2, 25)])
+def test_sigterm_mid_build_keeps_decoded_chunks_and_resumes(tmp_path, audio_writer, num_workers, chunk, monkeypatch):
+    clips, folder, marker, env = _slow_build(tmp_path, audio_writer, 200)
     status, err = sigterm_midway(_BUILD, [str(folder), str(num_workers), *clips], str(marker), after=60, env=env)
     assert status == 128 + signal.SIGTERM, err  # ended by the signal, after cleaning up (no traceback)
     assert "Traceback" not in err and "decoded clips for the next run" in err
@@ -243,14 +250,7 @@ def test_pcm_is_the_stored_int16(clips, tmp_path):
 
 
 def test_concurrent_builds_decode_once(tmp_path, audio_writer):
-    clips = []
-    for k in range(20):
-        audio_writer(tmp_path / f"{k}.wav", 0.2, 16000, seed=k)
-        clips.append(str(tmp_path / f"{k}.wav"))
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_DECODE)
-    folder, marker = tmp_path / "cache", tmp_path / "marker"
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), SLOW_DECODE_MARKER=str(marker))
+    clips, folder, marker, env = _slow_build(tmp_path, audio_writer, 20)
     args = [sys.executable, "-c", _BUILD, str(folder), "0", *clips]
     first = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
