@@ -20,8 +20,8 @@ def _record_loaded_rows(path: str) -> None:
 
     load_batch = BatchLoader.load_batch
 
-    def recording(self, bucket, indices):
-        batch = load_batch(self, bucket, indices)
+    def recording(self, bucket, indices, step=None):
+        batch = load_batch(self, bucket, indices, step)
         if self.shuffle:  # a training loader (evaluation batches are not shuffled)
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(batch["index"].tolist()) + "\n")

@@ -1,7 +1,9 @@
 """Two processes × two fake CPU devices on localhost, started as a user starts a cluster JAX cannot detect
 (`--set mesh.coordinator_address/num_processes/process_id`), against one process with four devices:
-same losses and scores, every example once, a SIGTERM to one process stopping both at the same step,
-resume, export from parameters sharded across the processes, and hosts that disagree stopping."""
+same losses and scores (with every process decoding every clip, so that the batch plan is the one-process
+plan), every example once, a SIGTERM to one process stopping both at the same step, resume, export from
+parameters sharded across the processes, hosts that disagree stopping, and each process decoding and
+loading only its half of the clips (`data.shard_cache_by_host`, the default)."""
 
 from __future__ import annotations
 
@@ -100,7 +102,8 @@ def _evals(run: Path) -> list[tuple]:
 def test_two_processes_train_like_one_with_four_devices(setup):
     config_file, work, reference = setup
     run = work / "two"
-    cluster = _Cluster(config_file, work / "two_logs", f"train.output_dir={run}", record=True)
+    cluster = _Cluster(config_file, work / "two_logs", f"train.output_dir={run}", "data.shard_cache_by_host=false",
+                       record=True)
     assert cluster.wait() == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
     np.testing.assert_allclose(_train_losses(run), _train_losses(reference), rtol=1e-5)
     assert len(_train_losses(run)) == 4
@@ -146,10 +149,37 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resume
 
 def test_processes_that_build_different_data_stop_naming_the_difference(setup):
     config_file, work, _ = setup
+    # Unsharded, the hosts meet first in this check; sharded, they stop earlier, exchanging their decode
+    # results (test_data_shards.py's test_hosts_reading_different_examples_stop_naming_them).
     cluster = _Cluster(config_file, work / "disagree_logs", f"train.output_dir={work / 'disagree'}",
-                       per_process={1: ["data.max_train_examples=5"]})
+                       "data.shard_cache_by_host=false", per_process={1: ["data.max_train_examples=5"]})
     assert cluster.wait() == [2, 2], "the CLI exit status of a UserError"
     for i in (0, 1):
         error = next(line for line in cluster.log(i).splitlines() if "disagree on" in line)
         assert "config (" in error and "train.plan (" in error and "eval.plan" not in error, error
     assert not (work / "disagree" / "checkpoints").exists(), "stopped before anything was written"
+
+
+def test_each_process_decodes_and_loads_only_its_half_of_the_clips(setup):
+    config_file, work, _ = setup
+    run, cache, logs = work / "sharded", work / "sharded_cache", work / "sharded_logs"
+    cluster = _Cluster(config_file, logs, f"train.output_dir={run}", f"data.cache_dir={cache}", "train.max_steps=2",
+                       record=True)
+    assert cluster.wait() == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    # 6 training clips (examples 0, 2, 4 on process 0) and 3 evaluation clips (0, 2 on process 0), one cache
+    # folder per split and process
+    parts = sorted((meta.parent.name.rsplit("-", 1)[1], json.loads(meta.read_text())["num_kept"])
+                   for meta in (cache / "audio").glob("*/meta.json"))
+    assert parts == [("host0of2", 2), ("host0of2", 3), ("host1of2", 1), ("host1of2", 3)], parts
+    for i in (0, 1):
+        assert f"train: decoded 3 of 6 clips (host {i} of 2)" in cluster.log(i)
+        loaded = [json.loads(line) for line in (logs / f"rows{i}.jsonl").read_text().splitlines()]
+        # every clip is kept, so dataset row k is example k, decoded by process k % 2
+        assert all(k % 2 == i for rows in loaded for k in rows if k >= 0), loaded
+    # every clip once in the first epoch (2 batches of 4), each process loading its own
+    first_epoch = [k for i in (0, 1) for rows in
+                   [json.loads(line) for line in (logs / f"rows{i}.jsonl").read_text().splitlines()][:2] for k in rows]
+    assert sorted(k for k in first_epoch if k >= 0) == list(range(6))
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval/wer" in r]
+    assert [(r["step"], r["eval/examples"]) for r in evals] == [(2, 3.0)], "every eval clip scored once"
+    assert "greedy transcripts identical: True" in cluster.log(0), "the export checks clips process 0 decoded"

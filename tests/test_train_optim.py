@@ -52,6 +52,64 @@ def test_learning_rate_schedules(schedule, total, warmup, expected):
     np.testing.assert_allclose([float(lr(s)) for s in steps], [expected[s] for s in steps], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("total, warmup, hold, expected", [
+    # 20 steps: warm-up 0.1 -> 1 over 4, hold 1.0 through step 10 (4 + 6, the decay's k = 0 included), then
+    # 1.0 * 0.05 ** (k / 9) down to 0.05 at the last step (19), and held there after it.
+    (20, 4, 6, {0: 0.1, 2: 0.55, 4: 1.0, 9: 1.0, 10: 1.0, 13: 0.05 ** (3 / 9), 19: 0.05, 25: 0.05}),
+    # hold null: 40 % of the run (8 steps); no warm-up: the hold starts at step 0
+    (20, 0, None, {0: 1.0, 7: 1.0, 8: 1.0, 10: 0.05 ** (2 / 11), 19: 0.05}),
+], ids=["warmup-hold-decay", "default-hold"])
+def test_tri_stage_schedule(total, warmup, hold, expected):
+    config = OptimConfig(learning_rate=1.0, warmup_steps=warmup, schedule="tri_stage", hold_steps=hold,
+                         init_lr_scale=0.1, final_lr_scale=0.05)
+    lr = learning_rate_schedule(config, total)
+    steps = sorted(expected)
+    np.testing.assert_allclose([float(lr(s)) for s in steps], [expected[s] for s in steps], rtol=1e-5)
+
+
+def test_freeze_transformer_steps_trains_the_head_alone_then_everything(params):
+    """The first N updates move the CTC head only; update N + 1 moves the rest too, by AdamW's first step
+    (|update| = lr, bias correction counted from there), never the frozen feature encoder."""
+    n, lr = 3, 1e-2
+    # adam_eps far below the clipped gradients' size, so that AdamW's first update is lr * sign(g).
+    tx, _ = build_optimizer(OptimConfig(weight_decay=0.1, adam_eps=1e-12), 10, params, freeze_feature_encoder=True,
+                            freeze_transformer_steps=n)
+    opt_state, new = tx.init(params), params
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params) for _ in range(n + 1)]
+    for g in grads[:n]:
+        new, opt_state = _update(tx, opt_state, g, new, lr=lr)
+    before, after = _flat(params), _flat(new)
+    head = {p for p in before if p.startswith("lm_head/")}
+    assert head == {"lm_head/kernel", "lm_head/bias"}
+    assert {p for p in before if not np.array_equal(before[p], after[p])} == head
+    frozen_phase = after
+    new, opt_state = _update(tx, opt_state, grads[n], new, lr=lr)
+    after = _flat(new)
+    layer_kernel = next(p for p in before if p.startswith("wav2vec2/encoder/") and p.endswith("kernel")
+                        and after[p].size > 16)
+    # AdamW's first update is lr * sign(g) (clipped g has the same sign), plus decay lr * wd * param.
+    step = frozen_phase[layer_kernel] - after[layer_kernel]
+    g = _flat(grads[n])[layer_kernel]
+    np.testing.assert_allclose(step, lr * np.sign(g) + lr * 0.1 * frozen_phase[layer_kernel], rtol=1e-5, atol=1e-9)
+    for p in before:
+        assert np.array_equal(before[p], after[p]) == p.startswith("wav2vec2/feature_extractor/"), p
+
+
+def test_freeze_transformer_steps_clips_the_head_gradient_alone(params):
+    """While the encoder waits, its gradient does not count in the global norm: the head's update is that
+    of an optimizer holding the head alone (a large adam_eps makes the update depend on the clipped scale)."""
+    config = OptimConfig(max_grad_norm=1.0, adam_eps=1.0)
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+    tx, _ = build_optimizer(config, 10, params, freeze_feature_encoder=True, freeze_transformer_steps=2)
+    new, _ = _update(tx, tx.init(params), grads, params, lr=0.1)
+    head_only = {"lm_head": params["lm_head"]}
+    alone, _ = build_optimizer(config, 10, head_only, freeze_feature_encoder=True)
+    expected, _ = _update(alone, alone.init(head_only), {"lm_head": grads["lm_head"]}, head_only, lr=0.1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new["lm_head"], expected["lm_head"])
+
+
 def test_weight_decay_on_kernels_only(params):
     # Zero gradients: AdamW's update is then lr * weight_decay * param on decayed leaves, nothing elsewhere.
     tx, _ = build_optimizer(OptimConfig(weight_decay=0.5), 10, params, freeze_feature_encoder=False)

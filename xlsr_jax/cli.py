@@ -38,6 +38,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import load_config
+    from xlsr_jax.train.sweep import format_results, run_sweep
+    from xlsr_jax.train.sweep_space import load_space
+
+    config = load_config(args.config, args.set)
+    result = run_sweep(config, load_space(args.space), sweep_dir=args.sweep_dir, trials=args.trials)
+    print(format_results(result))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from xlsr_jax.config import load_config
     from xlsr_jax.train.plan import format_plan, plan
@@ -166,6 +177,21 @@ def _parse_train(commands) -> None:
                                         "setting, with its default and meaning: `xlsr-jax config [--config F]`.")
     _add_config_args(p)
     p.set_defaults(handler=_train)
+
+
+def _parse_sweep(commands) -> None:
+    p = commands.add_parser("sweep", help="hyperparameter search: grid, random or optuna's TPE, each trial a run",
+                            description="Train one trial after another with the config keys of --space set "
+                                        "to each trial's values; results.tsv and sweep.png in the sweep folder. "
+                                        "The same command continues a killed sweep (see README, "
+                                        "Hyperparameter search).")
+    _add_config_args(p)
+    p.add_argument("--space", required=True, help="search space YAML (method, metric, mode, prune, seed, params)")
+    p.add_argument("--trials", type=int,
+                   help="trials in the sweep, counting those already run (default for grid: every point); "
+                        "0: only print the results so far")
+    p.add_argument("--sweep-dir", help="folder of the sweep (default: <train.output_dir>-sweep)")
+    p.set_defaults(handler=_sweep)
 
 
 def _parse_plan(commands) -> None:
@@ -297,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_parse_train, _parse_plan, _parse_config, _parse_evaluate, _parse_export, _parse_push,
+    for add in (_parse_train, _parse_sweep, _parse_plan, _parse_config, _parse_evaluate, _parse_export, _parse_push,
                 _parse_transcribe, _parse_build_lm, _parse_inventory, _parse_split):
         add(commands)
     return parser

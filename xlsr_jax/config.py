@@ -52,6 +52,9 @@ class ModelConfig:
                                            "over the batch | sum: summed over the batch")
     freeze_feature_encoder: bool = _key(True, "keep the conv feature encoder's weights fixed "
                                               "(an optimizer mask)")
+    freeze_transformer_steps: int = _key(0, "train only the new CTC head for this many first updates, then "
+                                            "everything but a frozen feature encoder (fairseq's "
+                                            "freeze_finetune_updates); 0: off")
     # How the model runs, never what it computes: parameters, checkpoints and exports are the same.
     remat_policy: str = _key("none", "what each layer keeps for the backward pass: none (everything) | full "
                                      "(nothing: least memory, ~1/3 more compute) | dots_saveable | "
@@ -72,6 +75,7 @@ class ModelConfig:
                      "final_dropout", "layerdrop", "mask_time_prob", "mask_feature_prob"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"model.{name}", "must be in [0, 1]")
         _check(self.ctc_loss_reduction in ("mean", "sum"), "model.ctc_loss_reduction", "must be mean or sum")
+        _check(self.freeze_transformer_steps >= 0, "model.freeze_transformer_steps", "must be >= 0")
         _check(self.pretrained is not None or bool(self.architecture), "model.architecture",
                "is required when model.pretrained is not set", related=["model.pretrained"])
         from xlsr_jax.model.wav2vec2 import EXECUTION_OPTIONS  # the model owns the allowed values
@@ -124,12 +128,27 @@ class DataConfig:
                                                "null: all")
     cache_dir: str | None = _key(None, "decoded-audio and archive cache; null: ~/.cache/xlsr_jax")
     num_workers: int = _key(2, "parallel workers decoding audio into the cache")
+    shard_cache_by_host: bool = _key(True, "multi-host runs: each host decodes only its share of the clips "
+                                           "(example i: host i mod hosts) into its own cache folder, and loads "
+                                           "only those; false: every host decodes every clip")
     prefetch: int = _key(4, "batches prepared ahead of the training step")
     loader_workers: int = _key(1, "threads assembling batches (same batches, same order); 2 gave 1.2-1.8x "
                                   "the audio-s/s of 1 on a 2-core host (scripts/bench_input.py)")
+    streaming: bool = _key(False, "read data.train lazily, decoding clips as batches need them (sources too big "
+                                  "for RAM or disk: hf: Hub streams, local parquet shards); every host decodes "
+                                  "the whole stream; needs train.max_steps; data.eval stays decoded up front")
+    shuffle_buffer: int = _key(1000, "data.streaming: decoded clips held and drawn at random, >= 1 (memory: "
+                                     "about this many clips of int16 audio)")
+    streaming_probe: int = _key(1000, "data.streaming: rows at the start of the stream whose lengths place the "
+                                      "buckets (the last is data.max_duration_s) and whose texts build the "
+                                      "vocabulary when data.vocab is null, >= 1")
 
     def __post_init__(self):
         _check(self.num_buckets >= 1, "data.num_buckets", "must be >= 1")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        _check(self.streaming_probe >= 1, "data.streaming_probe", "must be >= 1")
+        _check(not (self.streaming and self.max_train_examples is not None), "data.max_train_examples",
+               "must be null with data.streaming=true (a stream is read whole each epoch)", related=["data.streaming"])
         _check(self.loader_workers >= 1, "data.loader_workers", "must be >= 1")
         _check(self.eval_num_buckets >= 1, "data.eval_num_buckets", "must be >= 1")
         _check(0 <= self.min_duration_s < self.max_duration_s, "data.max_duration_s",
@@ -150,7 +169,12 @@ class DataConfig:
 class OptimConfig:
     learning_rate: float = _key(3e-4, "peak AdamW learning rate")
     warmup_steps: int = _key(500, "optimizer steps of linear warmup from 0 to optim.learning_rate")
-    schedule: str = _key("linear", "after warmup: linear (decay to 0 at the last step) | cosine | constant")
+    schedule: str = _key("linear", "after warmup: linear (decay to 0 at the last step) | cosine | constant | "
+                                   "tri_stage (fairseq's: warmup from optim.init_lr_scale, hold, exponential "
+                                   "decay to optim.final_lr_scale)")
+    hold_steps: int | None = _key(None, "tri_stage: steps held at the peak after warmup; null: 40 % of the run")
+    init_lr_scale: float = _key(0.01, "tri_stage: warmup starts at this share of optim.learning_rate")
+    final_lr_scale: float = _key(0.05, "tri_stage: the decay ends at this share of optim.learning_rate")
     weight_decay: float = _key(0.0, "AdamW weight decay, on kernels only (not biases, norms, embeddings)")
     adam_b1: float = _key(0.9, "AdamW beta1")
     adam_b2: float = _key(0.999, "AdamW beta2")
@@ -163,8 +187,11 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate", "must be > 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(self.schedule in ("linear", "cosine", "constant"), "optim.schedule",
-               "must be linear, cosine or constant")
+        _check(self.schedule in ("linear", "cosine", "constant", "tri_stage"), "optim.schedule",
+               "must be linear, cosine, constant or tri_stage")
+        _check(self.hold_steps is None or self.hold_steps >= 0, "optim.hold_steps", "must be >= 0 or null")
+        _check(0 <= self.init_lr_scale <= 1, "optim.init_lr_scale", "must be in [0, 1]")
+        _check(0 < self.final_lr_scale <= 1, "optim.final_lr_scale", "must be in (0, 1]")
         _check(self.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be >= 1")
         _check(self.max_consecutive_skips >= 1, "optim.max_consecutive_skips", "must be >= 1")
 
@@ -193,6 +220,8 @@ class TrainConfig:
                                               "false: a folder with checkpoints resumes")
     init_from: str | None = _key(None, "RUN_DIR[:STEP]: start a new run (step 0, fresh optimizer) from another "
                                        "run's parameters and vocab (its newest checkpoint without :STEP)")
+    early_stopping_patience: int | None = _key(None, "end the run after this many evaluations in a row without "
+                                                     "a better checkpoint.best_metric; null: off")
 
     def __post_init__(self):
         _check(self.precision in ("float32", "bfloat16"), "train.precision", "must be float32 or bfloat16")
@@ -203,6 +232,8 @@ class TrainConfig:
                "set train.max_steps > 0 or train.num_train_epochs > 0", related=["train.num_train_epochs"])
         for name in ("eval_steps", "save_steps", "logging_steps"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               "train.early_stopping_patience", "must be >= 1 or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +291,40 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Audio augmentation of training clips (data/augment.py), drawn per (train.seed, step, row): a
+    resumed run sees the same audio. SpecAugment stays in the model (model.mask_time_prob)."""
+
+    speed_factors: tuple[float, ...] = _key((), "speed perturbation factors, e.g. [0.9, 1.0, 1.1] (Kaldi's): "
+                                                "each epoch plays each clip at one of them, drawn anew; the "
+                                                "length changes (bucketing and the label check use it); "
+                                                "empty: off")
+    pitch_prob: float = _key(0.0, "share of clips pitch-shifted (same length), in [0, 1]")
+    pitch_semitones: float = _key(2.0, "pitch shift drawn uniformly in [-this, this] semitones")
+    reverb_prob: float = _key(0.0, "share of clips through a synthetic room (decaying-noise impulse response)")
+    reverb_rt60_s: tuple[float, float] = _key((0.2, 0.7), "reverberation time range [low, high], seconds")
+    noise_prob: float = _key(0.0, "share of clips with added noise, in [0, 1]")
+    noise_snr_db: tuple[float, float] = _key((10.0, 30.0), "signal-to-noise ratio range [low, high], dB")
+    noise_kinds: tuple[str, ...] = _key(("white", "pink", "babble"), "noises drawn from: white | pink | "
+                                                                     "babble (3 other training clips summed)")
+
+    def __post_init__(self):
+        _check(all(0.5 <= f <= 2.0 for f in self.speed_factors), "augment.speed_factors", "must be in [0.5, 2]")
+        for name in ("pitch_prob", "reverb_prob", "noise_prob"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"augment.{name}", "must be in [0, 1]")
+        _check(self.pitch_semitones >= 0, "augment.pitch_semitones", "must be >= 0")
+        _check(0 < self.reverb_rt60_s[0] <= self.reverb_rt60_s[1], "augment.reverb_rt60_s", "must be 0 < low <= high")
+        _check(self.noise_snr_db[0] <= self.noise_snr_db[1], "augment.noise_snr_db", "must be low <= high")
+        _check(bool(self.noise_kinds) and all(k in ("white", "pink", "babble") for k in self.noise_kinds),
+               "augment.noise_kinds", "must be a non-empty list of white, pink, babble")
+
+    @property
+    def active(self) -> bool:
+        """Whether any augmentation drawn per row (not speed, which is planned) is on."""
+        return max(self.pitch_prob, self.reverb_prob, self.noise_prob) > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     per_device_batch_size: int | None = _key(None, "clips per device per evaluation batch; null: "
                                                    "train.per_device_batch_size")
@@ -273,6 +338,8 @@ class Config:
                                       "names and meaning", factory=ModelConfig)
     data: DataConfig = _key(meaning="where the audio comes from and how transcripts become labels",
                             factory=DataConfig)
+    augment: AugmentConfig = _key(meaning="audio augmentation of training clips (speed, pitch, reverberation, "
+                                          "noise)", factory=AugmentConfig)
     optim: OptimConfig = _key(meaning="AdamW, learning-rate schedule, clipping, accumulation",
                               factory=OptimConfig)
     train: TrainConfig = _key(meaning="the run: length, batch size, cadence of eval/save/log, precision",
@@ -282,6 +349,14 @@ class Config:
     checkpoint: CheckpointConfig = _key(meaning="which checkpoints are kept, and resuming",
                                         factory=CheckpointConfig)
     eval: EvalConfig = _key(meaning="evaluation during and after training", factory=EvalConfig)
+
+    def __post_init__(self):
+        _check(self.train.early_stopping_patience is None or bool(self.checkpoint.best_metric and self.data.eval),
+               "train.early_stopping_patience", "needs checkpoint.best_metric and data.eval (the metric it watches)",
+               related=["checkpoint.best_metric", "data.eval"])
+        _check(not self.data.streaming or self.train.max_steps > 0, "train.max_steps",
+               "must be > 0 with data.streaming=true: a stream's epoch length is unknown until it has been read, so "
+               "train.num_train_epochs cannot say how many steps to train", related=["data.streaming"])
 
 
 class ConfigError(ValueError, UserError):

@@ -76,3 +76,45 @@ def _panel(ax, curves, keys, *, scale: float, ylabel: str, title: str) -> None:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_sweep(points, keys, metric: str, log_keys=frozenset(), out_png: str | Path = "sweep.png") -> Path:
+    """A sweep's metric against each searched key, one panel per key: `points` are (params, value, state)
+    triples, state "complete" (filled dots) or "pruned" (hollow: its value is from the step it was
+    ended at). Keys in `log_keys` get a log x axis; a key with non-numeric values, one tick per value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    import numpy as np
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(4 * max(1, len(keys)), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        values = [params.get(key) for params, _, _ in points]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = [] if numeric else sorted({repr(v) for v in values})
+        for state, style in (("complete", {}), ("pruned", {"facecolors": "none", "edgecolors": "C1"})):
+            chosen = [(p.get(key), y) for p, y, s in points if s == state]
+            if chosen:
+                xs = [x if numeric else labels.index(repr(x)) for x, _ in chosen]
+                ax.scatter(xs, [y for _, y in chosen], label=state, **style)
+        if key in log_keys and numeric and values and min(values) > 0:
+            ax.set_xscale("log")
+            # Four labelled ticks over the values drawn: within one decade matplotlib's own labels
+            # every minor tick, and they overlap.
+            ticks = np.geomspace(min(values), max(values), 4 if min(values) < max(values) else 1)
+            ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if labels:
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if points:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no trial has ended yet", ha="center", va="center", transform=ax.transAxes)
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100, format="png")  # by name, not suffix: the caller may write a temporary file
+    return out_png

@@ -15,6 +15,7 @@ RUN/
   hf_model/                 the Hugging Face folder written when the run finishes
   finished.json             the step budget and final metrics of a finished run
   run_signature.json        what a resume must match (vocab, model shape, batch, data plan; train/signature.py)
+  stream_state/<step>.json  data.streaming: the loader's state saved with each checkpoint (data/stream.py)
 ```
 
 Every path named here belongs to the run: `train.overwrite_output_dir` deletes exactly these, never other
@@ -87,6 +88,7 @@ class RunDir:
     hf_model = property(lambda self: self.path / "hf_model")
     finished = property(lambda self: self.path / "finished.json")
     signature = property(lambda self: self.path / "run_signature.json")
+    stream_state = property(lambda self: self.path / "stream_state")
 
     def layout(self) -> list[Path | epath.Path]:
         """Every path the run layout names (the properties of this class), present or not."""

@@ -6,7 +6,9 @@ resampler; never through torchcodec / datasets' decoding, whose wheels are not p
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -39,17 +41,20 @@ class AudioError(Exception):
         self.reason = reason
 
 
-def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
+def load_audio(path: str, sampling_rate: int = 16000, data: bytes | None = None) -> np.ndarray:
     """Decode ``path`` to mono float32 at ``sampling_rate``: ``[samples]``.
 
     Channels are averaged; other rates are resampled with soxr (high quality, see
     :func:`resample`). Containers libsndfile lacks (m4a, webm, ...) fall back to
-    ``librosa.load`` (audioread / ffmpeg).
+    ``librosa.load`` (audioread / ffmpeg). ``data``: the file's bytes, already in memory (a streamed
+    dataset's row); ``path`` then only names the clip in errors and gives the container's extension.
     """
+    if data is not None:
+        return _load_bytes(path, sampling_rate, data)
     try:
         try:
-            data, rate = sf.read(path, dtype="float32", always_2d=True)  # [samples, channels]
-            wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+            samples, rate = sf.read(path, dtype="float32", always_2d=True)  # [samples, channels]
+            wav = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
         except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
             if not os.path.exists(path):
                 raise AudioError(f"{path}: cannot decode (no such file)", "missing_file") from sf_err
@@ -67,11 +72,39 @@ def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure becomes a named AudioError
         raise AudioError(f"{path}: cannot decode ({err or type(err).__name__})") from err
+    return _checked(wav, path)
+
+
+def _load_bytes(name: str, sampling_rate: int, data: bytes) -> np.ndarray:
+    """:func:`load_audio` of a file held in memory; ``name`` gives the container (its extension)."""
+    if not data:
+        raise AudioError(f"{name}: cannot decode (empty file, 0 bytes)", "empty_audio")
+    try:
+        try:
+            samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            wav = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+        except (sf.LibsndfileError, RuntimeError, TypeError):
+            if os.path.splitext(name)[1].lower() in SOUNDFILE_EXTENSIONS:
+                raise
+            # audioread / ffmpeg read files only.
+            with tempfile.NamedTemporaryFile(suffix=os.path.splitext(name)[1]) as f:
+                f.write(data)
+                f.flush()
+                wav, rate = _librosa_load(f.name, sampling_rate), sampling_rate
+        if rate != sampling_rate:
+            wav = resample(wav, rate, sampling_rate)
+    except Exception as err:  # noqa: BLE001 - any decoder failure becomes a named AudioError
+        raise AudioError(f"{name}: cannot decode ({err or type(err).__name__})") from err
+    return _checked(wav, name)
+
+
+def _checked(wav: np.ndarray, name: str) -> np.ndarray:
+    """Decoded samples as contiguous float32 ``[samples]``, or AudioError naming the clip."""
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     if wav.size == 0:
-        raise AudioError(f"{path}: cannot decode (no samples)", "empty_audio")
+        raise AudioError(f"{name}: cannot decode (no samples)", "empty_audio")
     if not np.isfinite(wav).all():
-        raise AudioError(f"{path}: cannot decode (non-finite samples)")
+        raise AudioError(f"{name}: cannot decode (non-finite samples)")
     return wav
 
 

@@ -77,7 +77,10 @@ class AudioCache:
         sel = slice(None) if rows is None else self._rows
         self.offsets, self.lengths = offsets[sel], lengths[sel]
         self.example_indices = example_index[sel]  # kept row -> index into the examples
-        self._data = np.memmap(os.path.join(folder, "audio.bin"), dtype=np.int16, mode="r")
+        audio = os.path.join(folder, "audio.bin")
+        # A host's shard whose every clip failed holds no audio, and an empty file cannot be mapped.
+        self._data = (np.memmap(audio, dtype=np.int16, mode="r") if os.path.getsize(audio)
+                      else np.zeros(0, np.int16))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -121,21 +124,22 @@ def cache_key(examples: Sequence[Example], sampling_rate: int) -> str:
     return h.hexdigest()[:20]
 
 
+def decode_clip(path: str, sampling_rate: int, data: bytes | None = None) -> np.ndarray | tuple[str, str]:
+    """What the cache stores of one clip: int16 ``[samples]``, or (reason, message) when it is skipped.
+    ``data``: the file's bytes when already in memory (see :func:`audio.load_audio`)."""
+    try:
+        wav = load_audio(path, sampling_rate) if data is None else load_audio(path, sampling_rate, data)
+    except AudioError as err:
+        return err.reason, str(err)
+    peak = float(np.abs(wav).max())
+    if peak < SILENCE_PEAK:
+        return "silence", f"{path}: silent (peak amplitude {peak:.1e} < {SILENCE_PEAK:g})"
+    return np.round(np.clip(wav, -1.0, 1.0) * _SCALE).astype(np.int16)
+
+
 def _decode_chunk(paths: list[str], sampling_rate: int) -> list[np.ndarray | tuple[str, str]]:
     """Worker: each path -> int16 ``[samples]``, or (reason, message)."""
-    out: list[np.ndarray | tuple[str, str]] = []
-    for path in paths:
-        try:
-            wav = load_audio(path, sampling_rate)
-        except AudioError as err:
-            out.append((err.reason, str(err)))
-            continue
-        peak = float(np.abs(wav).max())
-        if peak < SILENCE_PEAK:
-            out.append(("silence", f"{path}: silent (peak amplitude {peak:.1e} < {SILENCE_PEAK:g})"))
-            continue
-        out.append(np.round(np.clip(wav, -1.0, 1.0) * _SCALE).astype(np.int16))
-    return out
+    return [decode_clip(path, sampling_rate) for path in paths]
 
 
 def _decoded_chunks(paths: list[str], sampling_rate: int, num_workers: int, chunk: int):
@@ -228,16 +232,17 @@ def _decode_into(work: str, examples: Sequence[Example], done: list[dict], sampl
     return done
 
 
-def _write_index(work: str, done: list[dict], sampling_rate: int, num_examples: int) -> None:
+def _write_index(work: str, done: list[dict], sampling_rate: int, num_examples: int,
+                 allow_none_kept: bool = False) -> None:
     """offsets/lengths/example_index/meta of the decoded chunks, into ``work``."""
     all_lengths = np.asarray([n for entry in done for n in entry["lengths"]], dtype=np.int64)
     skipped = [DecodeFailure(int(i), str(r), str(m)) for entry in done for i, r, m in entry["skipped"]]
     kept = np.flatnonzero(all_lengths >= 0)
-    if not len(kept):
+    if not len(kept) and not allow_none_kept:
         first = "; ".join(s.message for s in skipped[:3])
         raise AudioError(f"none of the {num_examples} clips could be decoded: {first}")
     lengths = all_lengths[kept]
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    offsets = (np.cumsum(lengths) - lengths).astype(np.int64)
     np.save(os.path.join(work, "offsets.npy"), offsets)
     np.save(os.path.join(work, "lengths.npy"), lengths)
     np.save(os.path.join(work, "example_index.npy"), kept.astype(np.int64))
@@ -279,7 +284,8 @@ def _build_lock(folder: str):
         f.close()
 
 
-def _build(folder: str, examples: Sequence[Example], sampling_rate: int, num_workers: int) -> None:
+def _build(folder: str, examples: Sequence[Example], sampling_rate: int, num_workers: int,
+           allow_none_kept: bool) -> None:
     """Decode into ``<folder>.building`` (resuming what an earlier build left there), then rename it."""
     work = f"{folder}.building"
     os.makedirs(work, exist_ok=True)
@@ -298,7 +304,7 @@ def _build(folder: str, examples: Sequence[Example], sampling_rate: int, num_wor
                         sum(len(entry["lengths"]) for entry in done))
             raise
         try:
-            _write_index(work, done, sampling_rate, len(examples))
+            _write_index(work, done, sampling_rate, len(examples), allow_none_kept)
         except AudioError:
             shutil.rmtree(work, ignore_errors=True)  # complete, and useless: nothing to resume
             raise
@@ -313,23 +319,27 @@ def build_audio_cache(
     *,
     sampling_rate: int = 16000,
     num_workers: int = 2,
+    suffix: str = "",
+    allow_none_kept: bool = False,
 ) -> tuple[AudioCache, list[DecodeFailure]]:
     """Decode every clip once (or reuse a cache of the same files and settings) -> (cache, skipped).
 
     ``skipped`` lists the clips left out (missing, empty, undecodable, silent); they are logged, not
-    fatal, unless every clip fails (:class:`AudioError`). An interrupted build resumes where it stopped.
+    fatal, unless every clip fails (:class:`AudioError`; an empty cache with ``allow_none_kept``: one
+    host's part of a corpus, see data/shards.py). ``suffix`` ends the cache folder's name (the part's
+    name). An interrupted build resumes where it stopped.
     """
     if not examples:
         raise ValueError("build_audio_cache: no examples")
     examples = list(examples)
     folder = os.path.join(os.fspath(cache_dir), f"audio-{sampling_rate}-"
-                          f"{cache_key(examples, sampling_rate)}")
+                          f"{cache_key(examples, sampling_rate)}{suffix}")
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         os.makedirs(cache_dir, exist_ok=True)
         with _build_lock(folder):
             if not os.path.isfile(meta_path):  # not built by the process we waited for
-                _build(folder, examples, sampling_rate, num_workers)
+                _build(folder, examples, sampling_rate, num_workers, allow_none_kept)
     cache = AudioCache(folder)
     skipped = [DecodeFailure(int(i), str(reason), str(message)) for i, reason, message in cache.meta["skipped"]]
     if skipped:

@@ -102,6 +102,32 @@ def _pick_split(loaded, split: str, source: str):
     return loaded[split]
 
 
+def stream_split(name: str, config: str | None, split: str, source: str):
+    """(``datasets.IterableDataset`` of one split with any ``Audio`` column left undecoded, folder that
+    relative audio paths resolve against or None, rows it holds if known) for ``data.streaming``: a Hub
+    dataset in streaming mode, local data files (parquet shards...) read the same way, a ``save_to_disk``
+    folder or an audiofolder's metadata as an iterable view of its memory-mapped table."""
+    import datasets
+
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder) and (_is_saved_to_disk(os.path.abspath(folder)) or
+                                  _audiofolder_metadata(os.path.abspath(folder), split) is not None):
+        table, base = _load_split(name, config, split, source)
+        return table.to_iterable_dataset(num_shards=max(1, min(64, len(table) // 1000))), base, len(table)
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        raise ValueError(f"{source}: cannot stream hub dataset {name!r} (config {config!r}, split {split!r}): "
+                         f"{err}") from err
+    features = stream.features or {}
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Audio):
+            stream = stream.cast_column(column, datasets.Audio(decode=False))
+    split_info = (stream.info.splits or {}).get(split) if stream.info else None
+    size = int(split_info.num_examples) if split_info is not None and split_info.num_examples else None
+    return stream, os.path.abspath(folder) if os.path.isdir(folder) else None, size
+
+
 def _folder_name(name: str, config: str | None, split: str, fingerprint: str) -> str:
     """Readable and unique: the fingerprint changes whenever the dataset's files do."""
     parts = [os.path.basename(os.path.normpath(name)) or "dataset", config or "default", split, fingerprint]

@@ -7,7 +7,8 @@ of sources, `sources.source_weight`) an example of weight w appears w times per 
 floor(w) times, plus once more for a share of them drawn each epoch. Buckets share one batch size or
 each has its own (token-budget batching: short clips in bigger batches, `buckets.bucket_batch_sizes`);
 either way every bucket is one static shape. Every process computes the same global plan and loads
-only its own rows, so hosts agree without talking to each other.
+only its own rows, so hosts agree without talking to each other. When each host holds only the clips it
+decoded (``owners``, see data/shards.py), each host's slice of every global batch holds only its own clips.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import concurrent.futures
 import itertools
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from xlsr_jax.data.audio import normalize_int16_into, normalize_waveform
-from xlsr_jax.data.batch import LABEL_PAD
+from xlsr_jax.data.batch import empty_batch
 from xlsr_jax.data.buckets import assign_buckets
 from xlsr_jax.data.prepare import PreparedDataset
 
@@ -39,17 +40,23 @@ class BatchLoader:
       example_mask    float32 [local]     0 for dummy rows that fill the epoch's last batch
       index           int64   [local]     example index, -1 for dummy rows
     with ``S = boundaries[bucket]`` and ``L`` the bucket's padded label length.
+
+    ``owners`` (int64 ``[n]``, the process holding each example's audio; ignored in a one-process run)
+    makes the plan give every process only rows it owns. None: any process loads any row.
     """
 
     def __init__(self, dataset: PreparedDataset, *, batch_size: int | Sequence[int], boundaries,
                  label_multiple: int = 16, seed: int = 0, shuffle: bool = True,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2, workers: int = 1,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, owners: Sequence[int] | None = None,
+                 augment: Callable[[np.ndarray, int, int], np.ndarray] | None = None):
         if len(dataset) == 0:
             raise ValueError("BatchLoader: the dataset is empty")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.dataset = dataset
+        # (float32 [n], step, global row) -> float32 [n], for training batches (data/augment.py Augmenter)
+        self.augment = augment
         self.boundaries = np.asarray(boundaries, dtype=np.int64)
         self.batch_sizes = _per_bucket(batch_size, len(self.boundaries), process_count)  # global, [k]
         self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
@@ -59,15 +66,21 @@ class BatchLoader:
         self.buckets = assign_buckets(dataset.lengths, self.boundaries)  # [n]
         self.label_lengths = _bucket_label_lengths(
             self.buckets, dataset.labels, len(self.boundaries), label_multiple)
-        self._members = [np.flatnonzero(self.buckets == b) for b in range(len(self.boundaries))]
-        self._draws = _weighted_draws(self._members, weights, len(dataset)) if shuffle else None
+        members = [np.flatnonzero(self.buckets == b) for b in range(len(self.boundaries))]
+        self.owners = _check_owners(owners, len(dataset), process_count)
+        # The plan is cut from parts, each a list of per-bucket members: one part holding everything, or
+        # one part per process holding the examples it owns.
+        self._parts = ([members] if self.owners is None
+                       else [[m[self.owners[m] == p] for m in members] for p in range(process_count)])
+        self._draws = ([_weighted_draws(part, weights, len(dataset)) for part in self._parts] if shuffle
+                       else [None] * len(self._parts))
         # How many batches a bucket yields depends on its size, never on the order of its members; the
-        # weighted draws fix each bucket's size per epoch: any epoch's plan has exactly this many batches.
-        sizes = ([len(m) for m in self._members] if self._draws is None
-                 else [sum(count for _, count in groups) for groups in self._draws])
-        if sum(sizes) == 0:
+        # weighted draws fix each (part, bucket) size per epoch: any epoch's plan has exactly this many batches.
+        sizes = [[len(m) for m in part] if draws is None else [sum(count for _, count in groups) for groups in draws]
+                 for part, draws in zip(self._parts, self._draws)]
+        if sum(map(sum, sizes)) == 0:
             raise ValueError("BatchLoader: the weights draw no example per epoch; raise them")
-        self.batches_per_epoch = len(self._cut([np.zeros(n, np.int64) for n in sizes]))
+        self.batches_per_epoch = len(self._cut([[np.zeros(n, np.int64) for n in part] for part in sizes]))
         self._padding_fraction: float | None = None
 
     # ------------------------------------------------------------ plan
@@ -76,32 +89,39 @@ class BatchLoader:
         """The global plan of one epoch: ``[(bucket, example indices int64 [batch_sizes[bucket]])]``,
         ``-1`` marking dummy rows. A pure function of (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
-        if self._draws is not None:
-            members = [rng.permutation(_draw(groups, rng)) for groups in self._draws]
-        else:
-            members = [rng.permutation(m) if self.shuffle else m for m in self._members]
-        batches = self._cut(members)
+        parts = []
+        for part, draws in zip(self._parts, self._draws):
+            if draws is not None:
+                parts.append([rng.permutation(_draw(groups, rng)) for groups in draws])
+            else:
+                parts.append([rng.permutation(m) if self.shuffle else m for m in part])
+        batches = self._cut(parts)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
-    def _cut(self, members: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
-        """Each bucket's members (in the given order) cut into full batches of that bucket's size.
+    def _cut(self, parts: list[list[np.ndarray]]) -> list[tuple[int, np.ndarray]]:
+        """Each part's members of each bucket (in the given order) cut into global batches.
 
-        A bucket's remainder still fits the next larger bucket, so it joins that bucket's members
-        (whatever the two sizes are); the last remainder becomes one batch of the largest non-empty
-        bucket, filled with dummy rows (-1).
+        One part (everything): full batches of each bucket's global size. One part per process: each
+        global batch of bucket ``b`` is ``process_count`` local batches, the ``p``-th from part ``p``;
+        every part gives a bucket as many local batches as the part with the fewest fills.
+        What a part has left (a bucket's remainder, or its surplus over the other parts) still fits the
+        next larger bucket, so it joins that bucket's members (whatever the sizes are); what is left
+        after the largest non-empty bucket becomes batches of that bucket, filled with dummy rows (-1).
         """
-        top = max(b for b, m in enumerate(members) if len(m))
-        batches, carry = [], np.zeros(0, dtype=np.int64)
+        sizes = self.batch_sizes if len(parts) == 1 else self.local_batch_sizes
+        top = max(b for part in parts for b, m in enumerate(part) if len(m))
+        batches, carry = [], [np.zeros(0, dtype=np.int64)] * len(parts)
         for b in range(top + 1):
-            pool, bs = np.concatenate([carry, members[b]]), self.batch_sizes[b]
-            full = len(pool) // bs
-            batches.extend((b, pool[k * bs : (k + 1) * bs]) for k in range(full))
-            carry = pool[full * bs :]
-        if len(carry):
-            dummies = np.full(self.batch_sizes[top] - len(carry), -1, dtype=np.int64)
-            batches.append((top, np.concatenate([carry, dummies])))
+            pools, bs = [np.concatenate([c, part[b]]) for c, part in zip(carry, parts)], sizes[b]
+            full = min(len(pool) for pool in pools) // bs
+            batches.extend((b, np.concatenate([pool[k * bs : (k + 1) * bs] for pool in pools]))
+                           for k in range(full))
+            carry = [pool[full * bs :] for pool in pools]
+        bs = sizes[top]
+        for k in range(-(-max(len(c) for c in carry) // bs)):
+            batches.append((top, np.concatenate([_filled(c[k * bs : (k + 1) * bs], bs) for c in carry])))
         return batches
 
     @property
@@ -128,8 +148,10 @@ class BatchLoader:
 
     # ------------------------------------------------------------ batches
 
-    def load_batch(self, bucket: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """This process's rows of one planned global batch, as padded numpy arrays."""
+    def load_batch(self, bucket: int, indices: np.ndarray, step: int | None = None) -> dict[str, np.ndarray]:
+        """This process's rows of one planned global batch, as padded numpy arrays; the batch of training
+        step ``step`` is augmented (when the loader has ``augment``), each row as drawn for its position
+        in the global batch."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) != self.batch_sizes[bucket]:
             raise ValueError(f"a batch of bucket {bucket} has {len(indices)} rows, the bucket's batch "
@@ -137,16 +159,11 @@ class BatchLoader:
         p, local = self.process_index, self.local_batch_sizes[bucket]
         rows = indices[p * local : (p + 1) * local]
         samples, label_len = int(self.boundaries[bucket]), int(self.label_lengths[bucket])
-        batch = {
-            "input_values": np.zeros((local, samples), np.float32),
-            "attention_mask": np.zeros((local, samples), np.int32),
-            "labels": np.full((local, label_len), LABEL_PAD, np.int32),
-            "example_mask": (rows >= 0).astype(np.float32),
-            "index": rows.copy(),
-        }
+        batch = empty_batch(samples, label_len, rows)
         audio = self.dataset.audio
+        augment = self.augment if step is not None else None
         # The cache's int16 samples normalised straight into the batch row: no float copy per clip.
-        pcm = getattr(audio, "pcm", None)
+        pcm = getattr(audio, "pcm", None) if augment is None else None
         for r, i in enumerate(rows):
             if i < 0:
                 continue
@@ -157,25 +174,29 @@ class BatchLoader:
                                  f"samples, the dataset says {self.dataset.lengths[i]}")
             if pcm is not None:
                 normalize_int16_into(wav, batch["input_values"][r, :n])
+            elif augment is not None:
+                batch["input_values"][r, :n] = normalize_waveform(augment(wav, step, p * local + r))
             else:
                 batch["input_values"][r, :n] = normalize_waveform(wav)
             batch["attention_mask"][r, :n] = 1
             batch["labels"][r, : len(label)] = label
         return batch
 
-    def _plan_from(self, step: int) -> Iterator[tuple[int, np.ndarray]]:
-        """The planned (bucket, indices) of every global step from ``step`` on, endlessly."""
+    def _plan_from(self, step: int) -> Iterator[tuple[int, np.ndarray, int]]:
+        """The planned (bucket, indices, step) of every global step from ``step`` on, endlessly."""
         epoch, offset = divmod(step, self.batches_per_epoch)
         while True:
-            yield from self.epoch_batches(epoch)[offset:]
+            for bucket, indices in self.epoch_batches(epoch)[offset:]:
+                yield bucket, indices, step
+                step += 1
             epoch, offset = epoch + 1, 0
 
-    def _loaded(self, plan: Iterator[tuple[int, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    def _loaded(self, plan: Iterator[tuple]) -> Iterator[dict[str, np.ndarray]]:
         """``load_batch`` of each planned batch, in plan order, ``prefetch`` ahead, on ``workers``
         threads."""
         if self.workers > 1:
             return _loaded_in_threads(self.load_batch, plan, self.workers, self.prefetch)
-        return _prefetched((self.load_batch(b, idx) for b, idx in plan), self.prefetch)
+        return _prefetched((self.load_batch(*planned) for planned in plan), self.prefetch)
 
     def iter_from_step(self, step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Infinite batches starting at global ``step`` (same batches as skipping from 0)."""
@@ -211,6 +232,8 @@ def _weighted_draws(members: list[np.ndarray], weights, n: int) -> list[list[tup
     for w in np.unique(weights):
         groups = [m[weights[m] == w] for m in members]
         sizes = np.array([len(g) for g in groups], dtype=np.float64)
+        if not sizes.sum():  # no example of this weight among these members (another process's part)
+            continue
         quota = round(w * sizes.sum()) * sizes / sizes.sum()  # [buckets], sums to the weight's draws
         counts = np.floor(quota).astype(np.int64)
         short = int(round(quota.sum())) - int(counts.sum())
@@ -219,6 +242,23 @@ def _weighted_draws(members: list[np.ndarray], weights, n: int) -> list[list[tup
             if len(g):
                 draws[b].append((g, int(c)))
     return draws
+
+
+def _check_owners(owners, n: int, process_count: int) -> np.ndarray | None:
+    """``owners`` as int64 ``[n]`` after checking it; None without owners or in a one-process run."""
+    if owners is None or process_count == 1:
+        return None
+    owners = np.asarray(owners, dtype=np.int64)
+    if owners.shape != (n,):
+        raise ValueError(f"owners has shape {owners.shape}, expected one per example ({n})")
+    if owners.size and not (0 <= owners.min() and owners.max() < process_count):
+        raise ValueError(f"owners must be process indices in [0, {process_count}); got {owners.min()}..{owners.max()}")
+    return owners
+
+
+def _filled(rows: np.ndarray, size: int) -> np.ndarray:
+    """``rows`` followed by dummy rows (-1) up to ``size``: int64 ``[size]``."""
+    return np.concatenate([rows, np.full(size - len(rows), -1, dtype=np.int64)])
 
 
 def _draw(groups: list[tuple[np.ndarray, int]], rng: np.random.Generator) -> np.ndarray:
@@ -316,18 +356,18 @@ def _prefetched(source: Iterator, depth: int) -> Iterator:
         thread.join(timeout=5.0)
 
 
-def _loaded_in_threads(load, plan: Iterator[tuple[int, np.ndarray]], workers: int, depth: int) -> Iterator:
-    """``load(bucket, indices)`` of each planned batch on a pool of ``workers`` threads, yielded in plan
+def _loaded_in_threads(load, plan: Iterator[tuple], workers: int, depth: int) -> Iterator:
+    """``load(*planned)`` of each planned batch on a pool of ``workers`` threads, yielded in plan
     order, with ``max(depth, workers)`` batches in flight. Closing the generator cancels the rest."""
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="xlsr_jax-loader")
     pending: collections.deque = collections.deque()
     try:
-        for bucket, indices in itertools.islice(plan, max(depth, workers)):
-            pending.append(pool.submit(load, bucket, indices))
+        for planned in itertools.islice(plan, max(depth, workers)):
+            pending.append(pool.submit(load, *planned))
         while pending:
             batch = pending.popleft().result()
-            for bucket, indices in itertools.islice(plan, 1):
-                pending.append(pool.submit(load, bucket, indices))
+            for planned in itertools.islice(plan, 1):
+                pending.append(pool.submit(load, *planned))
             yield batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from xlsr_jax.data.cache import DecodeFailure, build_audio_cache
 from xlsr_jax.data.report import REASONS, BadClip, count_reasons, format_counts
+from xlsr_jax.data.shards import HostShard, HostShardAudio, build_host_shard
 from xlsr_jax.data.sources import Example
 from xlsr_jax.text import Vocab
 
@@ -31,6 +32,8 @@ class PreparedDataset:
     audio: Any  # AudioCache, or anything with __getitem__(i) -> float32 [samples]
     examples: list[Example]
     bad: list[BadClip] = dataclasses.field(default_factory=list)  # dropped or flagged clips, by name
+    # int64 [n]: the host whose audio holds each row (each host decoded its part); None: every host, all rows
+    owners: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -59,6 +62,7 @@ def prepare_dataset(
     frames_fn: Callable[[np.ndarray], np.ndarray] | None = None,
     drop_infeasible: bool = True,
     name: str = "train",
+    shard: HostShard | None = None,
 ) -> tuple[PreparedDataset, dict]:
     """Normalise, decode (via the cache), filter; return the dataset and a report of counts
     (``total``, ``kept``, ``hours`` and one count per reason of data/report.py's REASONS).
@@ -67,14 +71,20 @@ def prepare_dataset(
     labels cannot fit their frames are dropped when ``drop_infeasible`` (training: their CTC loss
     is meaningless) and kept but flagged otherwise (evaluation: dropping them would flatter WER).
     Transcripts with characters the vocabulary lacks are kept (they encode as [UNK]) and flagged.
-    ``name`` is the split the report rows name.
+    ``name`` is the split the report rows name. With a ``shard`` of several hosts this host decodes only
+    its part of the clips and the hosts exchange the results (data/shards.py): every host gets the same
+    dataset, whose audio holds this host's rows (``owners``).
     """
     examples = list(examples)
     # Every clip goes into the cache, so it depends on the audio files only: changing the text
     # normalisation or the duration filters never re-decodes.
-    cache, failures = build_audio_cache(
-        examples, cache_dir, sampling_rate=sampling_rate, num_workers=num_workers
-    )
+    if shard is not None and shard.count > 1:
+        cache, failures = build_host_shard(examples, cache_dir, shard, sampling_rate=sampling_rate,
+                                           num_workers=num_workers, name=name)
+    else:
+        cache, failures = build_audio_cache(
+            examples, cache_dir, sampling_rate=sampling_rate, num_workers=num_workers
+        )
     texts = [normalize(ex) for ex in examples]
     min_len = -np.inf if min_duration_s is None else min_duration_s * sampling_rate
     max_len = np.inf if max_duration_s is None else max_duration_s * sampling_rate
@@ -97,13 +107,15 @@ def prepare_dataset(
             labels = [lab for lab, ok in zip(labels, feasible) if ok]
             lengths = lengths[feasible]
 
+    audio = cache.take([r for _, r in keep])
     dataset = PreparedDataset(
         texts=[texts[i] for i, _ in keep],
         labels=labels,
         lengths=lengths,
-        audio=cache.take([r for _, r in keep]),
+        audio=audio,
         examples=[examples[i] for i, _ in keep],
         bad=[clip for _, clip in sorted(bad, key=lambda ic: ic[0])],  # in the sources' order
+        owners=audio.owners if isinstance(audio, HostShardAudio) else None,
     )
     report = {"total": len(examples), "kept": len(dataset),
               "hours": float(lengths.sum()) / sampling_rate / 3600.0,
@@ -120,25 +132,45 @@ def _select(examples: list[Example], texts: list[str], cache, failures: list[Dec
     row_of = np.full(len(texts), -1, dtype=np.int64)  # example index -> cache row
     row_of[cache.example_indices] = np.arange(len(cache))
     failed = {f.index: f for f in failures}
-    min_len, max_len = length_range
     keep, bad = [], []
     for i, (ex, text) in enumerate(zip(examples, texts)):
         row = int(row_of[i])
-        seconds = cache.lengths[row] / sampling_rate if row >= 0 else 0.0
         if i in failed:
             # The message starts with the path, which the report has in its own column.
-            reason, detail = failed[i].reason, failed[i].message.removeprefix(f"{ex.path}: ")
-        elif not text:
-            reason, detail = "empty_text", f"transcript {ex.text!r}"
-        elif cache.lengths[row] < min_len:
-            reason, detail = "too_short", f"{seconds:.2f} s, shorter than {min_len / sampling_rate:g} s"
-        elif cache.lengths[row] > max_len:
-            reason, detail = "too_long", f"{seconds:.2f} s, longer than {max_len / sampling_rate:g} s"
+            problem = failed[i].reason, failed[i].message.removeprefix(f"{ex.path}: ")
         else:
+            problem = clip_problem(ex, text, int(cache.lengths[row]), length_range, sampling_rate)
+        if problem is None:
             keep.append((i, row))
             continue
-        bad.append((i, BadClip(split, ex.source, ex.path, reason, detail)))
+        bad.append((i, BadClip(split, ex.source, ex.path, *problem)))
     return keep, bad
+
+
+def clip_problem(example: Example, text: str, samples: int, length_range: tuple[float, float],
+                 sampling_rate: int) -> tuple[str, str] | None:
+    """(reason, detail) that drops a decoded clip of ``samples`` with normalised ``text``, or None: the
+    text's reason first, then the length's (outside ``length_range``, in samples)."""
+    min_len, max_len = length_range
+    seconds = samples / sampling_rate
+    if not text:
+        return "empty_text", f"transcript {example.text!r}"
+    if samples < min_len:
+        return "too_short", f"{seconds:.2f} s, shorter than {min_len / sampling_rate:g} s"
+    if samples > max_len:
+        return "too_long", f"{seconds:.2f} s, longer than {max_len / sampling_rate:g} s"
+    return None
+
+
+def infeasible_detail(label: np.ndarray, frames: int) -> str | None:
+    """Why CTC cannot align ``label`` (int32 ``[chars]``) to ``frames`` output frames, or None."""
+    needed = int(ctc_min_frames([label])[0])
+    return None if frames >= needed else f"{needed} CTC frames needed for the transcript, its audio gives {frames}"
+
+
+def missing_characters(text: str, vocab: Vocab) -> list[str]:
+    """The characters of ``text`` that ``vocab`` lacks (they encode as [UNK]), sorted."""
+    return sorted({c for c in text if c != " " and vocab.token_to_id(c) == vocab.unk_id})
 
 
 def _flag_out_of_vocabulary(kept: list[tuple[int, Example, str]], vocab: Vocab, split: str) -> list:
@@ -147,7 +179,7 @@ def _flag_out_of_vocabulary(kept: list[tuple[int, Example, str]], vocab: Vocab, 
     keeps the characters, which the model cannot produce)."""
     flagged = []
     for i, ex, text in kept:
-        missing = sorted({c for c in text if c != " " and vocab.token_to_id(c) == vocab.unk_id})
+        missing = missing_characters(text, vocab)
         if missing:
             flagged.append((i, BadClip(split, ex.source, ex.path, "out_of_vocabulary",
                                        f"not in the vocabulary: {' '.join(missing)}", dropped=False)))

@@ -7,10 +7,12 @@ import os
 from typing import Sequence
 
 import jax
+import numpy as np
 from transformers import Wav2Vec2Config
 
 from xlsr_jax.config import ConfigError, DataConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, load_sources, prepare_dataset
+from xlsr_jax.data.shards import HostShard
 from xlsr_jax.data.sources import expand_specs, is_test_split, split_options
 from xlsr_jax.model import feat_extract_output_lengths
 from xlsr_jax.text import TextNormalization, Vocab
@@ -30,6 +32,13 @@ def read_examples(specs: Sequence[str], data: DataConfig, *, purpose: str | None
     ``purpose="train"`` refuses a Common Voice test split (the benchmark) unless
     ``data.allow_test_split_in_train``; ``purpose="eval"`` refuses a ``weight`` (every utterance is scored
     once)."""
+    specs = check_specs(specs, data, purpose=purpose)
+    return load_sources(specs, cache_dir=os.path.join(cache_root(data), "cv"),
+                        hub_cache_dir=os.path.join(cache_root(data), "hf"))
+
+
+def check_specs(specs: Sequence[str], data: DataConfig, *, purpose: str | None = None) -> list[str]:
+    """One spec per source, after `read_examples`' refusals for ``purpose`` (ConfigError)."""
     specs = expand_specs(specs)
     if purpose == "train":
         tests = [spec for spec in specs if is_test_split(spec)]
@@ -43,8 +52,17 @@ def read_examples(specs: Sequence[str], data: DataConfig, *, purpose: str | None
         if weighted:
             raise ConfigError(f"data.eval: {weighted}: evaluation sources take no weight (every utterance "
                               "is scored once)", ("data.eval",))
-    return load_sources(specs, cache_dir=os.path.join(cache_root(data), "cv"),
-                        hub_cache_dir=os.path.join(cache_root(data), "hf"))
+    return specs
+
+
+def host_shard(data: DataConfig) -> HostShard | None:
+    """This process's part of the clips to decode (`data.shard_cache_by_host`); None in a one-process run."""
+    if jax.process_count() == 1 or not data.shard_cache_by_host:
+        return None
+    from jax.experimental import multihost_utils
+
+    return HostShard(jax.process_index(), jax.process_count(),
+                     lambda x: np.asarray(multihost_utils.process_allgather(x)))
 
 
 def prepare_kwargs(data: DataConfig, vocab: Vocab, normalization: TextNormalization,
@@ -52,7 +70,7 @@ def prepare_kwargs(data: DataConfig, vocab: Vocab, normalization: TextNormalizat
     """The arguments `prepare_dataset` takes that are the same for every split of a run."""
     return dict(vocab=vocab, normalize=lambda e: normalization(e.text, e.language), sampling_rate=SAMPLING_RATE,
                 cache_dir=os.path.join(cache_root(data), "audio"), num_workers=data.num_workers,
-                frames_fn=lambda n: feat_extract_output_lengths(model_config, n))
+                frames_fn=lambda n: feat_extract_output_lengths(model_config, n), shard=host_shard(data))
 
 
 def eval_loader(examples: Sequence[Example], *, data: DataConfig, vocab: Vocab,
@@ -65,5 +83,5 @@ def eval_loader(examples: Sequence[Example], *, data: DataConfig, vocab: Vocab,
     loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False,
                          boundaries=bucket_boundaries(dataset.lengths, data.eval_num_buckets),
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         prefetch=data.prefetch, workers=data.loader_workers)
+                         prefetch=data.prefetch, workers=data.loader_workers, owners=dataset.owners)
     return loader, report

@@ -26,6 +26,7 @@ from xlsr_jax.checkpoint import Checkpointer, abstract_with_shardings
 from xlsr_jax.config import Config, save_config, to_dict
 from xlsr_jax.compile import ShapeDispatch, StepToCompile, batch_shape, compile_steps
 from xlsr_jax.data.batch import MODEL_INPUTS
+from xlsr_jax.data.stream import load_stream_state, save_stream_state
 from xlsr_jax.hub.export import export_params, host_params
 from xlsr_jax.infer.data import SAMPLING_RATE
 from xlsr_jax.infer.predict import predict
@@ -36,8 +37,9 @@ from xlsr_jax.train.metrics import MetricsWriter
 from xlsr_jax.train.optim import check_consecutive_skips
 from xlsr_jax.train.resume import check_start, clear_output_dir, init_model, plan_start, start_state, write_signature
 from xlsr_jax.train.setup import Data, build_data, build_model, build_state
-from xlsr_jax.train.signature import plan_sha256, run_signature
+from xlsr_jax.train.signature import loader_plan_sha256, run_signature
 from xlsr_jax.train.step import jit_train_step
+from xlsr_jax.train.stopping import EarlyStopping, EvalCallback
 from xlsr_jax.train.summary import read_finished, write_finished
 
 logger = logging.getLogger(__name__)
@@ -152,11 +154,12 @@ class _Progress:
         self.bar.close()
 
 
-def train(config: Config) -> dict[str, float]:
+def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, float]:
     """Run training as configured; returns the last eval metrics (or the last train metrics).
 
     A run that already finished (same step budget) returns its stored summary with
-    "run/already_finished" set instead of training again.
+    "run/already_finished" set instead of training again. `on_eval(step, eval metrics)` returning True
+    ends the run after that evaluation, as `train.early_stopping_patience` does ("run/stopped_early").
     """
     run = RunDir(config.train.output_dir)
     finished = None if config.train.overwrite_output_dir else read_finished(run, config)
@@ -184,10 +187,12 @@ def train(config: Config) -> dict[str, float]:
     # Each host built its data alone: one host's transient decode failure would give it another plan (a
     # hang, or other batches). Compared before the first collective that depends on it.
     parallel.assert_hosts_agree(_host_fields(config, data))
+    streaming = getattr(data.train, "streaming", False)
     steps = total_steps(config, data.train.batches_per_epoch)
     sizes = data.train.batch_sizes  # one per bucket: differ under train.per_device_audio_seconds
-    logger.info("train: %d utterances, %d batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
-                len(data.train.dataset), data.train.batches_per_epoch,
+    logger.info("train: %d utterances%s, %s batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
+                len(data.train.dataset), " in the stream's probe" if streaming else "",
+                "(streaming: unknown)" if streaming else data.train.batches_per_epoch,
                 sizes[0] if len(set(sizes)) == 1 else f"{list(sizes)} (by bucket)", data.train.shapes,
                 100 * data.train.padding_fraction, steps)
 
@@ -213,21 +218,37 @@ def train(config: Config) -> dict[str, float]:
     start = int(jax.device_get(state.step))
     # A checkpoint that one host cannot read (and skips as damaged) would start the hosts at different steps.
     parallel.assert_hosts_agree({"start step": start})
+    if streaming and start > 0:  # the stream goes on after the batch of the restored step, not from its start
+        data.train.restore(load_stream_state(run.stream_state, start))
 
     # --- compiled steps: every train and eval bucket shape, ahead of time (nothing compiles mid-run)
     step_fn, eval_fn = _compile(config, data, model, tx, schedule, state, shardings, mesh)
 
     writer = MetricsWriter(run.path, enabled=is_main)
-    loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer)
+    stopping = None
+    if config.train.early_stopping_patience:
+        stopping = EarlyStopping.resumed(c.best_metric, c.best_mode, config.train.early_stopping_patience,
+                                         checkpoints, start)
+    loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer, stopping, on_eval, run_dir=run)
     try:
         with _StopSignal().installed() as stop:
             state, last = loop.run(state, start, steps, stop)
         final_step = int(jax.device_get(state.step))
         if checkpoints.latest_step() != final_step:
-            checkpoints.save(final_step, state, loop.eval_metrics_at(final_step))
+            loop.save(final_step, state, loop.eval_metrics_at(final_step))
         checkpoints.wait()
         if not stop.requested:
-            _export(run, config, model, state.params, data, final_step, is_main)
+            params, step, selected = state.params, final_step, "final"
+            best = checkpoints.best_step()
+            if "run/stopped_early" in last and best is not None and best != final_step:
+                # Stopped for lack of progress: the last state is `patience` evaluations past the best one.
+                # A read-only manager: the writing one has no handler for a partial (params only) restore.
+                kept = Checkpointer(run.checkpoints, read_only=True)
+                params = kept.restore_params(abstract_with_shardings(state.params, shardings.params), best)
+                kept.close()
+                step, selected = best, "best"
+                logger.info("hf_model: the best checkpoint (step %d by %s) is exported", best, c.best_metric)
+            _export(run, config, model, params, data, step, is_main, selected)
             if is_main:
                 write_finished(run, config, final_step, steps, last, best_step=checkpoints.best_step())
     finally:
@@ -250,7 +271,7 @@ def _host_fields(config: Config, data: Data) -> dict[str, Any]:
         d = loader.dataset
         fields[f"{name}.examples"] = [e.path for e in d.examples]
         fields[f"{name}.labels"] = np.concatenate([np.asarray([len(x) for x in d.labels]), *d.labels])
-        fields[f"{name}.plan"] = plan_sha256(loader.epoch_batches(0), d.lengths)
+        fields[f"{name}.plan"] = loader_plan_sha256(loader)
     return fields
 
 
@@ -274,16 +295,18 @@ def _compile(config: Config, data: Data, model, tx, schedule, state, shardings, 
     return compiled["train"], compiled.get("eval")
 
 
-def _export(run: RunDir, config: Config, model, params, data: Data, step: int, is_main: bool) -> None:
+def _export(run: RunDir, config: Config, model, params, data: Data, step: int, is_main: bool,
+            selected: str = "final") -> None:
     """hf_model/: the same converter, card and (with torch) check as `xlsr-jax export`."""
     params = host_params(params)  # a collective when parameters are sharded across processes
     if not is_main:
         return
     dataset = (data.eval or data.train).dataset
-    clips = [np.asarray(dataset.audio[i]) for i in range(min(3, len(dataset)))]
+    held = range(len(dataset)) if dataset.owners is None else np.flatnonzero(dataset.owners == jax.process_index())
+    clips = [np.asarray(dataset.audio[int(i)]) for i in held[:3]]  # clips whose audio this host decoded
     out = export_params(params, model.config, data.vocab, run.hf_model, normalization=data.normalization, run=run,
                         run_config=config, step=step, clips=clips, info={"run": str(run.path if "://" in str(run.path) else run.path.absolute()),
-                                                                          "selected": "final"})
+                                                                          "selected": selected})
     if out["check"] is None:
         logger.info("hf_model: torch is not installed, so the PyTorch self-check was skipped "
                     "(pip install 'xlsr-jax[torch]' to have it)")
@@ -303,6 +326,9 @@ class _Loop:
     mesh: Mesh
     checkpoints: Checkpointer
     writer: MetricsWriter
+    early_stopping: EarlyStopping | None = None
+    on_eval: EvalCallback | None = None
+    run_dir: RunDir | None = None  # where a streaming loader's state is saved with each checkpoint
     _evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def run(self, state, start: int, steps: int, stop: _StopSignal):
@@ -323,6 +349,8 @@ class _Loop:
             stopping = stop.check(step)
             if step % t.logging_steps == 0 or step == steps or stopping:
                 last = tracker.flush(self.data.train.padding_fraction)  # the only read of train metrics
+                if getattr(self.data.train, "streaming", False):  # epoch and clips dropped so far
+                    last.update(self.data.train.metrics_at(step))
                 self.writer.write(step, last)
                 # Read with the metrics: no extra wait. Every process holds the same count, so all stop.
                 check_consecutive_skips(state.opt_state, self.config.optim.max_consecutive_skips, step)
@@ -330,12 +358,17 @@ class _Loop:
                                   audio_s_per_s=f"{last['train/audio_seconds_per_second']:.0f}")
             if stopping:  # no evaluation: a preempted machine's grace period is for the checkpoint
                 break
+            ending = False
             if self.data.eval is not None and (step % t.eval_steps == 0 or (step == steps and self.config.eval.at_end)):
                 last = self.evaluate(state, step)
+                ending = self._ends_after(step, last)
             # With keep-best, every evaluated state is a candidate: it is saved with its metrics.
             evaluated = self.eval_metrics_at(step) if self.checkpoints.best_metric else None
-            if (step % t.save_steps == 0 or evaluated) and step != steps:
-                self.checkpoints.save(step, state, evaluated)
+            if (step % t.save_steps == 0 or evaluated) and step != steps and not ending:
+                self.save(step, state, evaluated)
+            if ending:  # saved by the caller, as the last step of a finished run
+                last = {**last, "run/stopped_early": float(step)}
+                break
         progress.close(step)
         last["train/compiled_shapes"] = len(self.step_fn)
         last["train/buckets_used"] = len(shapes)
@@ -343,6 +376,28 @@ class _Loop:
                     "compiled ahead of time, %d used", step, steps, int(jax.device_get(state.skipped)),
                     last["train/compiled_shapes"], len(shapes))
         return state, last
+
+    def _ends_after(self, step: int, scores: dict[str, float]) -> bool:
+        """Whether early stopping or the caller's `on_eval` ends the run after this evaluation. Both see
+        every evaluation (the patience count must not skip one because the callback already said stop)."""
+        patience_out = self.early_stopping is not None and self.early_stopping.update(scores)
+        if self.early_stopping is not None:  # saved with this step's checkpoint, for a resume
+            self._evaluated[step] = {**scores, **self.early_stopping.state()}
+        if patience_out:
+            logger.info("step %d: no better %s in %d evaluations (best %.4f); stopping early", step,
+                        self.early_stopping.metric, self.early_stopping.patience, self.early_stopping.best)
+        asked = self.on_eval is not None and bool(self.on_eval(step, scores))
+        if asked:
+            logger.info("step %d: stopping as the caller asked after this evaluation", step)
+        return patience_out or asked
+
+    def save(self, step: int, state, metrics: dict[str, float] | None = None) -> None:
+        """Checkpoint `step`; under data.streaming first the loader's state after that step's batch (process 0
+        writes it: every host holds the same), which a resume continues from."""
+        if getattr(self.data.train, "streaming", False) and jax.process_index() == 0:
+            save_stream_state(self.run_dir.stream_state, step, self.data.train.state_at(step),
+                              keep=self.checkpoints.all_steps())
+        self.checkpoints.save(step, state, metrics)
 
     def eval_metrics_at(self, step: int) -> dict[str, float] | None:
         """The eval metrics of `step` if it was evaluated (what keep-best ranks a checkpoint by)."""

@@ -102,7 +102,8 @@ def step_memory(config: Config, model, steps: int, blank_id: int) -> Callable[[i
     per-device micro-batch of `batch` clips (x gradient accumulation rows), as `train` would step it."""
     mesh = parallel.make_mesh(MeshConfig(), devices=jax.local_devices()[:1])
     abstract_params = model.abstract_params()
-    tx, schedule = build_optimizer(config.optim, steps, abstract_params, config.model.freeze_feature_encoder)
+    tx, schedule = build_optimizer(config.optim, steps, abstract_params, config.model.freeze_feature_encoder,
+                                   config.model.freeze_transformer_steps)
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, config.train.seed), abstract_params)
     shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
     accum = config.optim.gradient_accumulation_steps

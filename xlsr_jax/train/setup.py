@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,14 @@ from xlsr_jax import parallel
 from xlsr_jax.config import Config, ConfigError, DataConfig, ModelConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, prepare_dataset
 from xlsr_jax.data.buckets import bucket_batch_sizes
+from xlsr_jax.data.augment import Augmenter, speed_variants
+from xlsr_jax.data.prepare import PreparedDataset
 from xlsr_jax.data.report import report_bad_data
 from xlsr_jax.data.sources import source_weight
 from xlsr_jax.errors import UserError
-from xlsr_jax.infer.data import eval_loader, prepare_kwargs, read_examples
+from xlsr_jax.data.stream import ClipMaker, StreamingLoader, probe_dataset, stream_boundaries
+from xlsr_jax.data.stream_sources import ElementStream, open_sources
+from xlsr_jax.infer.data import SAMPLING_RATE, cache_root, check_specs, eval_loader, prepare_kwargs, read_examples
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
 from xlsr_jax.model.pretrained import resolve_model_dir
 from xlsr_jax.text import TextNormalization, Vocab
@@ -36,14 +41,15 @@ logger = logging.getLogger(__name__)
 class Data:
     vocab: Vocab
     normalization: TextNormalization
-    train: BatchLoader
+    train: BatchLoader | StreamingLoader
     eval: BatchLoader | None
     reports: dict[str, dict]
+    clips: PreparedDataset | None = None  # the training clips, before speed perturbation made rows of them
 
     def report_bad_clips(self, path, max_skip_fraction: float, *, write: bool) -> None:
         """Write `path` (the run's data_report.tsv) naming every clip of both splits that was skipped or
         flagged, with its reason; then stop (UserError) if a source dropped more than `max_skip_fraction`."""
-        datasets = {"train": self.train.dataset, **({"eval": self.eval.dataset} if self.eval else {})}
+        datasets = {"train": self.clips or self.train.dataset, **({"eval": self.eval.dataset} if self.eval else {})}
         report_bad_data(datasets, path, max_skip_fraction, write=write)
 
 
@@ -119,6 +125,11 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     d = config.data
     if not d.train:
         raise ConfigError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
+    if d.streaming and (config.augment.speed_factors or config.augment.active):
+        raise ConfigError("augment.* is not supported with data.streaming=true yet; train from the cache "
+                          "(data.streaming=false) to augment", ("augment", "data.streaming"))
+    if d.streaming:
+        return _build_streaming(config, output_dir, batch_size, eval_batch_size, data_parallel=data_parallel)
     train_examples = _subset(read_examples(d.train, d, purpose="train"), d.max_train_examples, config.train.seed)
     eval_examples = (_subset(read_examples(d.eval, d, purpose="eval"), d.max_eval_examples, config.train.seed)
                      if d.eval else [])
@@ -126,16 +137,78 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
     vocab = resolve_vocab(config, texts, output_dir)
     w2v_config = model_config(config.model, vocab)
+    kwargs = prepare_kwargs(d, vocab, normalization, w2v_config)
     train_set, train_report = prepare_dataset(
         train_examples, min_duration_s=d.min_duration_s, max_duration_s=d.max_duration_s, name="train",
-        **prepare_kwargs(d, vocab, normalization, w2v_config))
+        **kwargs)
+    clips, weights = train_set, [source_weight(e.source) for e in train_set.examples]
+    a = config.augment
+    if a.speed_factors:  # one row per (clip, factor); each epoch draws about one of a clip's rows
+        train_set, _ = speed_variants(clips, a.speed_factors, kwargs["frames_fn"])
+        weights = [source_weight(e.source) / len(a.speed_factors) for e in train_set.examples]
+        logger.info("augment: %d clips at speeds %s: %d rows (%d dropped: transcript too long for the faster "
+                    "audio)", len(clips), list(a.speed_factors), len(train_set),
+                    len(clips) * len(a.speed_factors) - len(train_set))
     boundaries = bucket_boundaries(train_set.lengths, d.num_buckets)
     train = BatchLoader(train_set, batch_size=train_batch_sizes(config, boundaries, batch_size, data_parallel),
                         seed=config.train.seed, shuffle=True, boundaries=boundaries,
                         process_index=jax.process_index(), process_count=jax.process_count(), prefetch=d.prefetch,
-                        workers=d.loader_workers,
-                        weights=[source_weight(e.source) for e in train_set.examples])
+                        workers=d.loader_workers, owners=train_set.owners, weights=weights,
+                        augment=augmenter(config, clips))
     reports, evaluation = {"train": train_report}, None
+    if eval_examples:
+        evaluation, reports["eval"] = eval_loader(eval_examples, data=d, vocab=vocab, normalization=normalization,
+                                                  model_config=w2v_config, batch_size=eval_batch_size)
+    return Data(vocab, normalization, train, evaluation, reports, clips)
+
+
+def augmenter(config: Config, clips: PreparedDataset) -> Augmenter | None:
+    """The per-row augmentation of training batches (None when off). Babble noise mixes clips this host
+    holds (all of them, or its part when each host decoded its own)."""
+    a = config.augment
+    if not a.active:
+        return None
+    held = (np.arange(len(clips)) if clips.owners is None
+            else np.flatnonzero(clips.owners == jax.process_index()))
+    return Augmenter(seed=config.train.seed, sampling_rate=SAMPLING_RATE, noise_prob=a.noise_prob,
+                     noise_snr_db=a.noise_snr_db, noise_kinds=a.noise_kinds, reverb_prob=a.reverb_prob,
+                     reverb_rt60_s=a.reverb_rt60_s, pitch_prob=a.pitch_prob, pitch_semitones=a.pitch_semitones,
+                     babble=lambda rng: clips.audio[int(held[rng.integers(len(held))])])
+
+
+def _build_streaming(config: Config, output_dir: Path, batch_size: int, eval_batch_size: int, *,
+                     data_parallel: int) -> Data:
+    """`build_data` for `data.streaming`: the training sources become a stream (data/stream.py) whose first
+    `data.streaming_probe` rows choose the text normalisation, the vocabulary (with the eval texts) and the
+    buckets; the evaluation set is decoded up front as always."""
+    d, seed = config.data, config.train.seed
+    specs = check_specs(d.train, d, purpose="train")
+    weighted = [spec for spec in specs if source_weight(spec) != 1]
+    if weighted:
+        raise ConfigError(f"data.train: {weighted}: ?weight= is not supported with data.streaming=true (each epoch "
+                          "reads every source once); drop the option or stream without it",
+                          ("data.train", "data.streaming"))
+    stream = ElementStream(open_sources(specs, seed=seed, cache_dir=os.path.join(cache_root(d), "cv"),
+                                        hub_cache_dir=os.path.join(cache_root(d), "hf")), seed)
+    eval_examples = (_subset(read_examples(d.eval, d, purpose="eval"), d.max_eval_examples, seed) if d.eval else [])
+    head = stream.head(d.streaming_probe)
+    normalization = choose_normalization(d, [e.example for e in head])
+    texts = [normalization(e.text, e.language) for e in [h.example for h in head] + eval_examples]
+    vocab = resolve_vocab(config, texts, output_dir)
+    w2v_config = model_config(config.model, vocab)
+    kwargs = prepare_kwargs(d, vocab, normalization, w2v_config)
+    make = ClipMaker(vocab=vocab, normalize=kwargs["normalize"], sampling_rate=SAMPLING_RATE,
+                     frames_fn=kwargs["frames_fn"],
+                     length_range=(d.min_duration_s * SAMPLING_RATE, d.max_duration_s * SAMPLING_RATE))
+    probe, report = probe_dataset(head, make, d.num_workers)
+    boundaries = stream_boundaries(probe.lengths, d.num_buckets, d.max_duration_s * SAMPLING_RATE)
+    train = StreamingLoader(stream, make, probe=probe, boundaries=boundaries, shuffle_buffer=d.shuffle_buffer,
+                            batch_size=train_batch_sizes(config, boundaries, batch_size, data_parallel),
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            prefetch=d.prefetch, workers=d.num_workers,
+                            description={"probe": d.streaming_probe, "duration_s": [d.min_duration_s, d.max_duration_s],
+                                         "vocab": list(vocab.tokens)})
+    reports, evaluation = {"train": report}, None
     if eval_examples:
         evaluation, reports["eval"] = eval_loader(eval_examples, data=d, vocab=vocab, normalization=normalization,
                                                   model_config=w2v_config, batch_size=eval_batch_size)
@@ -162,7 +235,8 @@ def build_state(config: Config, model: FlaxWav2Vec2ForCTC, host_params: dict | N
                 total_steps: int) -> tuple[TrainState, Any, optax.GradientTransformation, optax.Schedule]:
     """(state built already sharded, its shardings, optimizer, lr schedule)."""
     abstract_params = model.abstract_params()
-    tx, schedule = build_optimizer(config.optim, total_steps, abstract_params, config.model.freeze_feature_encoder)
+    tx, schedule = build_optimizer(config.optim, total_steps, abstract_params, config.model.freeze_feature_encoder,
+                                   config.model.freeze_transformer_steps)
     seed = config.train.seed
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, seed), abstract_params)
     shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)

@@ -58,6 +58,14 @@ def plan_sha256(plan: Iterable[tuple[int, np.ndarray]], lengths: np.ndarray) -> 
     return _sha256(*parts)
 
 
+def loader_plan_sha256(loader) -> str:
+    """`plan_sha256` of a loader's first epoch; a streaming loader has no plan up front and gives its own
+    digest (sources, seed, buckets, batch sizes and the probe's lengths: data/stream.py)."""
+    if getattr(loader, "streaming", False):
+        return loader.plan_sha256()
+    return plan_sha256(loader.epoch_batches(0), loader.dataset.lengths)
+
+
 def run_signature(config: Config, data, model_config: Wav2Vec2Config) -> dict[str, Any]:
     """The signature of a run about to train `model_config` on `data` (train/setup.py's `Data`)."""
     train = data.train
@@ -67,7 +75,7 @@ def run_signature(config: Config, data, model_config: Wav2Vec2Config) -> dict[st
         "model.scan_layers": config.model.scan_layers,
         "train.global_batch_sizes": [int(b) for b in train.batch_sizes],
         "train.utterances": len(train.dataset),
-        "train.plan_sha256": plan_sha256(train.epoch_batches(0), train.dataset.lengths),
+        "train.plan_sha256": loader_plan_sha256(train),
         "train.seed": config.train.seed,
         "train.precision": config.train.precision,
         "config.sha256": _sha256(_json_bytes(to_dict(config))),
