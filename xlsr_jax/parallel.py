@@ -63,6 +63,9 @@ def initialize(config: MeshConfig) -> None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
+    from xlsr_jax.data.atomic import runtime_owns_sigterm
+
+    runtime_owns_sigterm()  # its preemption notifier's C handler, which a cache build must not replace
     logger.info("process %d of %d, %d local devices, %d in all", jax.process_index(), jax.process_count(),
                 jax.local_device_count(), jax.device_count())
 

@@ -29,16 +29,28 @@ class Terminated(SystemExit):
     status after every ``finally`` block ran."""
 
 
+_RUNTIME_OWNS_SIGTERM = False
+
+
+def runtime_owns_sigterm() -> None:
+    """Say that JAX's multi-process runtime has installed its SIGTERM handler (a C one, for its preemption
+    notifier). Python cannot see a handler installed from C (`signal.getsignal` still says SIG_DFL), and
+    :func:`sigterm_raises` would replace it and put back SIG_DFL: the next SIGTERM would then kill the process
+    instead of reaching every host."""
+    global _RUNTIME_OWNS_SIGTERM
+    _RUNTIME_OWNS_SIGTERM = True
+
+
 @contextlib.contextmanager
 def sigterm_raises(what: str) -> Iterator[None]:
     """Within: SIGTERM raises :class:`Terminated` instead of killing the process at once.
 
     Only where SIGTERM has its default action, and only in the main thread (the only one Python lets
-    install handlers): a handler someone else installed (the trainer's, a user's) or SIG_IGN is
-    theirs to keep. A second SIGTERM while the first unwinds is ignored, so cleanup can finish. The
+    install handlers): a handler someone else installed (the trainer's, a user's, JAX's multi-process
+    runtime's: see :func:`runtime_owns_sigterm`) or SIG_IGN is theirs to keep. A second SIGTERM while the first unwinds is ignored, so cleanup can finish. The
     previous handler is back when the block ends.
     """
-    if (threading.current_thread() is not threading.main_thread()
+    if (_RUNTIME_OWNS_SIGTERM or threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return
