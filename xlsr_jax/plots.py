@@ -69,13 +69,18 @@ def _panel(ax, curves, keys, *, scale: float, ylabel: str, title: str) -> None:
             ax.plot(steps, [scale * v for v in values], marker=marker, markersize=3, label=key)
             plotted = True
     ax.set_title(title)
-    ax.set_xlabel("step")
+    _label(ax, "step", ylabel, plotted, "no data yet")
+
+
+def _label(ax, xlabel: str, ylabel: str, drawn: bool, empty: str) -> None:
+    """Axis labels and grid; a legend when something was drawn, else `empty` in the middle."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if plotted:
+    if drawn:
         ax.legend()
     else:
-        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_sweep(points, keys, metric: str, log_keys=frozenset(), out_png: str | Path = "sweep.png") -> Path:
@@ -108,13 +113,7 @@ def plot_sweep(points, keys, metric: str, log_keys=frozenset(), out_png: str | P
             ax.xaxis.set_minor_formatter(NullFormatter())
         if labels:
             ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        if points:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no trial has ended yet", ha="center", va="center", transform=ax.transAxes)
+        _label(ax, key, metric, bool(points), "no trial has ended yet")
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100, format="png")  # by name, not suffix: the caller may write a temporary file
     return out_png
