@@ -191,7 +191,9 @@ def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, f
     steps = total_steps(config, data.train.batches_per_epoch)
     sizes = data.train.batch_sizes  # one per bucket: differ under train.per_device_audio_seconds
     logger.info("train: %d utterances%s, %s batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
-                len(data.train.dataset), " in the stream's probe" if streaming else "",
+                len(data.clips or data.train.dataset), " in the stream's probe" if streaming else
+                f" ({len(data.train.dataset)} rows, one per speed)" if data.clips and data.clips is not data.train.dataset
+                else "",
                 "(streaming: unknown)" if streaming else data.train.batches_per_epoch,
                 sizes[0] if len(set(sizes)) == 1 else f"{list(sizes)} (by bucket)", data.train.shapes,
                 100 * data.train.padding_fraction, steps)
