@@ -101,28 +101,9 @@ class BatchLoader:
         return batches
 
     def _cut(self, parts: list[list[np.ndarray]]) -> list[tuple[int, np.ndarray]]:
-        """Each part's members of each bucket (in the given order) cut into global batches.
-
-        One part (everything): full batches of each bucket's global size. One part per process: each
-        global batch of bucket ``b`` is ``process_count`` local batches, the ``p``-th from part ``p``;
-        every part gives a bucket as many local batches as the part with the fewest fills.
-        What a part has left (a bucket's remainder, or its surplus over the other parts) still fits the
-        next larger bucket, so it joins that bucket's members (whatever the sizes are); what is left
-        after the largest non-empty bucket becomes batches of that bucket, filled with dummy rows (-1).
-        """
-        sizes = self.batch_sizes if len(parts) == 1 else self.local_batch_sizes
-        top = max(b for part in parts for b, m in enumerate(part) if len(m))
-        batches, carry = [], [np.zeros(0, dtype=np.int64)] * len(parts)
-        for b in range(top + 1):
-            pools, bs = [np.concatenate([c, part[b]]) for c, part in zip(carry, parts)], sizes[b]
-            full = min(len(pool) for pool in pools) // bs
-            batches.extend((b, np.concatenate([pool[k * bs : (k + 1) * bs] for pool in pools]))
-                           for k in range(full))
-            carry = [pool[full * bs :] for pool in pools]
-        bs = sizes[top]
-        for k in range(-(-max(len(c) for c in carry) // bs)):
-            batches.append((top, np.concatenate([_filled(c[k * bs : (k + 1) * bs], bs) for c in carry])))
-        return batches
+        """`cut_batches` with this loader's batch sizes: global ones for one part, local ones for a part
+        per process."""
+        return cut_batches(parts, self.batch_sizes if len(parts) == 1 else self.local_batch_sizes)
 
     @property
     def shapes(self) -> dict[int, tuple[int, int]]:
@@ -210,6 +191,31 @@ class BatchLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+def cut_batches(parts: list[list[np.ndarray]], sizes: Sequence[int]) -> list[tuple[int, np.ndarray]]:
+    """Each part's members of each bucket (int64 indices, in the given order) cut into global batches of
+    ``(bucket, indices)``, ``sizes[b]`` rows from each part per batch of bucket ``b``.
+
+    One part (everything): full batches of each bucket's global size. One part per process: each
+    global batch of bucket ``b`` is ``process_count`` local batches, the ``p``-th from part ``p``;
+    every part gives a bucket as many local batches as the part with the fewest fills.
+    What a part has left (a bucket's remainder, or its surplus over the other parts) still fits the
+    next larger bucket, so it joins that bucket's members (whatever the sizes are); what is left
+    after the largest non-empty bucket becomes batches of that bucket, filled with dummy rows (-1).
+    """
+    top = max(b for part in parts for b, m in enumerate(part) if len(m))
+    batches, carry = [], [np.zeros(0, dtype=np.int64)] * len(parts)
+    for b in range(top + 1):
+        pools, bs = [np.concatenate([c, part[b]]) for c, part in zip(carry, parts)], sizes[b]
+        full = min(len(pool) for pool in pools) // bs
+        batches.extend((b, np.concatenate([pool[k * bs : (k + 1) * bs] for pool in pools]))
+                       for k in range(full))
+        carry = [pool[full * bs :] for pool in pools]
+    bs = sizes[top]
+    for k in range(-(-max(len(c) for c in carry) // bs)):
+        batches.append((top, np.concatenate([_filled(c[k * bs : (k + 1) * bs], bs) for c in carry])))
+    return batches
 
 
 def _weighted_draws(members: list[np.ndarray], weights, n: int) -> list[list[tuple[np.ndarray, int]]] | None:

@@ -36,7 +36,7 @@ from xlsr_jax.data.audio import normalize_int16_into
 from xlsr_jax.data.batch import empty_batch
 from xlsr_jax.data.buckets import bucket_boundaries, padding_fraction
 from xlsr_jax.data.cache import decode_clip
-from xlsr_jax.data.loader import _per_bucket, _prefetched
+from xlsr_jax.data.loader import _per_bucket, _prefetched, cut_batches
 from xlsr_jax.data.prepare import (PreparedDataset, _log_report, clip_problem, infeasible_detail,
                                    missing_characters)
 from xlsr_jax.data.report import REASONS, BadClip, count_reasons, format_counts
@@ -314,20 +314,16 @@ class StreamingLoader:
         return b, members
 
     def _cut(self, buckets: list[list]) -> list[list]:
-        """The buckets' remainders as batches: each carried up into the next bucket (its clips fit there),
-        the last one filled with dummy rows (None) in the largest bucket that holds any."""
+        """The buckets' remainders as batches, as BatchLoader cuts an epoch (`loader.cut_batches`): each
+        carried up into the next bucket (its clips fit there), the last one filled with dummy rows (None)
+        in the largest bucket that holds any."""
         if not any(buckets):
             return []
-        top = max(b for b, m in enumerate(buckets) if m)
-        batches, carry = [], []
-        for b in range(top + 1):
-            pool, bs = carry + buckets[b], self.batch_sizes[b]
-            full = len(pool) // bs
-            batches.extend([b, pool[k * bs : (k + 1) * bs]] for k in range(full))
-            carry = pool[full * bs :]
-        if carry:
-            batches.append([top, carry + [None] * (self.batch_sizes[top] - len(carry))])
-        return batches
+        keys = [key for members in buckets for key in members]
+        ends = np.cumsum([len(members) for members in buckets])
+        positions = [np.arange(end - len(members), end, dtype=np.int64) for end, members in zip(ends, buckets)]
+        return [[int(b), [keys[i] if i >= 0 else None for i in rows]]
+                for b, rows in cut_batches([positions], self.batch_sizes)]
 
     def _emit(self, st: dict, rng: np.random.Generator, batch, clips: dict[int, Clip]) -> dict[str, np.ndarray]:
         bucket, keys = batch
