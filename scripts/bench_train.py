@@ -321,7 +321,8 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
     print(f"\n== {case.name}: batch {case.batch} x {case.seconds:g} s "
           f"({int(feat_extract_output_lengths(config, samples))} frames), {config.num_hidden_layers} layers "
           f"x {config.hidden_size}, feature encoder {'frozen' if case.frozen else 'trained'}, "
-          f"remat {remat}, {'bf16' if bf16 else 'fp32'}", flush=True)
+          f"remat {remat}, {'bf16' if bf16 else 'fp32'}, attention dropout "
+          f"{case.regularisation.get('attention_dropout', 0.0):g}", flush=True)
     jax_side = JaxSide(config, batch, dict(bf16=bf16, frozen=case.frozen, remat=remat, scan=args.scan,
                                            attention=args.attention, pos_conv=args.pos_conv))
     sides = [jax_side]
@@ -416,6 +417,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", choices=("auto", "plain"), default="auto", help="jax attention kernel")
     p.add_argument("--pos-conv", choices=("auto", "xla", "tap_grad"), default="auto",
                    help="jax positional convolution implementation")
+    p.add_argument("--attention-dropout", type=float,
+                   help="override every case's attention_dropout (0 lets jax train through the fused kernel)")
+    p.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"), default="threefry2x32",
+                   help="jax's PRNG for dropout, layerdrop and SpecAugment (jax_default_prng_impl)")
     p.add_argument("--skip-torch", action="store_true", help="jax only (machines without torch)")
     p.add_argument("--compile-layers", action="store_true", help="also report compile time at 4 vs 24 layers")
     p.add_argument("--compile-only", action="store_true", help="only the 4 vs 24 layers compile report")
@@ -437,6 +442,9 @@ def select_cases(args) -> list[Case]:
             raise SystemExit(f"--models: {sorted(unknown)} not in --config {args.config}: "
                              f"{[c.name for c in cases]}")
         cases = [c for c in cases if c.name in args.models]
+    if args.attention_dropout is not None:
+        cases = [dataclasses.replace(c, regularisation={**c.regularisation, "attention_dropout": args.attention_dropout})
+                 for c in cases]
     return [dataclasses.replace(c, arch={**c.arch, "num_hidden_layers": args.layers or c.arch["num_hidden_layers"]},
                                 batch=args.batch or c.batch, seconds=args.seconds or c.seconds) for c in cases]
 
@@ -453,13 +461,14 @@ def print_header(args, bf16: bool) -> None:
         if jax.default_backend() != "cpu" and not torch.cuda.is_available():
             print("WARNING: jax runs on an accelerator but torch on the CPU: the ratio compares devices")
     print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}); "
-          f"precision {'bf16' if bf16 else 'fp32'}")
+          f"precision {'bf16' if bf16 else 'fp32'}; jax PRNG {args.prng}")
     print(f"jax {jax.__version__}, transformers {transformers.__version__}, torch {torch_version}; "
           f"{os.cpu_count()} CPUs (XLA uses them all)", flush=True)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    jax.config.update("jax_default_prng_impl", args.prng)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and jax.default_backend() != "cpu")
     cases = select_cases(args)
     print_header(args, bf16)

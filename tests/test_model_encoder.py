@@ -15,6 +15,7 @@ from flax import traverse_util
 
 from _models import padded_batch, perturbed, quiet_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
+from xlsr_jax.model.encoder import fused_attention
 
 
 def _logits(model, params, x, mask, deterministic=True, seed=0):
@@ -104,6 +105,48 @@ def test_fused_attention_equals_plain(scan, batch, report):
     report(f"fused vs plain attention (scan={scan}), max error / max |logit|", error)
     assert error <= 1e-5
     _assert_grads_close(_grads(fused, params, x[:2], mask[:2]), _grads(plain, params, x[:2], mask[:2]), rtol=1e-4)
+
+
+def _attention_inputs(frames: int, dtype=jnp.float32):
+    """q, k, v [3, frames, 2 heads, 8] with weights of ~1 (so attention is far from uniform), and lengths
+    [frames, frames - 3, 0] (a filler row)."""
+    q, k, v = (jax.random.normal(key, (3, frames, 2, 8), dtype) for key in jax.random.split(jax.random.key(1), 3))
+    return q, k, v, jnp.array([frames, frames - 3, 0], jnp.int32)
+
+
+def _attention_value_and_grads(impl, even_frames, q, k, v, lengths):
+    def loss(q, k, v):
+        out = fused_attention(q, k, v, lengths, impl, even_frames)
+        return jnp.sum(out[:2].astype(jnp.float32) ** 2), out  # the filler row is never used
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+def test_even_frames_padding_leaves_attention_and_gradients_unchanged(report):
+    """cuDNN's path pads an odd frame count by one hidden frame; run here through XLA's kernel."""
+    q, k, v, lengths = _attention_inputs(13)
+    out, grads = _attention_value_and_grads("xla", False, q, k, v, lengths)
+    padded_out, padded_grads = _attention_value_and_grads("xla", True, q, k, v, lengths)
+    assert padded_out.shape == out.shape == q.shape
+    error = _relative_error(padded_out[:2], out[:2])
+    report("attention padded to even frames vs unpadded, max error / max |out|", error)
+    assert error <= 1e-6
+    for name, got, expected in zip("qkv", padded_grads, grads):
+        assert _relative_error(got, expected) <= 1e-6, name
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs an NVIDIA GPU")
+def test_cudnn_attention_trains_at_odd_frame_counts_like_plain(report):
+    """The kernel a GPU run picks ("auto" in bfloat16) at 499 frames (10 s of audio): it raised
+    NotImplementedError at the first training step before the frames were padded to an even count."""
+    q, k, v, lengths = _attention_inputs(499, jnp.bfloat16)
+    out, grads = _attention_value_and_grads("cudnn", True, q, k, v, lengths)
+    expected, expected_grads = _attention_value_and_grads("xla", False, q, k, v, lengths)
+    error = _relative_error(out[:2].astype(jnp.float32), expected[:2].astype(jnp.float32))
+    report("cuDNN vs XLA attention at 499 frames, bf16, max error / max |out|", error)
+    assert error <= 2e-2  # bf16: 8 bits of mantissa, two kernels' own summation orders
+    for name, got, want in zip("qkv", grads, expected_grads):
+        assert _relative_error(got.astype(jnp.float32), want.astype(jnp.float32)) <= 2e-2, name
 
 
 def _remat_count(model, params, x, mask) -> int:

@@ -64,7 +64,8 @@ class ModelConfig:
     # Attention dropout needs the attention probabilities, which a fused kernel never materialises: a
     # training step with attention_dropout > 0 runs the plain path (evaluation always runs fused).
     # The XLSR recipe's 0.1 is kept as the default for accuracy on small data; set it to 0 to train
-    # with cuDNN's flash attention on a GPU.
+    # with cuDNN's flash attention on a GPU. Measured cost of 0.1 on an H200 (XLSR-53, bf16, frozen
+    # feature encoder): 105.5 vs 83.0 ms per step at 8 x 10 s, 131.9 vs 108.2 ms at 32 x 5 s (+22-27 %).
     attention: str = _key("auto", "auto (cuDNN flash attention via jax.nn.dot_product_attention on a GPU in "
                                   "bfloat16, else plain) | xla | cudnn | plain (explicit softmax)")
     pos_conv: str = _key("auto", "positional conv kernel gradient: auto (tap_grad on CPU, where XLA's "

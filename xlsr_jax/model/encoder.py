@@ -83,6 +83,27 @@ def _resolve_attention(requested: str, dtype: Any, head_dim: int) -> str:
     return "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "plain"
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, impl: str,
+                    even_frames: bool) -> jax.Array:
+    """`jax.nn.dot_product_attention` over right-padded frames: q, k, v [batch, frames, heads, head_dim],
+    lengths int32 [batch] -> [batch, frames, heads, head_dim].
+
+    `even_frames`: cuDNN's fused kernel has no backward pass for an odd frame count with a padding mask
+    (jax raises "Unsupported sequence length Q 499, KV 499" at the first training step; 10 s of audio
+    is 499 frames): one zero frame is appended to q, k and v, the key hidden by the kernel's own length
+    mask, and the extra output row sliced off, so every real query sees exactly its own keys.
+    """
+    frames = q.shape[1]
+    if even_frames and frames % 2:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (q, k, v))
+    # A filler row (no real frame) attends to its first frame instead of to nothing: a fully masked row
+    # is a 0/0 in some kernels, and its outputs are never used.
+    out = jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
+                                       key_value_seq_lengths=jnp.maximum(lengths, 1).astype(jnp.int32),
+                                       implementation=impl)
+    return out[:, :frames]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over right-padded frames.
 
@@ -110,11 +131,7 @@ class Attention(nn.Module):
         if impl == "plain" or (not deterministic and c.attention_dropout > 0):
             out = self._plain(q, k, v, lengths, deterministic)
         else:
-            # A filler row (no real frame) attends to its first frame instead of to nothing: a fully
-            # masked row is a 0/0 in some kernels, and its outputs are never used.
-            out = jax.nn.dot_product_attention(
-                q, k, v, scale=head_dim**-0.5, key_value_seq_lengths=jnp.maximum(lengths, 1).astype(jnp.int32),
-                implementation=impl)
+            out = fused_attention(q, k, v, lengths, impl, even_frames=impl == "cudnn")
         return dense(name="out_proj")(out.reshape(x.shape))
 
     def _plain(self, q, k, v, lengths, deterministic: bool) -> jax.Array:
