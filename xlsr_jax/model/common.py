@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -12,8 +13,31 @@ from transformers import Wav2Vec2Config
 
 Dtype = Any
 
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, x * Phi(x), any shape, computed in x's dtype like `jax.nn.gelu`.
+
+    It carries its own derivative, Phi(x) + x * phi(x): XLA:CPU fuses the autodiff derivative of
+    `jax.nn.gelu` into the LayerNorm backward before it badly (feature encoder LayerNorm + GELU over
+    8 x 12799 x 256, fwd+bwd on 2 cores: 350 ms autodiff, 150 ms with this rule, PyTorch 204 ms)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
