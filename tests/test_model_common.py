@@ -30,4 +30,3 @@ def test_gelu_and_its_own_derivative_match_autodiff_of_jax_gelu(dtype, rtol):
     scale = float(jnp.abs(expected.astype(jnp.float32)).max())
     error = float(jnp.abs(got.astype(jnp.float32) - expected.astype(jnp.float32)).max())
     assert error <= rtol * scale, error
-

@@ -47,8 +47,9 @@ def sigterm_raises(what: str) -> Iterator[None]:
 
     Only where SIGTERM has its default action, and only in the main thread (the only one Python lets
     install handlers): a handler someone else installed (the trainer's, a user's, JAX's multi-process
-    runtime's: see :func:`runtime_owns_sigterm`) or SIG_IGN is theirs to keep. A second SIGTERM while the first unwinds is ignored, so cleanup can finish. The
-    previous handler is back when the block ends.
+    runtime's: see :func:`runtime_owns_sigterm`) or SIG_IGN is theirs to keep. A second SIGTERM while
+    the first unwinds is ignored, so cleanup can finish. The previous handler is back when the block
+    ends.
     """
     if (_RUNTIME_OWNS_SIGTERM or threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):

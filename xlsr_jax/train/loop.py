@@ -190,10 +190,10 @@ def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, f
     streaming = getattr(data.train, "streaming", False)
     steps = total_steps(config, data.train.batches_per_epoch)
     sizes = data.train.batch_sizes  # one per bucket: differ under train.per_device_audio_seconds
+    clips = data.clips or data.train.dataset  # speed perturbation makes several rows of one clip
+    rows = "" if clips is data.train.dataset else f" ({len(data.train.dataset)} rows, one per speed)"
     logger.info("train: %d utterances%s, %s batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
-                len(data.clips or data.train.dataset), " in the stream's probe" if streaming else
-                f" ({len(data.train.dataset)} rows, one per speed)" if data.clips and data.clips is not data.train.dataset
-                else "",
+                len(clips), " in the stream's probe" if streaming else rows,
                 "(streaming: unknown)" if streaming else data.train.batches_per_epoch,
                 sizes[0] if len(set(sizes)) == 1 else f"{list(sizes)} (by bucket)", data.train.shapes,
                 100 * data.train.padding_fraction, steps)
