@@ -25,6 +25,13 @@ python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9a-z_-]*|flax
 # BENCH_COMPILE=1 adds the 4 vs 24 layers compile report (~3 minutes: 24 unscanned layers compile for
 # over 95 s on an H200; measured 2026-11-27, see README).
 status=0
+if [[ -n "${BENCH_PROFILE:-}" ]]; then
+  # BENCH_PROFILE=1: first, where each framework's device time goes, op by op and by model part (32 x 5 s,
+  # fused attention; about 2 minutes), the traces kept in $OUT (else ./bench_profile).
+  # shellcheck disable=SC2086
+  timeout 180 python scripts/bench_train.py --config xlsr53 --models xlsr53-b32x5s --repeats 5 \
+    --attention-dropout 0 --profile 3 ${BENCH_ARGS:-} || status=$?
+fi
 # The GPU-only attention test first (cuDNN at an odd frame count); its output goes to the log too.
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_model_encoder.py -k "cudnn or even_frames" \
   || status=$?

@@ -20,12 +20,17 @@ jax is faster), the geometric mean over the benchmarked models.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import gzip
+import json
 import math
 import os
 import re
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,6 +210,31 @@ class JaxSide:
             cost = cost[0] if cost else None
         return (cost or {}).get("flops")
 
+    def xla_memory(self) -> str:
+        """XLA's plan for the step's device memory: arguments (state + batch), outputs, temporaries."""
+        try:
+            m = self.compiled.memory_analysis()
+        except Exception:  # noqa: BLE001 - a backend without memory analysis
+            return "n/a"
+        if m is None:
+            return "n/a"
+        return (f"arguments {_gib(m.argument_size_in_bytes)}, outputs {_gib(m.output_size_in_bytes)}, "
+                f"temporaries {_gib(m.temp_size_in_bytes)}")
+
+    def op_names(self) -> dict[str, str]:
+        """The compiled step's instruction name -> its jax name stack (from the optimized HLO)."""
+        text = self.compiled.as_text() or ""
+        return dict(re.findall(r'^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]*)"', text, re.MULTILINE))
+
+    def profile(self, steps: int, out_dir: Path) -> Path | None:
+        """Run `steps` steps under jax's profiler; the Perfetto trace it wrote."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
+            for _ in range(steps):
+                self.step()
+        traces = sorted(out_dir.glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda f: f.stat().st_mtime)
+        return traces[-1] if traces else None
+
     def peak_bytes(self) -> int | None:
         """Peak device memory of this process so far (JAX cannot reset it between models)."""
         if jax.default_backend() == "cpu":
@@ -268,10 +298,107 @@ class TorchSide:
     def xla_flops(self) -> None:
         return None
 
+    def profile(self, steps: int, out_dir: Path) -> None:
+        """Run `steps` steps under torch's profiler; print its table of device kernels and keep the trace."""
+        torch = self.torch
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                self.step()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(out_dir / "torch_trace.json"))
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        print(f"  pytorch profile, {steps} steps (times are totals over them):")
+        print(prof.key_averages().table(sort_by=sort, row_limit=PROFILE_ROWS, max_name_column_width=70))
+
     def peak_bytes(self) -> int | None:
         if self.device.type != "cuda":
             return None
         return self.torch.cuda.max_memory_allocated(self.device)
+
+
+# --- profiling -----------------------------------------------------------------------------------------
+
+PROFILE_ROWS = 25
+# Where a jax op's time goes, by the Flax module in its name stack (the first pattern that matches).
+SCOPES = (("dropout RNG", r"_bernoulli|_uniform|random_bits|threefry"), ("feature encoder (conv)", r"feature_extractor"), ("feature projection", r"feature_projection"),
+          ("positional conv", r"pos_conv_embed"), ("attention", r"/attention/"),
+          ("feed-forward", r"feed_forward"), ("layer norms", r"layer_norm"), ("CTC head", r"lm_head"),
+          ("SpecAugment", r"mask"), ("loss", r"ctc|loss"), ("optimizer", r"adam|optax|clip|global_norm|update"))
+
+
+def _scope(name_stack: str) -> str:
+    """A jax op's part of the model, from its name stack; "backward" when autodiff's transpose made it."""
+    part = next((label for label, pattern in SCOPES if re.search(pattern, name_stack)), "other")
+    return f"{part}{' (backward)' if 'transpose(' in name_stack else ''}"
+
+
+def summarize_jax_trace(path: Path, steps: int, op_names: dict[str, str]) -> None:
+    """Device time per op from jax's Perfetto trace: for each device line (XLA's ops, each CUDA stream) the
+    ops that took longest, in ms per step, and the ops' time by model part (from their name stacks:
+    the trace's own, else `op_names`, instruction -> name stack from the compiled HLO)."""
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    meta = [e for e in events if e.get("ph") == "M"]
+    processes = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
+    device = {pid for pid, name in processes.items() if re.search(r"GPU|TPU", name)} or set(processes)
+    per_line: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    per_scope: collections.Counter = collections.Counter()
+    stacks: dict[str, str] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device:
+            continue
+        line = f"{processes[e['pid']]} {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
+        per_line[line][e["name"]] += e.get("dur", 0.0)
+        args = e.get("args") or {}
+        stack = str(args.get("tf_op") or op_names.get(str(args.get("hlo_op", e["name"])), ""))
+        if stack:
+            stacks.setdefault(e["name"], stack)
+            per_scope[line, _scope(stack)] += e.get("dur", 0.0)
+    for line, ops in sorted(per_line.items()):
+        total = sum(ops.values())
+        if total <= 0:
+            continue
+        print(f"  jax profile, {line}: {total / steps / 1000:.1f} ms per step over {len(ops)} ops")
+        for name, us in ops.most_common(PROFILE_ROWS):
+            print(f"    {us / steps / 1000:8.2f} ms {us / total:6.1%}  {name[:60]:60s} {stacks.get(name, '')[-90:]}")
+    # GPU traces show each op twice (XLA's op line and the CUDA stream's kernel): add up XLA's op lines only;
+    # a CPU trace spreads the ops over the thread pool's lines: add up all of them.
+    op_lines = {line for line, _ in per_scope if "XLA Ops" in line} or {line for line, _ in per_scope}
+    parts: collections.Counter = collections.Counter()
+    for (line, part), us in per_scope.items():
+        if line in op_lines:
+            parts[part] += us
+    if parts:
+        total = sum(parts.values())
+        print(f"  jax profile by model part ({', '.join(sorted(op_lines))}; ms per step, ops with a name stack):")
+        for part, us in parts.most_common():
+            print(f"    {us / steps / 1000:8.2f} ms {us / total:6.1%}  {part}")
+
+
+def profile_case(sides: list, case: Case, steps: int, out_dir: Path) -> None:
+    """Profile `steps` steps of each side; print the summaries, keep the traces under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for side in sides:
+        if isinstance(side, JaxSide):
+            with tempfile.TemporaryDirectory() as raw:
+                trace = side.profile(steps, Path(raw))
+                if trace is None:
+                    print("  jax profile: no Perfetto trace written")
+                    continue
+                kept = out_dir / f"jax_{case.name}.json.gz"
+                shutil.copy(trace, kept)
+            summarize_jax_trace(kept, steps, side.op_names())
+        else:
+            side.profile(steps, out_dir)
+            raw = out_dir / "torch_trace.json"
+            with open(raw, "rb") as src, gzip.open(out_dir / f"torch_{case.name}.json.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            raw.unlink()
 
 
 # --- measuring -----------------------------------------------------------------------------------------
@@ -339,6 +466,9 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
     print(f"  model FLOPs per step {flops:.3e} (analytic){xla_note}")
     for side in sides:
         report_side(side, *results[side.name], case.batch * case.seconds, flops)
+    print(f"  jax XLA memory plan: {jax_side.xla_memory()}", flush=True)
+    if args.profile:
+        profile_case(sides, case, args.profile, Path(args.profile_dir))
     if args.skip_torch:
         return None
     ratio = results["pytorch"][1] / results["jax"][1]
@@ -421,6 +551,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override every case's attention_dropout (0 lets jax train through the fused kernel)")
     p.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"), default="threefry2x32",
                    help="jax's PRNG for dropout, layerdrop and SpecAugment (jax_default_prng_impl)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS steps of each side and print where the device time goes")
+    p.add_argument("--profile-dir", default=os.environ.get("OUT", "bench_profile"),
+                   help="where the profiles' traces are kept (default $OUT, else ./bench_profile)")
     p.add_argument("--skip-torch", action="store_true", help="jax only (machines without torch)")
     p.add_argument("--compile-layers", action="store_true", help="also report compile time at 4 vs 24 layers")
     p.add_argument("--compile-only", action="store_true", help="only the 4 vs 24 layers compile report")

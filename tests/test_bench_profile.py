@@ -1,0 +1,76 @@
+"""The benchmark's profile summary: device time per op and per model part from a jax Perfetto trace."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+BENCH = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"),
+                       run_name="bench_train")
+STACK = "jit(train_step)/{}(FlaxWav2Vec2ForCTC)/wav2vec2/"
+
+
+@pytest.mark.parametrize("stack, part", [
+    (STACK.format("jvp") + "encoder/while/body/closed_call/layers/layer/attention/q_proj/dot_general", "attention"),
+    ("jit(train_step)/transpose(jvp(FlaxWav2Vec2ForCTC))/wav2vec2/encoder/while/body/layers/layer/feed_forward/"
+     "intermediate_dense/dot_general", "feed-forward (backward)"),
+    (STACK.format("jvp") + "feature_extractor/conv_layers/0/layer_norm/mul", "feature encoder (conv)"),
+    (STACK.format("jvp") + "encoder/layers/layer/attention/attention._plain/Dropout_0/jit(_bernoulli)/"
+     "jit(_uniform)/while", "dropout RNG"),
+    (STACK.format("jvp") + "encoder/pos_conv_embed/conv/conv_general_dilated", "positional conv"),
+    ("jit(train_step)/optax/adam/mul", "optimizer"),
+    ("jit(train_step)/something_else", "other"),
+])
+def test_scope_names_the_model_part_of_a_name_stack(stack, part):
+    assert BENCH["_scope"](stack) == part
+
+
+def _trace(path: Path, events: list[dict], processes: dict[int, str], threads: dict[tuple[int, int], str]):
+    meta = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}} for pid, name in processes.items()]
+    meta += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
+             for (pid, tid), name in threads.items()]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+def _op(pid, tid, name, ms, hlo_op=None):
+    args = {"hlo_op": hlo_op} if hlo_op else {}
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": ms * 1000.0, "name": name, "args": args}
+
+
+def test_gpu_trace_counts_each_op_once_per_model_part(tmp_path, capsys):
+    # A GPU trace shows every op on XLA's op line and again as its kernel on a CUDA stream; the host's
+    # own lines (pid 1) are not device time.
+    stacks = {"fusion.1": STACK.format("jvp") + "encoder/layers/layer/attention/q_proj/dot_general",
+              "fusion.2": "jit(train_step)/transpose(jvp(FlaxWav2Vec2ForCTC))/wav2vec2/encoder/layers/layer/"
+                          "feed_forward/output_dense/dot_general"}
+    events = [_op(7, 1, "fusion.1", 6.0, "fusion.1"), _op(7, 1, "fusion.2", 3.0, "fusion.2"),
+              _op(7, 1, "fusion.1", 6.0, "fusion.1"), _op(7, 1, "fusion.2", 3.0, "fusion.2"),
+              _op(7, 2, "fusion.1", 6.0, "fusion.1"), _op(7, 2, "fusion.2", 3.0, "fusion.2"),
+              _op(7, 2, "fusion.1", 6.0, "fusion.1"), _op(7, 2, "fusion.2", 3.0, "fusion.2"),
+              _op(1, 9, "PjitFunction(train_step)", 50.0)]
+    path = tmp_path / "trace.json.gz"
+    _trace(path, events, {1: "/host:CPU", 7: "/device:GPU:0"},
+           {(7, 1): "XLA Ops", (7, 2): "Stream #13(Compute)", (1, 9): "python"})
+    BENCH["summarize_jax_trace"](path, 2, stacks)
+    out = capsys.readouterr().out
+    assert "PjitFunction" not in out
+    assert "/device:GPU:0 XLA Ops: 9.0 ms per step over 2 ops" in out
+    parts = out.split("by model part")[1]
+    assert "6.00 ms  66.7%  attention" in parts and "3.00 ms  33.3%  feed-forward (backward)" in parts
+    assert "12.00 ms" not in parts  # the stream's copies are not added a second time
+
+
+def test_cpu_trace_adds_up_every_thread(tmp_path, capsys):
+    stacks = {"dot.1": STACK.format("jvp") + "encoder/layers/layer/feed_forward/intermediate_dense/dot_general"}
+    events = [_op(5, 1, "dot.1", 4.0, "dot.1"), _op(5, 2, "dot.1", 2.0, "dot.1"),
+              _op(5, 2, "ThunkExecutor::Execute", 30.0)]
+    path = tmp_path / "trace.json.gz"
+    _trace(path, events, {5: "/host:CPU"}, {(5, 1): "tf_XLAEigen/1", (5, 2): "tf_XLAEigen/2"})
+    BENCH["summarize_jax_trace"](path, 1, stacks)
+    parts = capsys.readouterr().out.split("by model part")[1]
+    assert "6.00 ms 100.0%  feed-forward" in parts
