@@ -28,10 +28,15 @@ def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return gelu(x), x
 
 
-def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+def gelu_derivative(x: jax.Array) -> jax.Array:
+    """d gelu(x) / dx = Phi(x) + x * phi(x), elementwise."""
     cdf = 0.5 * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
     pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (g * (cdf + x * pdf),)
+    return cdf + x * pdf
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (g * gelu_derivative(x),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import Dtype, activation, kaiming_normal, uniform
+from xlsr_jax.model.common import Dtype, activation, gelu_derivative, kaiming_normal, uniform
 
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which Hugging Face's conv layers use
@@ -28,10 +28,6 @@ def bias_layer_norm_gelu(x: jax.Array, bias: jax.Array, scale: jax.Array, shift:
     return _bias_ln_gelu_fwd(x, bias, scale, shift)[0]
 
 
-def _normalised(x, bias, mean, rstd):
-    return (x.astype(jnp.float32) + bias - mean) * rstd
-
-
 def _bias_ln_gelu_fwd(x, bias, scale, shift):
     h = x.astype(jnp.float32) + bias
     mean = h.mean(-1, keepdims=True)
@@ -44,11 +40,9 @@ def _bias_ln_gelu_fwd(x, bias, scale, shift):
 
 def _bias_ln_gelu_bwd(residuals, dy):
     x, bias, scale, shift, mean, rstd = residuals
-    xhat = _normalised(x, bias, mean, rstd)
-    z = xhat * scale + shift
-    cdf = 0.5 * (1.0 + jax.lax.erf(z * math.sqrt(0.5)))
-    pdf = jnp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    dz = dy.astype(jnp.float32) * (cdf + z * pdf)
+    # Recomputed from x rather than kept: one array per layer saved for the backward pass, not three.
+    xhat = (x.astype(jnp.float32) + bias - mean) * rstd
+    dz = dy.astype(jnp.float32) * gelu_derivative(xhat * scale + shift)
     rows = tuple(range(x.ndim - 1))
     g = dz * scale
     # LayerNorm's input gradient: rstd * (g - mean(g) - xhat * mean(g * xhat)), means over channels.
