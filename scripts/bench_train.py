@@ -309,7 +309,7 @@ class TorchSide:
                 self.step()
         out_dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(out_dir / "torch_trace.json"))
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         print(f"  pytorch profile, {steps} steps (times are totals over them):")
         print(prof.key_averages().table(sort_by=sort, row_limit=PROFILE_ROWS, max_name_column_width=70))
 
