@@ -1,13 +1,14 @@
-"""Activations shared by the Flax modules (xlsr_jax/model/common.py)."""
+"""Activations, LayerNorm and Dropout shared by the Flax modules (xlsr_jax/model/common.py)."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlsr_jax.model.common import activation
+from xlsr_jax.model.common import Dropout, LayerNorm, activation
 
 
 def _reference_gelu(x):
@@ -30,3 +31,50 @@ def test_gelu_and_its_own_derivative_match_autodiff_of_jax_gelu(dtype, rtol):
     scale = float(jnp.abs(expected.astype(jnp.float32)).max())
     error = float(jnp.abs(got.astype(jnp.float32) - expected.astype(jnp.float32)).max())
     assert error <= rtol * scale, error
+
+
+def _kept_for_backward(fn, *args):
+    """(dtype, shape) of each array `jax.vjp` keeps for the backward pass of fn at args."""
+    return sorted((str(a.dtype), a.shape) for a in jax.tree.leaves(jax.vjp(fn, *args)[1]))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_layer_norm_equals_flax_and_keeps_only_its_input_and_row_statistics(dtype, rtol):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3.0 * rng.standard_normal((4, 9, 32)) + 1.0, jnp.float32).astype(dtype)
+    params = {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(32), jnp.float32),
+              "bias": jnp.asarray(0.5 * rng.standard_normal(32), jnp.float32)}
+    ours, flax_ln = LayerNorm(epsilon=1e-5, dtype=dtype), nn.LayerNorm(epsilon=1e-5, dtype=dtype)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(flax_ln.init(jax.random.key(0), x))
+    probe = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(module.apply({"params": p}, x).astype(jnp.float32) * probe)
+
+    got, want = ours.apply({"params": params}, x), flax_ln.apply({"params": params}, x)
+    assert got.dtype == want.dtype == dtype
+    assert float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max()) <= rtol * 4
+    for g, w in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                    jax.tree.leaves(jax.grad(loss(flax_ln), (0, 1))(params, x))):
+        assert g.dtype == w.dtype
+        assert float(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)).max()) <= rtol * float(jnp.abs(w.astype(jnp.float32)).max())
+    kept = _kept_for_backward(lambda x: ours.apply({"params": params}, x), x)
+    assert kept == sorted([(str(jnp.dtype(dtype)), x.shape), ("float32", (4, 9, 1)), ("float32", (4, 9, 1)),
+                           ("float32", (32,))])
+    # Flax's own keeps float32 copies of the whole input: what this module exists to avoid.
+    assert sum(s == x.shape for _, s in _kept_for_backward(lambda x: flax_ln.apply({"params": params}, x), x)) >= 3
+
+
+def test_dropout_draws_flax_masks_and_keeps_only_the_mask():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 50, 16)), jnp.bfloat16)
+    rngs = {"dropout": jax.random.key(7)}
+    ours, flax_dropout = Dropout(0.3), nn.Dropout(0.3)
+    got = ours.apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(flax_dropout.apply({}, x, deterministic=False, rngs=rngs), np.float32))
+    dropped = np.asarray(got, np.float32) == 0
+    assert 0.2 < dropped.mean() < 0.4
+    assert ours.apply({}, x, deterministic=True) is x
+    grad = jax.grad(lambda x: jnp.sum(ours.apply({}, x, deterministic=False, rngs=rngs).astype(jnp.float32)))(x)
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), np.where(dropped, 0.0, np.float32(jnp.bfloat16(1 / 0.7))))
+    assert _kept_for_backward(lambda x: ours.apply({}, x, deterministic=False, rngs=rngs), x) == [("bool", x.shape)]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import Dtype, activation, gelu_derivative, kaiming_normal, uniform
+from xlsr_jax.model.common import Dropout, Dtype, LayerNorm, activation, gelu_derivative, kaiming_normal, uniform
 
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which Hugging Face's conv layers use
@@ -107,7 +107,7 @@ class ConvLayer(nn.Module):
         if bias is not None:
             x = x + bias.astype(self.dtype)
         if c.feat_extract_norm == "layer":
-            x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="layer_norm")(x)
+            x = LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="layer_norm")(x)
         elif i == 0:  # "group": torch GroupNorm(num_groups=channels) normalises each channel over time
             x = nn.GroupNorm(num_groups=c.conv_dim[0], epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                              name="layer_norm")(x)
@@ -151,7 +151,7 @@ class FeatureProjection(nn.Module):
     def __call__(self, features: jax.Array, deterministic: bool) -> tuple[jax.Array, jax.Array]:
         """features [batch, frames, conv_dim[-1]] -> (hidden [batch, frames, hidden], normed features)."""
         c = self.config
-        normed = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(features)
+        normed = LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(features)
         limit = math.sqrt(1.0 / c.conv_dim[-1])
         hidden = nn.Dense(
             c.hidden_size,
@@ -160,6 +160,6 @@ class FeatureProjection(nn.Module):
             bias_init=uniform(limit),
             name="projection",
         )(normed)
-        hidden = nn.Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
+        hidden = Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
         return hidden, normed
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import Dtype, dense_init
+from xlsr_jax.model.common import Dropout, Dtype, dense_init
 from xlsr_jax.model.encoder import ATTENTION_IMPLS, REMAT_POLICIES, Encoder
 from xlsr_jax.model.feature_encoder import FeatureEncoder, FeatureProjection
 from xlsr_jax.model.layout import to_layout, unstack_layers
@@ -174,7 +174,7 @@ class FlaxWav2Vec2ForCTC(nn.Module):
             self.config, self.dtype, self.remat_policy, self.freeze_feature_encoder, self.scan_layers,
             self.attention, self.pos_conv,
         )
-        self.final_dropout = nn.Dropout(self.config.final_dropout)
+        self.final_dropout = Dropout(self.config.final_dropout)
         self.lm_head = nn.Dense(
             self.config.vocab_size, dtype=self.dtype, kernel_init=dense_init(self.config), name="lm_head"
         )
