@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from _models import padded_batch, perturbed, quiet_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
-from xlsr_jax.model.encoder import fused_attention
+from xlsr_jax.model.encoder import fused_attention, softmax_as
 
 
 def _logits(model, params, x, mask, deterministic=True, seed=0):
@@ -179,3 +179,22 @@ def test_remat_policy_recomputes_and_keeps_gradients(policy, scan, batch):
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="remat_policy='some'"):
         FlaxWav2Vec2ForCTC(quiet_config(), remat_policy="some").abstract_params()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_softmax_as_keeps_only_its_output_for_the_backward_pass(dtype, rtol):
+    scores = 3.0 * jax.random.normal(jax.random.key(0), (2, 3, 5, 7))
+    probe = jax.random.normal(jax.random.key(1), scores.shape)
+
+    def autodiff(x):  # what the plain attention did before: softmax in float32, then the cast
+        return jax.nn.softmax(x, axis=-1).astype(dtype)
+
+    np.testing.assert_array_equal(softmax_as(scores, dtype), autodiff(scores))
+    grads = [jax.grad(lambda x, f=f: jnp.sum(f(x).astype(jnp.float32) * probe))(scores)
+             for f in (lambda x: softmax_as(x, dtype), autodiff)]
+    assert grads[0].dtype == jnp.float32 and _relative_error(*grads) < rtol
+    # What each keeps for the backward pass (jax.vjp's function holds it as its leaves): autodiff a
+    # float32 array of the scores' shape, softmax_as only its output in `dtype`.
+    kept = [jax.tree.leaves(jax.vjp(f, scores)[1]) for f in (lambda x: softmax_as(x, dtype), autodiff)]
+    assert [(a.dtype, a.shape) for a in kept[0]] == [(jnp.dtype(dtype), scores.shape)]
+    assert any(a.dtype == jnp.float32 and a.shape == scores.shape for a in kept[1])

@@ -43,9 +43,10 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 # --- LayerNorm and dropout that keep less for the backward pass -------------------------------------------
 # Autodiff of Flax's LayerNorm keeps three float32 copies of its input ([batch, frames, hidden] x 4 bytes
-# each) and of Flax's Dropout a broadcast array of zeros as large as its input, in every layer: in a
-# scanned XLSR-53 layer at 32 x 5 s, 218 + 136 of the 749 MiB jax saved for the backward pass. These keep
-# the input (LayerNorm: plus a mean and a 1/std per row) and the boolean mask.
+# each) and of Flax's Dropout a broadcast array of zeros as large as its input, in every layer: in an
+# XLSR-53 layer at 32 x 5 s (bf16), 187 and 92 of the 749 MiB jax kept for the backward pass. These keep
+# the input (LayerNorm: plus a mean and a 1/std per row) and the boolean mask; with the attention's
+# `softmax_as`, a layer keeps 440 MiB.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
