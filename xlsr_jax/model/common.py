@@ -56,11 +56,22 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, 
     return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
+def row_statistics(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """float32 x [..., features] -> (mean, 1 / std) [..., 1], Flax's fast variance E[x^2] - E[x]^2 (one
+    pass) clipped at zero against round-off."""
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.maximum((x * x).mean(-1, keepdims=True) - mean * mean, 0.0)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def layer_norm_input_grad(g: jax.Array, xhat: jax.Array, rstd: jax.Array) -> jax.Array:
+    """d(loss)/dx of xhat = (x - mean) * rstd over the last axis, from g = d(loss)/d(xhat) (float32)."""
+    return rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+
+
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.maximum((x32 * x32).mean(-1, keepdims=True) - mean * mean, 0.0)
-    rstd = jax.lax.rsqrt(var + epsilon)
+    mean, rstd = row_statistics(x32, epsilon)
     y = (x32 - mean) * (rstd * scale) + bias
     return y.astype(dtype), (x, scale, mean, rstd)
 
@@ -70,8 +81,7 @@ def _layer_norm_bwd(epsilon, dtype, residuals, dy):
     xhat = (x.astype(jnp.float32) - mean) * rstd
     dy = dy.astype(jnp.float32)
     rows = tuple(range(x.ndim - 1))
-    g = dy * scale
-    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    dx = layer_norm_input_grad(dy * scale, xhat, rstd)
     return dx.astype(x.dtype), (dy * xhat).sum(rows), dy.sum(rows)
 
 

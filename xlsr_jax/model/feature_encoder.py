@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import Dropout, Dtype, LayerNorm, activation, gelu_derivative, kaiming_normal, uniform
+from xlsr_jax.model.common import (Dropout, Dtype, LayerNorm, activation, gelu_derivative, kaiming_normal,
+                                   layer_norm_input_grad, row_statistics, uniform)
 
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which Hugging Face's conv layers use
@@ -30,10 +31,7 @@ def bias_layer_norm_gelu(x: jax.Array, bias: jax.Array, scale: jax.Array, shift:
 
 def _bias_ln_gelu_fwd(x, bias, scale, shift):
     h = x.astype(jnp.float32) + bias
-    mean = h.mean(-1, keepdims=True)
-    # Flax's fast variance, E[h^2] - E[h]^2 (one pass), clipped at zero against round-off.
-    var = jnp.maximum((h * h).mean(-1, keepdims=True) - mean * mean, 0.0)
-    rstd = jax.lax.rsqrt(var + LAYER_NORM_EPS)
+    mean, rstd = row_statistics(h, LAYER_NORM_EPS)
     y = jax.nn.gelu((h - mean) * rstd * scale + shift, approximate=False)
     return y.astype(x.dtype), (x, bias, scale, shift, mean, rstd)
 
@@ -44,9 +42,7 @@ def _bias_ln_gelu_bwd(residuals, dy):
     xhat = (x.astype(jnp.float32) + bias - mean) * rstd
     dz = dy.astype(jnp.float32) * gelu_derivative(xhat * scale + shift)
     rows = tuple(range(x.ndim - 1))
-    g = dz * scale
-    # LayerNorm's input gradient: rstd * (g - mean(g) - xhat * mean(g * xhat)), means over channels.
-    dh = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    dh = layer_norm_input_grad(dz * scale, xhat, rstd)
     return dh.astype(x.dtype), dh.sum(rows), (dz * xhat).sum(rows), dz.sum(rows)
 
 
