@@ -28,8 +28,11 @@ status=0
 if [[ -n "${BENCH_PROFILE:-}" ]]; then
   # BENCH_PROFILE=1: first, where each framework's device time goes, op by op and by model part (32 x 5 s,
   # fused attention; about 2 minutes), the traces kept in $OUT (else ./bench_profile).
+  # Command buffers off for this run only: with them the trace names most ops command_buffer_N (seen on
+  # an H200, 2026-11-28), which maps to no model part; its step time is then not the default's.
   # shellcheck disable=SC2086
-  timeout 180 python scripts/bench_train.py --config xlsr53 --models xlsr53-b32x5s --repeats 5 \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+    timeout 180 python scripts/bench_train.py --config xlsr53 --models xlsr53-b32x5s --repeats 5 \
     --attention-dropout 0 --profile 3 ${BENCH_ARGS:-} || status=$?
 fi
 # The GPU-only attention test first (cuDNN at an odd frame count); its output goes to the log too.

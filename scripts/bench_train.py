@@ -355,7 +355,10 @@ def summarize_jax_trace(path: Path, steps: int, op_names: dict[str, str]) -> Non
         line = f"{processes[e['pid']]} {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
         per_line[line][e["name"]] += e.get("dur", 0.0)
         args = e.get("args") or {}
-        stack = str(args.get("tf_op") or op_names.get(str(args.get("hlo_op", e["name"])), ""))
+        # The compiled HLO's name stack first: on a GPU the trace's tf_op reads only "XlaModule:".
+        stack = op_names.get(str(args.get("hlo_op", e["name"])), "")
+        if not stack and "/" in str(args.get("tf_op", "")):
+            stack = str(args["tf_op"])
         if stack:
             stacks.setdefault(e["name"], stack)
             per_scope[line, _scope(stack)] += e.get("dur", 0.0)

@@ -38,7 +38,8 @@ def _trace(path: Path, events: list[dict], processes: dict[int, str], threads: d
 
 
 def _op(pid, tid, name, ms, hlo_op=None):
-    args = {"hlo_op": hlo_op} if hlo_op else {}
+    # jax 0.11 on an H200 writes tf_op "XlaModule:" on every GPU event: no name stack to read there.
+    args = {"hlo_op": hlo_op, "tf_op": "XlaModule:"} if hlo_op else {}
     return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": ms * 1000.0, "name": name, "args": args}
 
 
