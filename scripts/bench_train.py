@@ -11,7 +11,9 @@ training-mode regularisation (dropout, layerdrop, SpecAugment), in fp32 on CPU a
 accelerator (torch: bf16 autocast and SDPA attention; jax: dtype=bfloat16; float32 weights on both).
 After the first step (compile time), each side runs blocks of warm-up + timed steps, the blocks
 alternating jax, torch, torch, jax so a drift in load touches both; medians are reported. Random
-weights and data: this measures speed, not learning.
+weights and data: this measures speed, not learning. The process runs with the malloc setting `xlsr-jax`
+applies (xlsr_jax/host.py: freed memory kept for the next step), which PyTorch's CPU side shares;
+`--system-malloc` keeps glibc's defaults for both.
 
 The last line printed is `jax/pytorch speed ratio: X.XX`: PyTorch's median step time over jax's (> 1:
 jax is faster), the geometric mean over the benchmarked models.
@@ -45,6 +47,7 @@ from transformers import Wav2Vec2Config  # noqa: E402
 
 from xlsr_jax.config import ModelConfig, OptimConfig, load_config  # noqa: E402
 from xlsr_jax.data.batch import LABEL_PAD  # noqa: E402
+from xlsr_jax.host import retain_freed_memory  # noqa: E402
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, num_params  # noqa: E402
 from xlsr_jax.train.optim import build_optimizer  # noqa: E402
 from xlsr_jax.train.state import create_state  # noqa: E402
@@ -559,6 +562,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-dir", default=os.environ.get("OUT", "bench_profile"),
                    help="where the profiles' traces are kept (default $OUT, else ./bench_profile)")
     p.add_argument("--skip-torch", action="store_true", help="jax only (machines without torch)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's malloc defaults; by default the process (both sides) runs with the setting "
+                        "`xlsr-jax` applies, freed memory kept for reuse (xlsr_jax/host.py)")
     p.add_argument("--compile-layers", action="store_true", help="also report compile time at 4 vs 24 layers")
     p.add_argument("--compile-only", action="store_true", help="only the 4 vs 24 layers compile report")
     p.add_argument("--compile-depths", type=int, nargs=2, default=(4, 24), metavar=("SHALLOW", "DEEP"),
@@ -600,11 +606,13 @@ def print_header(args, bf16: bool) -> None:
     print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}); "
           f"precision {'bf16' if bf16 else 'fp32'}; jax PRNG {args.prng}")
     print(f"jax {jax.__version__}, transformers {transformers.__version__}, torch {torch_version}; "
-          f"{os.cpu_count()} CPUs (XLA uses them all)", flush=True)
+          f"{os.cpu_count()} CPUs (XLA uses them all); host malloc (both sides): {args.malloc}", flush=True)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # As `xlsr-jax` does, before jax starts; one process, so PyTorch's CPU allocations get it too.
+    args.malloc = "glibc defaults" if args.system_malloc or not retain_freed_memory() else "freed memory kept"
     jax.config.update("jax_default_prng_impl", args.prng)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and jax.default_backend() != "cpu")
     cases = select_cases(args)

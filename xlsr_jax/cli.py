@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     # stays on for the process; a user can still set TRANSFORMERS_NO_ADVISORY_WARNINGS= to see advice.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from xlsr_jax.hub.verify import ExportCheckError
+    from xlsr_jax.host import retain_freed_memory
+
+    retain_freed_memory()  # before JAX starts: a CPU step's freed memory stays mapped for the next one
 
     try:
         return args.handler(args)

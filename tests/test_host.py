@@ -1,0 +1,50 @@
+"""xlsr_jax.host: glibc keeps the memory XLA:CPU frees, so the next step does not page-fault it in again."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from xlsr_jax import host
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's malloc only")
+
+# A jitted step whose 64 MiB result is freed before the next call: the page faults each later call takes.
+PROBE = """
+import resource, sys
+from xlsr_jax.host import retain_freed_memory
+print(retain_freed_memory())
+import jax, jax.numpy as jnp
+step = jax.jit(lambda x: x * 2.0)
+x = jnp.ones((4096, 4096), jnp.float32)
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = step(x)
+    y.block_until_ready()
+    del y
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(faults[4:]))  # steady state: the first calls also grow the heap
+"""
+
+
+def _probe(opt_out: str) -> tuple[str, int]:
+    env = {**os.environ, host.OPT_OUT_ENV: opt_out, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_freed_step_memory_is_reused_without_page_faults():
+    applied, faults = _probe("0")
+    assert applied == "True"
+    assert faults < 500  # 64 MiB is 16384 pages: reused, not faulted in again
+
+
+def test_opt_out_keeps_glibc_defaults_and_their_page_faults():
+    applied, faults = _probe("1")
+    assert applied == "False"
+    assert faults > 10_000  # glibc maps and unmaps the block each call: what the setting removes
