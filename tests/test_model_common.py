@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlsr_jax.model.common import Dropout, LayerNorm, activation
+from xlsr_jax.model.common import Dropout, LayerNorm, activation, dense_dot_general
 
 
 def _reference_gelu(x):
@@ -78,3 +78,37 @@ def test_dropout_draws_flax_masks_and_keeps_only_the_mask():
     grad = jax.grad(lambda x: jnp.sum(ours.apply({}, x, deterministic=False, rngs=rngs).astype(jnp.float32)))(x)
     np.testing.assert_array_equal(np.asarray(grad, np.float32), np.where(dropped, 0.0, np.float32(jnp.bfloat16(1 / 0.7))))
     assert _kept_for_backward(lambda x: ours.apply({}, x, deterministic=False, rngs=rngs), x) == [("bool", x.shape)]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_dense_dot_general_equals_flax_dense_with_its_cpu_weight_gradient(dtype, rtol):
+    """`nn.Dense(dot_general=dense_dot_general)`: the same parameters, outputs and gradients as plain
+    `nn.Dense`; on the CPU its backward pass writes out the input's transpose for the weight gradient
+    (an optimization barrier in the jaxpr), which a plain Dense does not."""
+    x = jax.random.normal(jax.random.key(0), (3, 7, 16), jnp.float32).astype(dtype)
+    cotangent = jax.random.normal(jax.random.key(1), (3, 7, 24), jnp.float32).astype(dtype)
+    plain = nn.Dense(24, dtype=dtype)
+    ours = nn.Dense(24, dtype=dtype, dot_general=dense_dot_general)
+    params = plain.init(jax.random.key(2), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(2), x)) == jax.tree.map(jnp.shape, params)
+
+    def grads(module):
+        y, vjp = jax.vjp(lambda p, x: module.apply(p, x), params, x)
+        return y, vjp(cotangent)
+
+    (y_ours, g_ours), (y_plain, g_plain) = grads(ours), grads(plain)
+    np.testing.assert_array_equal(np.asarray(y_ours, np.float32), np.asarray(y_plain, np.float32))
+    for got, expected in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_plain)):
+        assert got.dtype == expected.dtype
+        got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=rtol * np.abs(expected).max())
+    backward = str(jax.make_jaxpr(lambda p: jax.grad(lambda p: ours.apply(p, x).astype(jnp.float32).sum())(p))(params))
+    assert ("optimization_barrier" in backward) == (jax.default_backend() == "cpu")
+    assert "optimization_barrier" not in str(jax.make_jaxpr(
+        lambda p: jax.grad(lambda p: plain.apply(p, x).astype(jnp.float32).sum())(p))(params))
+
+
+def test_dense_dot_general_leaves_other_contractions_to_lax():
+    a, b = jnp.ones((4, 5)), jnp.ones((4, 6))
+    transposed = dense_dot_general(a, b, (((0,), (0,)), ((), ())))
+    np.testing.assert_array_equal(transposed, jax.lax.dot_general(a, b, (((0,), (0,)), ((), ()))))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import Dropout, Dtype, LayerNorm, activation, dense_init
+from xlsr_jax.model.common import Dropout, Dtype, LayerNorm, activation, dense_dot_general, dense_init
 from xlsr_jax.model.layout import STACKED
 from xlsr_jax.model.pos_conv import grouped_conv
 
@@ -146,7 +146,8 @@ class Attention(nn.Module):
         c = self.config
         heads = c.num_attention_heads
         head_dim = c.hidden_size // heads
-        dense = functools.partial(nn.Dense, c.hidden_size, dtype=self.dtype, kernel_init=dense_init(c))
+        dense = functools.partial(nn.Dense, c.hidden_size, dtype=self.dtype, kernel_init=dense_init(c),
+                                  dot_general=dense_dot_general)
         split = lambda y: y.reshape(*y.shape[:2], heads, head_dim)  # noqa: E731
         q = split(dense(name="q_proj")(x))
         k = split(dense(name="k_proj")(x))
@@ -176,10 +177,12 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         c = self.config
         init = dense_init(c)
-        x = nn.Dense(c.intermediate_size, dtype=self.dtype, kernel_init=init, name="intermediate_dense")(x)
+        x = nn.Dense(c.intermediate_size, dtype=self.dtype, kernel_init=init, dot_general=dense_dot_general,
+                     name="intermediate_dense")(x)
         x = activation(c.hidden_act)(x)
         x = Dropout(c.activation_dropout)(x, deterministic=deterministic)
-        x = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="output_dense")(x)
+        x = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, dot_general=dense_dot_general,
+                     name="output_dense")(x)
         return Dropout(c.hidden_dropout)(x, deterministic=deterministic)
 
 
