@@ -6,6 +6,10 @@ import os
 
 # Four fake CPU devices for the mesh tests; must be set before jax is first imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# glibc's malloc defaults for the test process, whichever test first calls `xlsr_jax.cli.main`: the
+# training-step setting (xlsr_jax/host.py) slowed the model test files 358 -> 420 s; tests/test_host.py
+# sets this variable itself where it tests the setting.
+os.environ.setdefault("XLSR_JAX_SYSTEM_MALLOC", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -21,13 +21,13 @@ import jax, jax.numpy as jnp
 step = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((4096, 4096), jnp.float32)
 faults = []
-for _ in range(16):
+for _ in range(32):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = step(x)
     y.block_until_ready()
     del y
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(max(faults[10:]))  # steady state: the first calls also grow the heap (timing-dependent)
+print(sum(faults[16:]) // 16384)  # blocks faulted in over the last 16 calls
 """
 
 
@@ -41,17 +41,21 @@ def _probe(opt_out: str) -> tuple[str, int]:
 def test_freed_step_memory_is_reused_without_page_faults():
     applied, faults = _probe("0")
     assert applied == "True"
-    assert faults < 500  # 64 MiB is 16384 pages: reused, not faulted in again
+    # Reused: the heap may still grow a block's worth now and then early on (when a result is freed
+    # after the next call allocates, which is timing-dependent), not every call.
+    assert faults <= 3
 
 
 def test_opt_out_keeps_glibc_defaults_and_their_page_faults():
     applied, faults = _probe("1")
     assert applied == "False"
-    assert faults > 10_000  # glibc maps and unmaps the block each call: what the setting removes
+    assert faults >= 15  # glibc maps and unmaps the block each call: what the setting removes
 
 
-def test_not_applied_once_jax_has_started():
+def test_not_applied_once_jax_has_started(monkeypatch):
     import jax
+
+    monkeypatch.setenv(host.OPT_OUT_ENV, "0")
 
     jax.devices()  # this process's threads hold their arenas now: the setting would bring no gain
     assert host.retain_freed_memory() is False
