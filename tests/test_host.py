@@ -56,7 +56,6 @@ def test_not_applied_once_jax_has_started(monkeypatch):
     import jax
 
     monkeypatch.setenv(host.OPT_OUT_ENV, "0")
-
     jax.devices()  # this process's threads hold their arenas now: the setting would bring no gain
     assert host.retain_freed_memory() is False
 
@@ -68,14 +67,11 @@ def test_cpu_backend_from_jax_platforms(monkeypatch):
     assert host.cpu_is_jax_backend()
 
 
-def test_an_installed_accelerator_plugin_means_no_cpu_backend(monkeypatch):
-    class Dist:
-        def __init__(self, name):
-            self.metadata = {"Name": name}
-
+def test_an_installed_accelerator_plugin_means_no_cpu_backend(monkeypatch, tmp_path):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    monkeypatch.setattr(host.importlib.metadata, "distributions", lambda: [Dist("jax"), Dist("numpy")])
-    assert host.cpu_is_jax_backend()
-    monkeypatch.setattr(host.importlib.metadata, "distributions",
-                        lambda: [Dist("jax"), Dist("jax-cuda13-plugin"), Dist("jax-cuda13-pjrt")])
+    assert host.cpu_is_jax_backend()  # this environment: jax and jaxlib only
+    # What jax[cuda] installs: a PJRT plugin module in the `jax_plugins` namespace package.
+    (tmp_path / "jax_plugins" / "xla_cuda13").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda13" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
     assert not host.cpu_is_jax_backend()
