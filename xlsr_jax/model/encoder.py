@@ -111,7 +111,7 @@ def softmax_as(scores: jax.Array, dtype: Any) -> jax.Array:
     Its backward pass keeps only that output. Autodiff of softmax-then-cast keeps float32 exponentials
     instead: [batch, heads, frames, frames] x 4 bytes in every layer (XLSR-53 at 32 x 5 s: 121 MiB a
     layer, 2.8 GiB over 24 layers). The gradient comes from the probabilities the forward pass used."""
-    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return _softmax_as_fwd(scores, dtype)[0]
 
 
 def _softmax_as_fwd(scores, dtype):
@@ -176,13 +176,11 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         c = self.config
-        init = dense_init(c)
-        x = nn.Dense(c.intermediate_size, dtype=self.dtype, kernel_init=init, dot_general=dense_dot_general,
-                     name="intermediate_dense")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init(c), dot_general=dense_dot_general)
+        x = dense(c.intermediate_size, name="intermediate_dense")(x)
         x = activation(c.hidden_act)(x)
         x = Dropout(c.activation_dropout)(x, deterministic=deterministic)
-        x = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, dot_general=dense_dot_general,
-                     name="output_dense")(x)
+        x = dense(c.hidden_size, name="output_dense")(x)
         return Dropout(c.hidden_dropout)(x, deterministic=deterministic)
 
 
