@@ -338,6 +338,17 @@ def _scope(name_stack: str) -> str:
     return f"{part}{' (backward)' if 'transpose(' in name_stack else ''}"
 
 
+def busy_time(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(time covered by at least one of the [start, end) intervals, last end - first start): on a device
+    line, busy < span means the device waited (for the host, a copy or a sync)."""
+    busy, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy, (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
+
+
 def summarize_jax_trace(path: Path, steps: int, op_names: dict[str, str]) -> None:
     """Device time per op from jax's Perfetto trace: for each device line (XLA's ops, each CUDA stream) the
     ops that took longest, in ms per step, and the ops' time by model part (from their name stacks:
@@ -350,6 +361,7 @@ def summarize_jax_trace(path: Path, steps: int, op_names: dict[str, str]) -> Non
     threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
     device = {pid for pid, name in processes.items() if re.search(r"GPU|TPU", name)} or set(processes)
     per_line: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     per_scope: collections.Counter = collections.Counter()
     stacks: dict[str, str] = {}
     for e in events:
@@ -357,6 +369,7 @@ def summarize_jax_trace(path: Path, steps: int, op_names: dict[str, str]) -> Non
             continue
         line = f"{processes[e['pid']]} {threads.get((e['pid'], e.get('tid')), e.get('tid'))}"
         per_line[line][e["name"]] += e.get("dur", 0.0)
+        spans[line].append((float(e["ts"]), float(e["ts"]) + e.get("dur", 0.0)))
         args = e.get("args") or {}
         # The compiled HLO's name stack first: on a GPU the trace's tf_op reads only "XlaModule:".
         stack = op_names.get(str(args.get("hlo_op", e["name"])), "")
@@ -369,7 +382,9 @@ def summarize_jax_trace(path: Path, steps: int, op_names: dict[str, str]) -> Non
         total = sum(ops.values())
         if total <= 0:
             continue
-        print(f"  jax profile, {line}: {total / steps / 1000:.1f} ms per step over {len(ops)} ops")
+        busy, span = busy_time(spans[line])
+        print(f"  jax profile, {line}: {total / steps / 1000:.1f} ms per step over {len(ops)} ops; busy "
+              f"{busy / steps / 1000:.1f} ms of a {span / steps / 1000:.1f} ms span per step")
         for name, us in ops.most_common(PROFILE_ROWS):
             print(f"    {us / steps / 1000:8.2f} ms {us / total:6.1%}  {name[:60]:60s} {stacks.get(name, '')[-90:]}")
     # GPU traces show each op twice (XLA's op line and the CUDA stream's kernel): add up XLA's op lines only;
@@ -455,7 +470,8 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
           f"({int(feat_extract_output_lengths(config, samples))} frames), {config.num_hidden_layers} layers "
           f"x {config.hidden_size}, feature encoder {'frozen' if case.frozen else 'trained'}, "
           f"remat {remat}, {'bf16' if bf16 else 'fp32'}, attention dropout "
-          f"{case.regularisation.get('attention_dropout', 0.0):g}", flush=True)
+          f"{case.regularisation.get('attention_dropout', 0.0):g}, layerdrop {case.regularisation.get('layerdrop', 0.0):g}",
+          flush=True)
     jax_side = JaxSide(config, batch, dict(bf16=bf16, frozen=case.frozen, remat=remat, scan=args.scan,
                                            attention=args.attention, pos_conv=args.pos_conv))
     sides = [jax_side]
@@ -551,10 +567,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the conv feature encoder (default: small no, xlsr53 yes)")
     p.add_argument("--attention", choices=("auto", "plain"), default="auto", help="jax attention kernel")
-    p.add_argument("--pos-conv", choices=("auto", "xla", "tap_grad"), default="auto",
+    p.add_argument("--pos-conv", choices=("auto", "xla", "tap_grad", "isolated"), default="auto",
                    help="jax positional convolution implementation")
     p.add_argument("--attention-dropout", type=float,
                    help="override every case's attention_dropout (0 lets jax train through the fused kernel)")
+    p.add_argument("--layerdrop", type=float, help="override every case's layerdrop (0: no per-layer skip)")
     p.add_argument("--prng", choices=("threefry2x32", "rbg", "unsafe_rbg"), default="threefry2x32",
                    help="jax's PRNG for dropout, layerdrop and SpecAugment (jax_default_prng_impl)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -585,6 +602,9 @@ def select_cases(args) -> list[Case]:
             raise SystemExit(f"--models: {sorted(unknown)} not in --config {args.config}: "
                              f"{[c.name for c in cases]}")
         cases = [c for c in cases if c.name in args.models]
+    if args.layerdrop is not None:
+        cases = [dataclasses.replace(c, regularisation={**c.regularisation, "layerdrop": args.layerdrop})
+                 for c in cases]
     if args.attention_dropout is not None:
         cases = [dataclasses.replace(c, regularisation={**c.regularisation, "attention_dropout": args.attention_dropout})
                  for c in cases]

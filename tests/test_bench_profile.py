@@ -75,3 +75,10 @@ def test_cpu_trace_adds_up_every_thread(tmp_path, capsys):
     BENCH["summarize_jax_trace"](path, 1, stacks)
     parts = capsys.readouterr().out.split("by model part")[1]
     assert "6.00 ms 100.0%  feed-forward" in parts
+
+
+def test_busy_time_merges_overlaps_and_counts_gaps():
+    # Two overlapping kernels (0-10, 5-15 us), a gap, one more (20-30): busy 25 us of a 30 us span.
+    assert BENCH["busy_time"]([(20.0, 30.0), (0.0, 10.0), (5.0, 15.0)]) == (25.0, 30.0)
+    assert BENCH["busy_time"]([(0.0, 10.0), (2.0, 4.0)]) == (10.0, 10.0)  # one inside another
+    assert BENCH["busy_time"]([]) == (0.0, 0.0)

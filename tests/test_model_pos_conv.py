@@ -53,7 +53,55 @@ def test_tap_grad_avoids_the_batch_grouped_kernel_gradient():
     assert _batch_grouped_convs("tap_grad") == 0
 
 
-def test_auto_picks_tap_grad_on_cpu_only():
-    assert resolve_impl("auto") == ("tap_grad" if jax.default_backend() == "cpu" else "xla")
+@pytest.mark.parametrize("backend, impl", [("cpu", "tap_grad"), ("gpu", "isolated"), ("tpu", "xla")])
+def test_auto_picks_per_backend(monkeypatch, backend, impl):
+    monkeypatch.setattr("xlsr_jax.model.pos_conv.jax.default_backend", lambda: backend)
+    assert resolve_impl("auto") == impl
+    assert resolve_impl("xla") == "xla"
+
+
+def test_unknown_impl_is_named():
     with pytest.raises(ValueError, match="pos_conv='fft'"):
         resolve_impl("fft")
+
+
+@pytest.mark.parametrize("width, groups", [(16, 4), (7, 3)])
+def test_isolated_equals_xla_values_and_gradients(width, groups):
+    x, kernel = _inputs(width, groups, seed=2)
+    pad = width // 2
+    probe = jnp.asarray(np.random.default_rng(3).standard_normal(
+        (x.shape[0], x.shape[1] + 2 * pad - width + 1, x.shape[2])), jnp.float32)
+    np.testing.assert_array_equal(grouped_conv(x, kernel, groups, pad, "isolated"),
+                                  grouped_conv(x, kernel, groups, pad, "xla"))
+    got = jax.grad(_loss("isolated", groups, pad, probe), argnums=(0, 1))(x, kernel)
+    want = jax.grad(_loss("xla", groups, pad, probe), argnums=(0, 1))(x, kernel)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def _barriers(impl) -> list[str]:
+    """The optimization barriers in a training step's program around the conv: what their operands are."""
+    x, kernel = _inputs(16, 4)
+    bias = jnp.ones((x.shape[-1],), jnp.float32)
+
+    def loss(x, k):  # the model's pattern: conv + bias, then a residual add (whose gradient meets dx)
+        return jnp.sum(jnp.tanh(x[:, :-1] + grouped_conv(x, k, 4, 8, impl)[:, :-2] + bias))
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "optimization_barrier":
+                yield ",".join(str(v.aval.shape) for v in eqn.invars)
+            for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from walk(inner)
+
+    return list(walk(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel).jaxpr))
+
+
+def test_isolated_fences_the_conv_and_both_gradients():
+    # XLA:GPU fuses an add after a grouped conv into cuDNN's slow conv-bias-activation call: the forward
+    # output and the backward's (dx, dkernel) must each reach their users through a barrier.
+    x_shape, k_shape = "(2, 38, 24)", "(24, 6, 16)"
+    found = _barriers("isolated")
+    assert x_shape in found  # forward conv output
+    assert f"(2, 37, 24),{k_shape}" in found  # dx and dkernel together
+    assert _barriers("xla") == []

@@ -65,11 +65,13 @@ class ModelConfig:
     # training step with attention_dropout > 0 runs the plain path (evaluation always runs fused).
     # The XLSR recipe's 0.1 is kept as the default for accuracy on small data; set it to 0 to train
     # with cuDNN's flash attention on a GPU. Measured cost of 0.1 on an H200 (XLSR-53, bf16, frozen
-    # feature encoder): 105.5 vs 83.0 ms per step at 8 x 10 s, 131.9 vs 108.2 ms at 32 x 5 s (+22-27 %).
+    # feature encoder): 105.5 vs 83.0 ms per step at 8 x 10 s, 131.9 vs 108.2 ms at 32 x 5 s (+22-27 %);
+    # with the isolated positional conv, 90.3 vs 72.5 ms at 32 x 5 s (+25 %, 2026-11-28).
     attention: str = _key("auto", "auto (cuDNN flash attention via jax.nn.dot_product_attention on a GPU in "
                                   "bfloat16, else plain) | xla | cudnn | plain (explicit softmax)")
-    pos_conv: str = _key("auto", "positional conv kernel gradient: auto (tap_grad on CPU, where XLA's "
-                                 "grouped-conv gradient is ~7x slower; xla elsewhere) | xla | tap_grad")
+    pos_conv: str = _key("auto", "positional conv: auto (tap_grad on CPU, where XLA's grouped-conv kernel "
+                                 "gradient is ~7x slower; isolated on a GPU, where XLA would fuse the adds "
+                                 "around it into a slow cuDNN call; xla elsewhere) | xla | tap_grad | isolated")
 
     def __post_init__(self):
         for name in ("attention_dropout", "hidden_dropout", "activation_dropout", "feat_proj_dropout",

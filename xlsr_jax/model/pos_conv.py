@@ -4,7 +4,14 @@ XLA:CPU computes the kernel gradient of a grouped convolution (`feature_group_co
 slow generic path: for XLSR-53's shape (1024 channels, 16 groups, kernel 128, 8 clips x 4 s) it takes
 7.3 s against PyTorch's 0.9 s for the whole backward, 18x the forward. Written as one matmul per
 kernel tap, the same gradient takes 1.0 s; the input gradient (a grouped conv again) is fast as it is.
-GPUs and TPUs run grouped convs natively (cuDNN, the MXU), so "auto" keeps XLA's own there.
+
+On a GPU the trap is elsewhere: XLA:GPU folds the bias add after the conv (forward) and the residual add
+after its input gradient (backward) into cuDNN "conv-bias-activation" calls, which cuDNN runs for a
+grouped conv through its generic engine, one kernel per group: on an H200 at XLSR-53's shape (32 x 5 s,
+bf16) each of the two took ~9-12 ms of wall time where the lone conv takes well under 1 ms, and the
+step waited for them (~24 of its 95 ms). "isolated" keeps XLA's conv and gradients but fences each
+result with an optimization barrier, so nothing is fused into them; "auto" picks it on a GPU.
+TPUs run grouped convs natively on the MXU: "auto" keeps XLA's own there.
 """
 
 from __future__ import annotations
@@ -14,15 +21,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-POS_CONV_IMPLS = ("auto", "xla", "tap_grad")
+POS_CONV_IMPLS = ("auto", "xla", "tap_grad", "isolated")
 
 
 def resolve_impl(impl: str) -> str:
-    """"auto" -> "tap_grad" on CPU, "xla" elsewhere."""
+    """"auto" -> "tap_grad" on CPU, "isolated" on a GPU, "xla" elsewhere."""
     if impl not in POS_CONV_IMPLS:
         raise ValueError(f"pos_conv={impl!r}: use one of {POS_CONV_IMPLS}")
     if impl == "auto":
-        return "tap_grad" if jax.default_backend() == "cpu" else "xla"
+        return {"cpu": "tap_grad", "gpu": "isolated"}.get(jax.default_backend(), "xla")
     return impl
 
 
@@ -34,9 +41,27 @@ def _conv(x: jax.Array, kernel: jax.Array, groups: int, pad: int) -> jax.Array:
 def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, pad: int, impl: str = "auto") -> jax.Array:
     """x [batch, frames, channels], kernel [channels, channels / groups, width] (PyTorch's OIW layout),
     zero padding `pad` on both sides -> [batch, frames + 2 * pad - width + 1, channels]."""
-    if resolve_impl(impl) == "xla":
+    impl = resolve_impl(impl)
+    if impl == "xla":
         return _conv(x, kernel, groups, pad)
+    if impl == "isolated":
+        return _isolated_conv(x, kernel, groups, pad)
     return _tap_grad_conv(x, kernel, groups, pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _isolated_conv(x, kernel, groups, pad):
+    return _isolated_fwd(x, kernel, groups, pad)[0]
+
+
+def _isolated_fwd(x, kernel, groups, pad):
+    return jax.lax.optimization_barrier(_conv(x, kernel, groups, pad)), (x, kernel)
+
+
+def _isolated_bwd(groups, pad, residuals, dy):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda a, b: _conv(a, b, groups, pad), x, kernel)
+    return jax.lax.optimization_barrier(vjp(dy))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -55,6 +80,7 @@ def _tap_grad_bwd(groups, pad, residuals, dy):
 
 
 _tap_grad_conv.defvjp(_tap_grad_fwd, _tap_grad_bwd)
+_isolated_conv.defvjp(_isolated_fwd, _isolated_bwd)
 
 
 def kernel_grad(x: jax.Array, dy: jax.Array, groups: int, pad: int, width: int) -> jax.Array:
