@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlsr_jax.model.common import Dropout, LayerNorm, activation, dense_dot_general
+from xlsr_jax.model.common import Dropout, LayerNorm, activation, dense_dot_general, keep_mask
 
 
 def _reference_gelu(x):
@@ -65,14 +65,45 @@ def test_layer_norm_equals_flax_and_keeps_only_its_input_and_row_statistics(dtyp
     assert sum(s == x.shape for _, s in _kept_for_backward(lambda x: flax_ln.apply({"params": params}, x), x)) >= 3
 
 
-def test_dropout_draws_flax_masks_and_keeps_only_the_mask():
+@pytest.mark.parametrize("keep_prob", [0.1, 0.5, 0.9])
+def test_keep_mask_is_bernoulli_with_independent_draws(keep_prob):
+    shape = (64, 33, 301)  # odd last axis: the second half-word of the last word is cut off
+    mask = np.asarray(keep_mask(jax.random.key(3), keep_prob, shape))
+    assert mask.shape == shape and mask.dtype == bool
+    n = mask.size
+    assert abs(mask.mean() - keep_prob) < 4 * np.sqrt(keep_prob * (1 - keep_prob) / n)
+    # Each word gives columns j (low 16 bits) and j + 151 (high 16 bits): neither those pairs nor
+    # neighbours nor rows may be correlated. |r| of independent draws over ~2e5 pairs stays under 0.01.
+    m = mask.reshape(-1, shape[-1]).astype(np.float64)
+    m -= m.mean()
+    half = (shape[-1] + 1) // 2
+    for a, b in [(m[:, :150], m[:, half:half + 150]), (m[:, :-1], m[:, 1:]), (m[:-1], m[1:])]:
+        r = (a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean())
+        assert abs(r) < 0.01, r
+    # The spectrum along the row is flat: no period in how the draws were laid out.
+    power = np.abs(np.fft.rfft(m, axis=-1)) ** 2
+    spectrum = power.mean(0)[1:]
+    assert spectrum.max() / spectrum.mean() < 1.5
+    np.testing.assert_array_equal(mask, np.asarray(keep_mask(jax.random.key(3), keep_prob, shape)))
+    assert (mask != np.asarray(keep_mask(jax.random.key(4), keep_prob, shape))).mean() > 0.05
+
+
+class _DropoutKey(nn.Module):
+    @nn.compact
+    def __call__(self):
+        return self.make_rng("dropout")
+
+
+def test_dropout_scales_kept_values_and_keeps_only_the_mask():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 50, 16)), jnp.bfloat16)
     rngs = {"dropout": jax.random.key(7)}
-    ours, flax_dropout = Dropout(0.3), nn.Dropout(0.3)
+    ours = Dropout(0.3)
     got = ours.apply({}, x, deterministic=False, rngs=rngs)
-    np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(flax_dropout.apply({}, x, deterministic=False, rngs=rngs), np.float32))
+    key = _DropoutKey().apply({}, rngs=rngs)  # the key Dropout draws: same scope, same first call
+    keep = np.asarray(keep_mask(key, 0.7, x.shape))
     dropped = np.asarray(got, np.float32) == 0
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.where(keep, np.asarray(x / 0.7, np.float32), 0.0))
     assert 0.2 < dropped.mean() < 0.4
     assert ours.apply({}, x, deterministic=True) is x
     grad = jax.grad(lambda x: jnp.sum(ours.apply({}, x, deterministic=False, rngs=rngs).astype(jnp.float32)))(x)

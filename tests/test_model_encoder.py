@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from _models import padded_batch, perturbed, quiet_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
-from xlsr_jax.model.encoder import fused_attention, softmax_as
+from xlsr_jax.model.encoder import Attention, fused_attention, softmax_as
 
 
 def _logits(model, params, x, mask, deterministic=True, seed=0):
@@ -105,6 +105,36 @@ def test_fused_attention_equals_plain(scan, batch, report):
     report(f"fused vs plain attention (scan={scan}), max error / max |logit|", error)
     assert error <= 1e-5
     _assert_grads_close(_grads(fused, params, x[:2], mask[:2]), _grads(plain, params, x[:2], mask[:2]), rtol=1e-4)
+
+
+def test_plain_attention_runs_heads_first_on_cpu(monkeypatch):
+    """The plain path's layout change for XLA:CPU's matmul: the same values and gradients as the
+    frames-first einsums (the path other backends take), and on the CPU the heads-first q, k, v
+    written out behind a barrier."""
+    config = quiet_config()
+    layer = Attention(config, impl="plain")
+    x = jax.random.normal(jax.random.key(5), (3, 11, config.hidden_size))
+    lengths = jnp.array([11, 8, 0], jnp.int32)
+    params = perturbed(layer.init(jax.random.key(6), x, lengths, True)["params"])
+
+    def run(backend):
+        monkeypatch.setattr("xlsr_jax.model.encoder.jax.default_backend", lambda: backend)
+        fn = lambda p, x: layer.apply({"params": p}, x, lengths, True)  # noqa: E731
+        out, vjp = jax.vjp(fn, params, x)
+        jaxpr = jax.make_jaxpr(fn)(params, x)
+        monkeypatch.undo()
+        return out[:2], vjp(jnp.ones_like(out).at[2].set(0.0)), str(jaxpr)
+
+    out, grads, jaxpr = run("cpu")
+    ref_out, ref_grads, ref_jaxpr = run("tpu")
+    assert _relative_error(out, ref_out) <= 1e-6
+    _assert_grads_close(grads[0], ref_grads[0], rtol=1e-4)  # as the other gradient checks here
+    assert _relative_error(grads[1], ref_grads[1]) <= 1e-5
+    heads = config.num_attention_heads
+    head_first = f"f32[3,{heads},11,{config.hidden_size // heads}]"
+    barriers = [line for line in jaxpr.splitlines() if "optimization_barrier" in line]
+    assert len(barriers) == 1 and barriers[0].count(head_first) == 3  # q, k, v
+    assert "optimization_barrier" not in ref_jaxpr
 
 
 def _attention_inputs(frames: int, dtype=jnp.float32):
