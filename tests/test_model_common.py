@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlsr_jax.model.common import Dropout, LayerNorm, activation, dense_dot_general, keep_mask
+from xlsr_jax.model.common import Dropout, LayerNorm, activation, dense_dot_general, keep_mask, row_means
 
 
 def _reference_gelu(x):
@@ -38,12 +38,13 @@ def _kept_for_backward(fn, *args):
     return sorted((str(a.dtype), a.shape) for a in jax.tree.leaves(jax.vjp(fn, *args)[1]))
 
 
+@pytest.mark.parametrize("features", [32, 128])  # 128: row sums in two stages on the CPU (row_means)
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_layer_norm_equals_flax_and_keeps_only_its_input_and_row_statistics(dtype, rtol):
+def test_layer_norm_equals_flax_and_keeps_only_its_input_and_row_statistics(dtype, rtol, features):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(3.0 * rng.standard_normal((4, 9, 32)) + 1.0, jnp.float32).astype(dtype)
-    params = {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(32), jnp.float32),
-              "bias": jnp.asarray(0.5 * rng.standard_normal(32), jnp.float32)}
+    x = jnp.asarray(3.0 * rng.standard_normal((4, 9, features)) + 1.0, jnp.float32).astype(dtype)
+    params = {"scale": jnp.asarray(1 + 0.3 * rng.standard_normal(features), jnp.float32),
+              "bias": jnp.asarray(0.5 * rng.standard_normal(features), jnp.float32)}
     ours, flax_ln = LayerNorm(epsilon=1e-5, dtype=dtype), nn.LayerNorm(epsilon=1e-5, dtype=dtype)
     assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(flax_ln.init(jax.random.key(0), x))
     probe = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -60,9 +61,24 @@ def test_layer_norm_equals_flax_and_keeps_only_its_input_and_row_statistics(dtyp
         assert float(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)).max()) <= rtol * float(jnp.abs(w.astype(jnp.float32)).max())
     kept = _kept_for_backward(lambda x: ours.apply({"params": params}, x), x)
     assert kept == sorted([(str(jnp.dtype(dtype)), x.shape), ("float32", (4, 9, 1)), ("float32", (4, 9, 1)),
-                           ("float32", (32,))])
+                           ("float32", (features,))])
     # Flax's own keeps float32 copies of the whole input: what this module exists to avoid.
     assert sum(s == x.shape for _, s in _kept_for_backward(lambda x: flax_ln.apply({"params": params}, x), x)) >= 3
+
+
+@pytest.mark.parametrize("features, staged", [(256, True), (64, True), (48, False), (100, False)])
+def test_row_means_sum_in_two_stages_on_cpu(features, staged):
+    """Rows of a multiple of 16 (and at least 64) are summed as [..., features / 16, 16] first on the
+    CPU backend; the means agree with float64 sums to float32 rounding either way."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((3, 5, features)) + 2.0
+    b = a * a
+    got = row_means(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    for g, want in zip(got, (a.mean(-1, keepdims=True), b.mean(-1, keepdims=True))):
+        assert g.shape == (3, 5, 1)
+        np.testing.assert_allclose(np.asarray(g), want, rtol=2e-6)
+    jaxpr = str(jax.make_jaxpr(row_means)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    assert (f"f32[3,5,{features // 16},16]" in jaxpr) == (staged and jax.default_backend() == "cpu")
 
 
 @pytest.mark.parametrize("keep_prob", [0.1, 0.5, 0.9])
