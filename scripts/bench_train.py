@@ -326,7 +326,8 @@ class TorchSide:
 
 PROFILE_ROWS = 25
 # Where a jax op's time goes, by the Flax module in its name stack (the first pattern that matches).
-SCOPES = (("dropout RNG", r"_bernoulli|_uniform|random_bits|threefry"), ("feature encoder (conv)", r"feature_extractor"), ("feature projection", r"feature_projection"),
+SCOPES = (("dropout (masks)", r"_bernoulli|_uniform|random_bits|threefry|Dropout_\d+/"),
+          ("feature encoder (conv)", r"feature_extractor"), ("feature projection", r"feature_projection"),
           ("positional conv", r"pos_conv_embed"), ("attention", r"/attention/"),
           ("feed-forward", r"feed_forward"), ("layer norms", r"layer_norm"), ("CTC head", r"lm_head"),
           ("SpecAugment", r"mask"), ("loss", r"ctc|loss"), ("optimizer", r"adam|optax|clip|global_norm|update"))

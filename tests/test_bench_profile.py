@@ -20,7 +20,8 @@ STACK = "jit(train_step)/{}(FlaxWav2Vec2ForCTC)/wav2vec2/"
      "intermediate_dense/dot_general", "feed-forward (backward)"),
     (STACK.format("jvp") + "feature_extractor/conv_layers/0/layer_norm/mul", "feature encoder (conv)"),
     (STACK.format("jvp") + "encoder/layers/layer/attention/attention._plain/Dropout_0/jit(_bernoulli)/"
-     "jit(_uniform)/while", "dropout RNG"),
+     "jit(_uniform)/while", "dropout (masks)"),
+    (STACK.format("jvp") + "encoder/layers/layer/feed_forward/Dropout_0/concatenate", "dropout (masks)"),
     (STACK.format("jvp") + "encoder/pos_conv_embed/conv/conv_general_dilated", "positional conv"),
     ("jit(train_step)/optax/adam/mul", "optimizer"),
     ("jit(train_step)/something_else", "other"),
