@@ -29,15 +29,18 @@ if [[ -n "${BENCH_EXPERIMENTS:-}" ]]; then
   # BENCH_EXPERIMENTS=1 runs only these jax-side A/Bs (32 x 5 s, no attention dropout; about 7 minutes on a
   # fresh H200), each against the default in the same call. They test where the 2026-11-28 profile left
   # the step's time: ~15 ms of device copies that stack the scanned layers' saved activations (XLA's
-  # dynamic-slice fusion lets a cuBLAS call write into its slice; unrolled layers stack nothing, at
-  # ~100 s of compile). On a fresh machine one XLSR-53 run needs over 60 s (imports, init, ~20 s of
-  # compile): shorter timeouts cut every run before its first step (seen 2026-11-28).
+  # dynamic-slice fusion lets a cuBLAS call write into its slice; remat dots_saveable keeps only the
+  # matmul outputs and recomputes the rest; unrolled layers stack nothing, at ~100 s of compile). On a
+  # fresh machine one XLSR-53 run needs over 60 s (imports, init, ~20 s of compile): shorter timeouts cut
+  # every run before its first step (seen 2026-11-28).
   E="python scripts/bench_train.py --config xlsr53 --models xlsr53-b32x5s --attention-dropout 0 --skip-torch"
   # shellcheck disable=SC2086
   timeout 100 $E --repeats 10 ${BENCH_ARGS:-} || status=$?
   # shellcheck disable=SC2086
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" timeout 100 $E --repeats 10 \
     ${BENCH_ARGS:-} || status=$?
+  # shellcheck disable=SC2086
+  timeout 100 $E --repeats 10 --remat-policy dots_saveable ${BENCH_ARGS:-} || status=$?
   # shellcheck disable=SC2086
   timeout 220 $E --repeats 10 --no-scan ${BENCH_ARGS:-} || status=$?
   exit "$status"

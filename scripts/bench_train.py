@@ -49,6 +49,7 @@ from xlsr_jax.config import ModelConfig, OptimConfig, load_config  # noqa: E402
 from xlsr_jax.data.batch import LABEL_PAD  # noqa: E402
 from xlsr_jax.host import retain_freed_memory  # noqa: E402
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, num_params  # noqa: E402
+from xlsr_jax.model.encoder import REMAT_POLICIES  # noqa: E402
 from xlsr_jax.train.optim import build_optimizer  # noqa: E402
 from xlsr_jax.train.state import create_state  # noqa: E402
 from xlsr_jax.train.step import train_step  # noqa: E402
@@ -223,6 +224,14 @@ class JaxSide:
             return "n/a"
         return (f"arguments {_gib(m.argument_size_in_bytes)}, outputs {_gib(m.output_size_in_bytes)}, "
                 f"temporaries {_gib(m.temp_size_in_bytes)}")
+
+    def op_census(self) -> str:
+        """How many instructions of the kinds that move data the compiled step has (a scanned layer's
+        body counts once): copies and dynamic-update-slices, next to the fusions and library calls."""
+        text = self.compiled.as_text() or ""
+        ops = collections.Counter(re.findall(r"^\s*(?:ROOT )?%\S+ = .*?\s([a-z][a-z0-9-]*)\(", text, re.MULTILINE))
+        return ", ".join(f"{ops[k]} {k}" for k in ("copy", "copy-start", "dynamic-update-slice", "fusion",
+                                                    "custom-call", "while", "conditional"))
 
     def op_names(self) -> dict[str, str]:
         """The compiled step's instruction name -> its jax name stack (from the optimized HLO)."""
@@ -461,16 +470,21 @@ def report_side(side, first_s: float, step_s: float, audio_s: float, flops: floa
           f"loss {float(side.loss):.3f}", flush=True)
 
 
+def jax_remat(args) -> str:
+    """The jax side's remat policy: --remat-policy, else full with --remat (as PyTorch's checkpointing), else none."""
+    return args.remat_policy or ("full" if args.remat else "none")
+
+
 def bench_case(case: Case, args, bf16: bool) -> float | None:
     """Benchmark one case; its jax/pytorch speed ratio (None with --skip-torch)."""
     config = wav2vec2_config(case)
     batch = make_batch(config, case.batch, case.seconds)
     samples = batch["input_values"].shape[1]
-    remat = "full" if args.remat else "none"
+    remat = jax_remat(args)
     print(f"\n== {case.name}: batch {case.batch} x {case.seconds:g} s "
           f"({int(feat_extract_output_lengths(config, samples))} frames), {config.num_hidden_layers} layers "
           f"x {config.hidden_size}, feature encoder {'frozen' if case.frozen else 'trained'}, "
-          f"remat {remat}, {'bf16' if bf16 else 'fp32'}, attention dropout "
+          f"remat {remat}{'' if args.skip_torch else ' (pytorch: ' + ('full' if args.remat else 'none') + ')'}, {'bf16' if bf16 else 'fp32'}, attention dropout "
           f"{case.regularisation.get('attention_dropout', 0.0):g}, layerdrop {case.regularisation.get('layerdrop', 0.0):g}",
           flush=True)
     jax_side = JaxSide(config, batch, dict(bf16=bf16, frozen=case.frozen, remat=remat, scan=args.scan,
@@ -490,6 +504,7 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
     for side in sides:
         report_side(side, *results[side.name], case.batch * case.seconds, flops)
     print(f"  jax XLA memory plan: {jax_side.xla_memory()}", flush=True)
+    print(f"  jax compiled program: {jax_side.op_census()}", flush=True)
     if args.profile:
         profile_case(sides, case, args.profile, Path(args.profile_dir))
     if args.skip_torch:
@@ -506,7 +521,7 @@ def compile_seconds(case: Case, layers: int, scan: bool, args, bf16: bool) -> tu
     """(trace + lower s, XLA compile s) of the train step for `case` with `layers` layers; abstract
     parameters and batch, so nothing is allocated."""
     config = wav2vec2_config(dataclasses.replace(case, arch={**case.arch, "num_hidden_layers": layers}))
-    model = jax_model(config, bf16=bf16, frozen=case.frozen, remat="full" if args.remat else "none",
+    model = jax_model(config, bf16=bf16, frozen=case.frozen, remat=jax_remat(args),
                       scan=scan, attention=args.attention, pos_conv=args.pos_conv)
     params = model.abstract_params()
     step, new_state = jax_train_step(model, params, case.frozen)
@@ -563,6 +578,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bf16 on an accelerator, fp32 on CPU")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing on both sides (jax remat_policy=full)")
+    p.add_argument("--remat-policy", choices=REMAT_POLICIES,
+                   help="jax only: model.remat_policy (default: full with --remat, else none)")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
                    help="jax: scan over the transformer layers (scan_layers)")
     p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=None,
