@@ -14,14 +14,25 @@ from transformers import Wav2Vec2Config
 Dtype = Any
 
 
+def gelu_value(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x) = x / 2 * (1 + erf(x / sqrt 2)), elementwise in float32, returned in x's
+    dtype (PyTorch's formula and precision, also under bf16 autocast).
+
+    Not `jax.nn.gelu(approximate=False)`: it writes Phi through erfc, which XLA:CPU computes at a third
+    of erf's speed (8 x 12799 x 256 on one core: 29-31 ms against 10). In float32 the two formulas
+    differ by under 1e-7 (the 1 + erf cancellation only matters where GELU is within 1e-7 of 0)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * math.sqrt(0.5)))).astype(x.dtype)
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, x * Phi(x), any shape, computed in x's dtype like `jax.nn.gelu`.
+    """Exact (erf) GELU (`gelu_value`), any shape, in x's dtype.
 
     It carries its own derivative, Phi(x) + x * phi(x): XLA:CPU fuses the autodiff derivative of
     `jax.nn.gelu` into the LayerNorm backward before it badly (feature encoder LayerNorm + GELU over
     8 x 12799 x 256, fwd+bwd on 2 cores: 350 ms autodiff, 150 ms with this rule, PyTorch 204 ms)."""
-    return jax.nn.gelu(x, approximate=False)
+    return gelu_value(x)
 
 
 def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:

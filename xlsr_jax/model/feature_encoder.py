@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import (Dropout, Dtype, LayerNorm, activation, gelu_derivative, kaiming_normal,
-                                   layer_norm_input_grad, row_statistics, uniform)
+from xlsr_jax.model.common import (Dropout, Dtype, LayerNorm, activation, gelu_derivative, gelu_value,
+                                   kaiming_normal, layer_norm_input_grad, row_statistics, uniform)
 
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which Hugging Face's conv layers use
@@ -32,7 +32,7 @@ def bias_layer_norm_gelu(x: jax.Array, bias: jax.Array, scale: jax.Array, shift:
 def _bias_ln_gelu_fwd(x, bias, scale, shift):
     h = x.astype(jnp.float32) + bias
     mean, rstd = row_statistics(h, LAYER_NORM_EPS)
-    y = jax.nn.gelu((h - mean) * rstd * scale + shift, approximate=False)
+    y = gelu_value((h - mean) * rstd * scale + shift)
     return y.astype(x.dtype), (x, bias, scale, shift, mean, rstd)
 
 
