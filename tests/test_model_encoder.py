@@ -15,7 +15,8 @@ from flax import traverse_util
 
 from _models import padded_batch, perturbed, quiet_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
-from xlsr_jax.model.encoder import Attention, fused_attention, softmax_as
+from xlsr_jax.model.common import keep_mask
+from xlsr_jax.model.encoder import Attention, dropout_attend, fused_attention, softmax_as
 
 
 def _logits(model, params, x, mask, deterministic=True, seed=0):
@@ -228,3 +229,33 @@ def test_softmax_as_keeps_only_its_output_for_the_backward_pass(dtype, rtol):
     kept = [jax.tree.leaves(jax.vjp(f, scores)[1]) for f in (lambda x: softmax_as(x, dtype), autodiff)]
     assert [(a.dtype, a.shape) for a in kept[0]] == [(jnp.dtype(dtype), scores.shape)]
     assert any(a.dtype == jnp.float32 and a.shape == scores.shape for a in kept[1])
+
+
+@pytest.mark.parametrize("spec, v_shape", [("bhqk,bhkd->bhqd", (2, 3, 6, 4)), ("bhqk,bkhd->bqhd", (2, 6, 3, 4))])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dropout_attend_equals_softmax_dropout_einsum_and_keeps_no_mask(spec, v_shape, dtype):
+    """The plain attention's training core in one custom VJP: the same values and gradients as softmax
+    (`softmax_as`), inverted dropout with the key's `keep_mask` and the einsum, autodiffed; for the
+    backward pass it keeps the probabilities, v and the key, not the mask or the dropped probabilities."""
+    scores = 3.0 * jax.random.normal(jax.random.key(0), (2, 3, 6, 6))
+    v = jax.random.normal(jax.random.key(1), v_shape).astype(dtype)
+    key, keep_prob = jax.random.key(2), 0.6
+
+    def three_steps(scores, v):
+        probs = softmax_as(scores, dtype)
+        keep = keep_mask(key, keep_prob, probs.shape)
+        return jnp.einsum(spec, jnp.where(keep, probs / keep_prob, 0).astype(dtype), v)
+
+    def fused(scores, v):
+        return dropout_attend(scores, v, key, keep_prob, dtype, spec)
+
+    expected, got = three_steps(scores, v), fused(scores, v)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+    assert 0 < int(jnp.sum(keep_mask(key, keep_prob, scores.shape))) < scores.size  # dropout did drop
+    probe = jax.random.normal(jax.random.key(3), expected.shape).astype(dtype)
+    for got_grad, expected_grad in zip(jax.vjp(fused, scores, v)[1](probe), jax.vjp(three_steps, scores, v)[1](probe)):
+        assert got_grad.dtype == expected_grad.dtype
+        assert _relative_error(got_grad, expected_grad) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+    kept = sorted((str(a.dtype), a.shape) for a in jax.tree.leaves(jax.vjp(fused, scores, v)[1]))
+    assert kept == sorted([(str(jnp.dtype(dtype)), scores.shape), (str(jnp.dtype(dtype)), v_shape),
+                           (str(key.dtype), ())])
