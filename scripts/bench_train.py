@@ -335,7 +335,7 @@ class TorchSide:
 
 PROFILE_ROWS = 25
 # Where a jax op's time goes, by the Flax module in its name stack (the first pattern that matches).
-SCOPES = (("dropout (masks)", r"_bernoulli|_uniform|random_bits|threefry|Dropout_\d+/"),
+SCOPES = (("dropout (masks)", r"_bernoulli|_uniform|random_bits|threefry|keep_mask|Dropout_\d+/"),
           ("feature encoder (conv)", r"feature_extractor"), ("feature projection", r"feature_projection"),
           ("positional conv", r"pos_conv_embed"), ("attention", r"/attention/"),
           ("feed-forward", r"feed_forward"), ("layer norms", r"layer_norm"), ("CTC head", r"lm_head"),
@@ -471,7 +471,8 @@ def report_side(side, first_s: float, step_s: float, audio_s: float, flops: floa
 
 
 def jax_remat(args) -> str:
-    """The jax side's remat policy: --remat-policy, else full with --remat (as PyTorch's checkpointing), else none."""
+    """The jax side's remat policy: --remat-policy, else full with --remat (as PyTorch's checkpointing),
+    else none."""
     return args.remat_policy or ("full" if args.remat else "none")
 
 
@@ -481,11 +482,13 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
     batch = make_batch(config, case.batch, case.seconds)
     samples = batch["input_values"].shape[1]
     remat = jax_remat(args)
+    torch_remat = "" if args.skip_torch else f" (pytorch: {'full' if args.remat else 'none'})"
     print(f"\n== {case.name}: batch {case.batch} x {case.seconds:g} s "
           f"({int(feat_extract_output_lengths(config, samples))} frames), {config.num_hidden_layers} layers "
           f"x {config.hidden_size}, feature encoder {'frozen' if case.frozen else 'trained'}, "
-          f"remat {remat}{'' if args.skip_torch else ' (pytorch: ' + ('full' if args.remat else 'none') + ')'}, {'bf16' if bf16 else 'fp32'}, attention dropout "
-          f"{case.regularisation.get('attention_dropout', 0.0):g}, layerdrop {case.regularisation.get('layerdrop', 0.0):g}",
+          f"remat {remat}{torch_remat}, {'bf16' if bf16 else 'fp32'}, attention dropout "
+          f"{case.regularisation.get('attention_dropout', 0.0):g}, "
+          f"layerdrop {case.regularisation.get('layerdrop', 0.0):g}",
           flush=True)
     jax_side = JaxSide(config, batch, dict(bf16=bf16, frozen=case.frozen, remat=remat, scan=args.scan,
                                            attention=args.attention, pos_conv=args.pos_conv))

@@ -22,6 +22,10 @@ STACK = "jit(train_step)/{}(FlaxWav2Vec2ForCTC)/wav2vec2/"
     (STACK.format("jvp") + "encoder/layers/layer/attention/attention._plain/Dropout_0/jit(_bernoulli)/"
      "jit(_uniform)/while", "dropout (masks)"),
     (STACK.format("jvp") + "encoder/layers/layer/feed_forward/Dropout_0/concatenate", "dropout (masks)"),
+    (STACK.format("jvp") + "encoder/layers/layer/attention/attention._plain/keep_mask/while/body/xor",
+     "dropout (masks)"),
+    ("jit(train_step)/transpose(jvp(FlaxWav2Vec2ForCTC))/wav2vec2/encoder/layers/layer/attention/"
+     "attention._plain/keep_mask/shift_right_logical", "dropout (masks) (backward)"),
     (STACK.format("jvp") + "encoder/pos_conv_embed/conv/conv_general_dilated", "positional conv"),
     ("jit(train_step)/optax/adam/mul", "optimizer"),
     ("jit(train_step)/something_else", "other"),
@@ -83,3 +87,22 @@ def test_busy_time_merges_overlaps_and_counts_gaps():
     assert BENCH["busy_time"]([(20.0, 30.0), (0.0, 10.0), (5.0, 15.0)]) == (25.0, 30.0)
     assert BENCH["busy_time"]([(0.0, 10.0), (2.0, 4.0)]) == (10.0, 10.0)  # one inside another
     assert BENCH["busy_time"]([]) == (0.0, 0.0)
+
+
+def test_op_census_counts_the_compiled_programs_instructions():
+    """The census the benchmark prints next to the memory plan: instructions by opcode from the compiled
+    HLO (a loop's body counted once)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    def loop(x):
+        return jax.lax.fori_loop(0, 3, lambda i, a: jax.lax.cond(a.sum() > 0, lambda: a * 2, lambda: a - 1), x)
+
+    compiled = jax.jit(loop).lower(jnp.ones((4, 8))).compile()
+    census = BENCH["JaxSide"].op_census(types.SimpleNamespace(compiled=compiled))
+    assert "1 while" in census.split(", ") and "1 conditional" in census.split(", "), census
+    simple = jax.jit(lambda x: x * 2).lower(jnp.ones((4, 8))).compile()
+    census = BENCH["JaxSide"].op_census(types.SimpleNamespace(compiled=simple))
+    assert "0 while" in census.split(", ") and "0 conditional" in census.split(", "), census

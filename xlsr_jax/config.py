@@ -66,7 +66,9 @@ class ModelConfig:
     # The XLSR recipe's 0.1 is kept as the default for accuracy on small data; set it to 0 to train
     # with cuDNN's flash attention on a GPU. Measured cost of 0.1 on an H200 (XLSR-53, bf16, frozen
     # feature encoder): 105.5 vs 83.0 ms per step at 8 x 10 s, 131.9 vs 108.2 ms at 32 x 5 s (+22-27 %);
-    # with the isolated positional conv, 90.3 vs 72.5 ms at 32 x 5 s (+25 %, 2026-11-28).
+    # with the isolated positional conv, 90.3 vs 72.5 ms at 32 x 5 s (+25 %, 2026-11-28). Since then the
+    # plain path no longer keeps the dropped probabilities for the backward pass (XLA's plan: ~105 MiB a
+    # layer less at 32 x 5 s; its GPU time is to be measured).
     attention: str = _key("auto", "auto (cuDNN flash attention via jax.nn.dot_product_attention on a GPU in "
                                   "bfloat16, else plain) | xla | cudnn | plain (explicit softmax)")
     pos_conv: str = _key("auto", "positional conv: auto (tap_grad on CPU, where XLA's grouped-conv kernel "

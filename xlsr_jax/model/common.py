@@ -173,9 +173,10 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.A
     partitionable (each element's bits depend on its index, not on how the array is sharded)."""
     columns = shape[-1] if shape else 1
     rows = tuple(shape[:-1])
-    words = jax.random.bits(key, rows + ((columns + 1) // 2,), jnp.uint32)
-    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :columns]
-    return (draws < jnp.uint32(round(keep_prob * 65536))).reshape(shape)
+    with jax.named_scope("keep_mask"):  # profiles (scripts/bench_train.py) count the masks' time by it
+        words = jax.random.bits(key, rows + ((columns + 1) // 2,), jnp.uint32)
+        draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :columns]
+        return (draws < jnp.uint32(round(keep_prob * 65536))).reshape(shape)
 
 
 class Dropout(nn.Module):

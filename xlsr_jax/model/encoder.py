@@ -129,12 +129,6 @@ def _softmax_as_bwd(dtype, probs, g):
 softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
 
 
-def _dropped(probs: jax.Array, key: jax.Array, keep_prob: float) -> tuple[jax.Array, jax.Array]:
-    """(the mask `keep_mask(key, ...)`, the probabilities after inverted dropout with it, in their dtype)."""
-    keep = keep_mask(key, keep_prob, probs.shape)
-    return keep, jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def dropout_attend(scores: jax.Array, v: jax.Array, key: jax.Array, keep_prob: float, dtype: Any,
                    spec: str) -> jax.Array:
@@ -143,20 +137,22 @@ def dropout_attend(scores: jax.Array, v: jax.Array, key: jax.Array, keep_prob: f
 
     scores float32 [batch, heads, frames, frames]; v [batch, heads, frames, head_dim] or [batch, frames,
     heads, head_dim], as `spec` ("bhqk,bhkd->bhqd" or "bhqk,bkhd->bqhd") reads it. The backward pass keeps
-    the probabilities, v and the key, and draws the mask again: autodiff of the three steps also keeps
-    the boolean mask and the dropped probabilities, [batch, heads, frames, frames] each, in every layer
-    (XLSR-53 at 32 x 5 s in bf16: 91 MiB a layer, 2.1 GiB over 24, written out and stacked each step)."""
+    the probabilities, the boolean mask and v, and drops the probabilities again: autodiff of the three
+    steps also keeps the dropped probabilities, [batch, heads, frames, frames] in `dtype`, in every layer
+    (XLSR-53 at 32 x 5 s in bf16: 61 MiB a layer, written out and stacked each step)."""
     return _dropout_attend_fwd(scores, v, key, keep_prob, dtype, spec)[0]
 
 
 def _dropout_attend_fwd(scores, v, key, keep_prob, dtype, spec):
     probs = softmax_as(scores, dtype)
-    return jnp.einsum(spec, _dropped(probs, key, keep_prob)[1], v), (probs, v, key)
+    keep = keep_mask(key, keep_prob, probs.shape)
+    dropped = jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
+    return jnp.einsum(spec, dropped, v), (probs, keep, v)
 
 
 def _dropout_attend_bwd(keep_prob, dtype, spec, residuals, g):
-    probs, v, key = residuals
-    keep, dropped = _dropped(probs, key, keep_prob)  # the forward pass's mask, drawn again
+    probs, keep, v = residuals
+    dropped = jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
     d_dropped, dv = jax.vjp(lambda p, v: jnp.einsum(spec, p, v), dropped, v)[1](g)
     d_probs = jax.lax.select(keep, d_dropped / keep_prob, jnp.zeros_like(d_dropped))
     return _softmax_as_bwd(dtype, probs, d_probs)[0], dv, None
