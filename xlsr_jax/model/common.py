@@ -147,9 +147,15 @@ class LayerNorm(nn.Module):
         return layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
+def scale_kept(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
+    """Inverted dropout with a given boolean mask: x / keep_prob where `keep`, else 0 (x's dtype). Also
+    its own derivative (the same map of the cotangent)."""
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _keep_scaled(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
-    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    return scale_kept(x, keep, keep_prob)
 
 
 def _keep_scaled_fwd(x, keep, keep_prob):
@@ -157,7 +163,7 @@ def _keep_scaled_fwd(x, keep, keep_prob):
 
 
 def _keep_scaled_bwd(keep_prob, keep, g):
-    return jax.lax.select(keep, g / keep_prob, jnp.zeros_like(g)), None
+    return scale_kept(g, keep, keep_prob), None
 
 
 _keep_scaled.defvjp(_keep_scaled_fwd, _keep_scaled_bwd)

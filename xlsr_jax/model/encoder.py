@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
 from xlsr_jax.model.common import (Dropout, Dtype, LayerNorm, activation, dense_dot_general, dense_init,
-                                   keep_mask)
+                                   keep_mask, scale_kept)
 from xlsr_jax.model.layout import STACKED
 from xlsr_jax.model.pos_conv import grouped_conv
 
@@ -146,16 +146,13 @@ def dropout_attend(scores: jax.Array, v: jax.Array, key: jax.Array, keep_prob: f
 def _dropout_attend_fwd(scores, v, key, keep_prob, dtype, spec):
     probs = softmax_as(scores, dtype)
     keep = keep_mask(key, keep_prob, probs.shape)
-    dropped = jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
-    return jnp.einsum(spec, dropped, v), (probs, keep, v)
+    return jnp.einsum(spec, scale_kept(probs, keep, keep_prob), v), (probs, keep, v)
 
 
 def _dropout_attend_bwd(keep_prob, dtype, spec, residuals, g):
     probs, keep, v = residuals
-    dropped = jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
-    d_dropped, dv = jax.vjp(lambda p, v: jnp.einsum(spec, p, v), dropped, v)[1](g)
-    d_probs = jax.lax.select(keep, d_dropped / keep_prob, jnp.zeros_like(d_dropped))
-    return _softmax_as_bwd(dtype, probs, d_probs)[0], dv, None
+    d_dropped, dv = jax.vjp(lambda p, v: jnp.einsum(spec, p, v), scale_kept(probs, keep, keep_prob), v)[1](g)
+    return _softmax_as_bwd(dtype, probs, scale_kept(d_dropped, keep, keep_prob))[0], dv, None
 
 
 dropout_attend.defvjp(_dropout_attend_fwd, _dropout_attend_bwd)
