@@ -26,24 +26,28 @@ python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9a-z_-]*|flax
 # over 95 s on an H200; measured 2026-11-27, see README).
 status=0
 if [[ -n "${BENCH_EXPERIMENTS:-}" ]]; then
-  # BENCH_EXPERIMENTS=1 runs only these jax-side A/Bs (32 x 5 s, no attention dropout; 5 minutes on a
-  # fresh H200), each against the default in the same call. They test where the 2026-11-28 profile left
-  # the step's time: ~15 ms of device copies that stack the scanned layers' saved activations (XLA's
-  # dynamic-slice fusion lets a cuBLAS call write into its slice; remat dots_saveable keeps only the
-  # matmul outputs and recomputes the rest; unrolled layers stack nothing, at ~100 s of compile). On a
-  # fresh machine one XLSR-53 run needs over 60 s (imports, init, ~20 s of compile): shorter timeouts cut
-  # every run before its first step (seen 2026-11-28). Result on an H200, 2026-11-28: default 72.3 ms,
-  # dynamic-slice fusion 72.6, dots_saveable 75.9, unrolled 69.9: the copies are not the stacking.
+  # BENCH_EXPERIMENTS=1 runs only these jax-side A/Bs (32 x 5 s, no attention dropout; about 6 minutes on
+  # a fresh H200), each against the default in the same call. On a fresh machine one XLSR-53 run needs
+  # over 60 s (imports, init, ~20 s of compile): shorter timeouts cut every run before its first step.
+  # The question (2026-11-28): with command buffers on, a fifth of the 72 ms step left the GPU idle.
+  # Candidates: the 24 LayerDrop conditionals in each direction (a conditional's predicate goes to the
+  # host unless command buffers record CONDITIONAL) and the loops (the layer scan; CTC's two scans over
+  # the 249 frames, whose share each run now prints as "CTC loss alone"). Rows: default; layerdrop 0 (all
+  # 24 layers run, no conditional: faster despite ~10 % more compute means the conditionals cost);
+  # WHILE and CONDITIONAL recorded into command buffers; the same with loops of known trip count unrolled.
+  # Earlier rows (H200, 2026-11-28): dynamic-slice fusion 72.6 vs 72.3 ms, remat dots_saveable 75.9,
+  # unrolled layers 69.9 (68.5 s of compile): the device copies are not the scan's stacking.
   E="python scripts/bench_train.py --config xlsr53 --models xlsr53-b32x5s --attention-dropout 0 --skip-torch"
+  CB="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
   # shellcheck disable=SC2086
   timeout 100 $E --repeats 10 ${BENCH_ARGS:-} || status=$?
   # shellcheck disable=SC2086
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" timeout 100 $E --repeats 10 \
+  timeout 100 $E --repeats 10 --layerdrop 0 ${BENCH_ARGS:-} || status=$?
+  # shellcheck disable=SC2086
+  XLA_FLAGS="${XLA_FLAGS:-} $CB" timeout 100 $E --repeats 10 ${BENCH_ARGS:-} || status=$?
+  # shellcheck disable=SC2086
+  XLA_FLAGS="${XLA_FLAGS:-} $CB --xla_gpu_command_buffer_unroll_loops=true" timeout 100 $E --repeats 10 \
     ${BENCH_ARGS:-} || status=$?
-  # shellcheck disable=SC2086
-  timeout 100 $E --repeats 10 --remat-policy dots_saveable ${BENCH_ARGS:-} || status=$?
-  # shellcheck disable=SC2086
-  timeout 220 $E --repeats 10 --no-scan ${BENCH_ARGS:-} || status=$?
   exit "$status"
 fi
 if [[ -n "${BENCH_PROFILE:-}" ]]; then

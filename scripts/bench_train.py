@@ -48,7 +48,7 @@ from transformers import Wav2Vec2Config  # noqa: E402
 from xlsr_jax.config import ModelConfig, OptimConfig, load_config  # noqa: E402
 from xlsr_jax.data.batch import LABEL_PAD  # noqa: E402
 from xlsr_jax.host import retain_freed_memory  # noqa: E402
-from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, num_params  # noqa: E402
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, feat_extract_output_lengths, num_params  # noqa: E402
 from xlsr_jax.model.encoder import REMAT_POLICIES  # noqa: E402
 from xlsr_jax.train.optim import build_optimizer  # noqa: E402
 from xlsr_jax.train.state import create_state  # noqa: E402
@@ -246,6 +246,26 @@ class JaxSide:
                 self.step()
         traces = sorted(out_dir.glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda f: f.stat().st_mtime)
         return traces[-1] if traces else None
+
+    def ctc_probe(self):
+        """(jitted CTC loss and its gradient, random float32 logits [batch, frames, vocab]) at this step's
+        shapes, with the batch's labels."""
+        batch, samples = self.batch["input_values"].shape
+        config = self.model.config
+        frames = int(feat_extract_output_lengths(config, samples))
+        logits = jax.random.normal(jax.random.key(0), (batch, frames, config.vocab_size), jnp.float32)
+        frame_mask = jnp.ones((batch, frames), bool)
+        labels = self.batch["labels"]
+        return jax.jit(jax.value_and_grad(
+            lambda x: ctc_loss(x, frame_mask, labels, blank_id=config.pad_token_id)[0])), logits
+
+    def ctc_seconds(self, repeats: int) -> float:
+        """Median time of the step's CTC loss alone, forward and backward (`ctc_probe`): how much of a step
+        the loss's two scans over the frames (a chain of small kernels per frame on an accelerator) take."""
+        loss_and_grad, logits = self.ctc_probe()
+        jax.block_until_ready(loss_and_grad(logits))
+        return statistics.median(_seconds(lambda: jax.block_until_ready(loss_and_grad(logits)))
+                                 for _ in range(repeats))
 
     def peak_bytes(self) -> int | None:
         """Peak device memory of this process so far (JAX cannot reset it between models)."""
@@ -508,6 +528,9 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
         report_side(side, *results[side.name], case.batch * case.seconds, flops)
     print(f"  jax XLA memory plan: {jax_side.xla_memory()}", flush=True)
     print(f"  jax compiled program: {jax_side.op_census()}", flush=True)
+    ctc_s = jax_side.ctc_seconds(max(args.repeats, 3))
+    print(f"  jax CTC loss alone (fwd+bwd, float32): {ctc_s * 1000:.2f} ms = {ctc_s / results['jax'][1]:.1%} "
+          f"of the step", flush=True)
     if args.profile:
         profile_case(sides, case, args.profile, Path(args.profile_dir))
     if args.skip_torch:

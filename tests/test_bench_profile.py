@@ -106,3 +106,27 @@ def test_op_census_counts_the_compiled_programs_instructions():
     simple = jax.jit(lambda x: x * 2).lower(jnp.ones((4, 8))).compile()
     census = BENCH["JaxSide"].op_census(types.SimpleNamespace(compiled=simple))
     assert "0 while" in census.split(", ") and "0 conditional" in census.split(", "), census
+
+
+def test_ctc_probe_is_the_steps_loss_at_the_steps_shapes():
+    """The CTC time the benchmark prints is the train step's loss on logits of the step's shape: the
+    feature encoder's frames (its convs' kernels and strides), the vocabulary, the batch's labels."""
+    import types
+
+    import jax
+    import numpy as np
+
+    from xlsr_jax.model import ctc_loss
+
+    config = BENCH["wav2vec2_config"](BENCH["config_cases"]("small", None)[0])
+    batch = BENCH["make_batch"](config, 2, 1.0)
+    side = types.SimpleNamespace(model=types.SimpleNamespace(config=config), batch=batch)
+    loss_and_grad, logits = BENCH["JaxSide"].ctc_probe(side)
+    frames = 16000
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        frames = (frames - kernel) // stride + 1
+    assert logits.shape == (2, frames, config.vocab_size)
+    loss, grad = loss_and_grad(logits)
+    expected = ctc_loss(logits, np.ones((2, frames), bool), batch["labels"], blank_id=config.pad_token_id)[0]
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert float(jax.numpy.abs(grad).sum()) > 0
