@@ -50,6 +50,7 @@ from xlsr_jax.data.batch import LABEL_PAD  # noqa: E402
 from xlsr_jax.host import retain_freed_memory  # noqa: E402
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, feat_extract_output_lengths, num_params  # noqa: E402
 from xlsr_jax.model.encoder import REMAT_POLICIES  # noqa: E402
+from xlsr_jax.model.pos_conv import POS_CONV_IMPLS  # noqa: E402
 from xlsr_jax.train.optim import build_optimizer  # noqa: E402
 from xlsr_jax.train.state import create_state  # noqa: E402
 from xlsr_jax.train.step import train_step  # noqa: E402
@@ -611,7 +612,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the conv feature encoder (default: small no, xlsr53 yes)")
     p.add_argument("--attention", choices=("auto", "plain"), default="auto", help="jax attention kernel")
-    p.add_argument("--pos-conv", choices=("auto", "xla", "tap_grad", "isolated"), default="auto",
+    p.add_argument("--pos-conv", choices=POS_CONV_IMPLS, default="auto",
                    help="jax positional convolution implementation")
     p.add_argument("--attention-dropout", type=float,
                    help="override every case's attention_dropout (0 lets jax train through the fused kernel)")

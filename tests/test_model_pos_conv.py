@@ -1,5 +1,5 @@
-"""The positional conv's grouped convolution: the per-tap kernel gradient equals XLA's, and avoids its
-slow path (a kernel-gradient convolution with batch_group_count > 1)."""
+"""The positional conv's grouped convolution: the per-tap kernel gradient and the FFT conv equal XLA's conv,
+and avoid its slow path (a kernel-gradient convolution with batch_group_count > 1)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlsr_jax.model.pos_conv import grouped_conv, kernel_grad, resolve_impl
+from xlsr_jax.model.pos_conv import fft_size, grouped_conv, kernel_grad, resolve_impl
 
 
 def _inputs(width, groups, channels=24, frames=37, batch=2, seed=0):
@@ -36,6 +36,37 @@ def test_tap_grad_equals_xla_values_and_gradients(width, groups):
         assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-6
 
 
+@pytest.mark.parametrize("width, groups, frames", [(16, 4, 37), (7, 3, 37), (8, 1, 37), (128, 16, 50)])
+def test_fft_equals_xla_values_and_gradients(width, groups, frames):
+    """Values and both gradients within float32 noise (relative to the largest), at even and odd widths,
+    one group, and XLSR-53's 128 taps over fewer frames than taps; unit-scale inputs and weights."""
+    channels = 32 if groups == 16 else 24
+    x, kernel = _inputs(width, groups, channels=channels, frames=frames, seed=4)
+    pad = width // 2
+    frames_out = frames + 2 * pad - width + 1
+    probe = jnp.asarray(np.random.default_rng(5).standard_normal((x.shape[0], frames_out, channels)), jnp.float32)
+    got, want = grouped_conv(x, kernel, groups, pad, "fft"), grouped_conv(x, kernel, groups, pad, "xla")
+    assert got.shape == want.shape == (x.shape[0], frames_out, channels)
+    assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 2e-6
+    fast = jax.grad(_loss("fft", groups, pad, probe), argnums=(0, 1))(x, kernel)
+    reference = jax.grad(_loss("xla", groups, pad, probe), argnums=(0, 1))(x, kernel)
+    for g, w in zip(fast, reference):
+        assert float(jnp.abs(g - w).max() / jnp.abs(w).max()) < 5e-6
+
+
+def test_fft_keeps_the_input_dtype_and_runs_through_ffts():
+    x, kernel = _inputs(16, 4)
+    y = grouped_conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 4, 8, "fft")
+    assert y.dtype == jnp.bfloat16
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(grouped_conv(x, k, 4, 8, "fft") ** 2)))(kernel))
+    assert "fft[" in jaxpr and "conv_general_dilated" not in jaxpr
+
+
+@pytest.mark.parametrize("frames, size", [(1, 1), (7, 8), (263, 270), (328, 360), (625, 625), (1001, 1024)])
+def test_fft_size_is_the_next_2_3_5_smooth_length(frames, size):
+    assert fft_size(frames) == size
+
+
 def test_kernel_grad_has_pytorch_layout():
     x, kernel = _inputs(16, 4)
     dy = jnp.ones((2, 37 + 1, 24), jnp.float32)
@@ -53,16 +84,18 @@ def test_tap_grad_avoids_the_batch_grouped_kernel_gradient():
     assert _batch_grouped_convs("tap_grad") == 0
 
 
-@pytest.mark.parametrize("backend, impl", [("cpu", "tap_grad"), ("gpu", "isolated"), ("tpu", "xla")])
+@pytest.mark.parametrize("backend, impl", [("cpu", "fft"), ("gpu", "isolated"), ("tpu", "xla")])
 def test_auto_picks_per_backend(monkeypatch, backend, impl):
     monkeypatch.setattr("xlsr_jax.model.pos_conv.jax.default_backend", lambda: backend)
     assert resolve_impl("auto") == impl
     assert resolve_impl("xla") == "xla"
+    # 16-bit compute: FFTs have no bfloat16, so the CPU keeps bfloat16 matmuls (per-tap)
+    assert resolve_impl("auto", jnp.bfloat16) == {"cpu": "tap_grad"}.get(backend, impl)
 
 
 def test_unknown_impl_is_named():
-    with pytest.raises(ValueError, match="pos_conv='fft'"):
-        resolve_impl("fft")
+    with pytest.raises(ValueError, match="pos_conv='winograd'"):
+        resolve_impl("winograd")
 
 
 @pytest.mark.parametrize("width, groups", [(16, 4), (7, 3)])

@@ -156,7 +156,7 @@ class FlaxWav2Vec2ForCTC(nn.Module):
         the layers' parameters stacked; `to_hf_layout` / `from_hf_layout` convert (model/layout.py).
       attention: "xla" | "cudnn" (`jax.nn.dot_product_attention`) | "plain" | "auto" (cuDNN flash
         attention on a GPU in 16-bit compute, else plain). Training with attention dropout runs "plain".
-      pos_conv: "auto" | "xla" | "tap_grad" | "isolated": the positional conv's implementation (see pos_conv.py).
+      pos_conv: "auto" | "xla" | "tap_grad" | "isolated" | "fft": the positional conv's implementation (see pos_conv.py).
     """
 
     config: Wav2Vec2Config
