@@ -34,7 +34,8 @@ if [[ -n "${BENCH_EXPERIMENTS:-}" ]]; then
   # host unless command buffers record CONDITIONAL) and the loops (the layer scan; CTC's two scans over
   # the 249 frames, whose share each run now prints as "CTC loss alone"). Rows: default; layerdrop 0 (all
   # 24 layers run, no conditional: faster despite ~10 % more compute means the conditionals cost);
-  # WHILE and CONDITIONAL recorded into command buffers; the same with loops of known trip count unrolled.
+  # WHILE and CONDITIONAL recorded into command buffers; the positional conv through cuFFT (the CPU's
+  # choice since 2026-11-28) instead of the fenced cuDNN grouped conv.
   # Earlier rows (H200, 2026-11-28): dynamic-slice fusion 72.6 vs 72.3 ms, remat dots_saveable 75.9,
   # unrolled layers 69.9 (68.5 s of compile): the device copies are not the scan's stacking.
   E="python scripts/bench_train.py --config xlsr53 --models xlsr53-b32x5s --attention-dropout 0 --skip-torch"
@@ -46,8 +47,7 @@ if [[ -n "${BENCH_EXPERIMENTS:-}" ]]; then
   # shellcheck disable=SC2086
   XLA_FLAGS="${XLA_FLAGS:-} $CB" timeout 100 $E --repeats 10 ${BENCH_ARGS:-} || status=$?
   # shellcheck disable=SC2086
-  XLA_FLAGS="${XLA_FLAGS:-} $CB --xla_gpu_command_buffer_unroll_loops=true" timeout 100 $E --repeats 10 \
-    ${BENCH_ARGS:-} || status=$?
+  timeout 100 $E --repeats 10 --pos-conv fft ${BENCH_ARGS:-} || status=$?
   exit "$status"
 fi
 if [[ -n "${BENCH_PROFILE:-}" ]]; then
