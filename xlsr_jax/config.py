@@ -73,9 +73,9 @@ class ModelConfig:
                                   "bfloat16, else plain) | xla | cudnn | plain (explicit softmax)")
     pos_conv: str = _key("auto", "positional conv: auto (fft on CPU in float32, where XLA's grouped-conv "
                                  "kernel gradient is ~7x slower and the FFT 2-3x faster than per-tap matmuls, "
-                                 "tap_grad in bfloat16; isolated "
-                                 "on a GPU, where XLA would fuse the adds around it into a slow cuDNN call; xla "
-                                 "elsewhere) | xla | tap_grad | isolated | fft")
+                                 "tap_grad in bfloat16; isolated on a GPU, where XLA would fuse the adds "
+                                 "around it into a slow cuDNN call; xla elsewhere) | xla | tap_grad | "
+                                 "isolated | fft")
 
     def __post_init__(self):
         for name in ("attention_dropout", "hidden_dropout", "activation_dropout", "feat_proj_dropout",
