@@ -10,10 +10,11 @@ optimizer (AdamW, constant learning rate, no weight decay, gradients clipped to 
 training-mode regularisation (dropout, layerdrop, SpecAugment), in fp32 on CPU and in bf16 on an
 accelerator (torch: bf16 autocast and SDPA attention; jax: dtype=bfloat16; float32 weights on both).
 After the first step (compile time), each side runs blocks of warm-up + timed steps, the blocks
-alternating jax, torch, torch, jax so a drift in load touches both; medians are reported. Random
-weights and data: this measures speed, not learning. The process runs with the malloc setting `xlsr-jax`
-applies (xlsr_jax/host.py: freed memory kept for the next step), which PyTorch's CPU side shares;
-`--system-malloc` keeps glibc's defaults for both.
+alternating jax, torch, torch, jax so a drift in load touches both; medians are reported, with the
+timed steps' 10th-90th percentile (the machine's step-to-step noise and, with layerdrop, the layers a
+step ran). Random weights and data: this measures speed, not learning. The process runs with the malloc
+setting `xlsr-jax` applies (xlsr_jax/host.py: freed memory kept for the next step), which PyTorch's CPU
+side shares; `--system-malloc` keeps glibc's defaults for both.
 
 The last line printed is `jax/pytorch speed ratio: X.XX`: PyTorch's median step time over jax's (> 1:
 jax is faster), the geometric mean over the benchmarked models.
@@ -462,12 +463,31 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(sides: list, warmup: int, repeats: int, rounds: int = 2) -> dict[str, tuple[float, float]]:
-    """name -> (first step s, median step s). Each side runs in blocks (warm-up steps, then `repeats`
-    timed steps), the blocks alternating between the sides for `rounds` rounds, so a drift in machine
-    load touches both. Not step by step: on CPU the two runtimes' thread pools disturb each other when
-    their steps alternate (measured on the 20m case, 2 cores: jax 3.19 s alone vs 3.76 s interleaved
-    with torch)."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One side's first step (trace + compile + run) and its timed steps, in seconds."""
+
+    first: float
+    steps: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.steps)
+
+    def spread(self) -> tuple[float, float]:
+        """(10th, 90th percentile) of the timed steps: the machine's step-to-step noise and, with layerdrop,
+        the layers a step ran; the ratio of medians is read against it."""
+        if len(self.steps) < 2:
+            return self.steps[0], self.steps[0]
+        deciles = statistics.quantiles(self.steps, n=10, method="inclusive")
+        return deciles[0], deciles[-1]
+
+
+def measure(sides: list, warmup: int, repeats: int, rounds: int = 2) -> dict[str, Timing]:
+    """name -> its Timing. Each side runs in blocks (warm-up steps, then `repeats` timed steps), the
+    blocks alternating between the sides for `rounds` rounds, so a drift in machine load touches both.
+    Not step by step: on CPU the two runtimes' thread pools disturb each other when their steps
+    alternate (measured on the 20m case, 2 cores: jax 3.19 s alone vs 3.76 s interleaved with torch)."""
     first = {side.name: _seconds(side.first_step) for side in sides}
     times: dict[str, list[float]] = {side.name: [] for side in sides}
     for r in range(rounds):
@@ -475,20 +495,23 @@ def measure(sides: list, warmup: int, repeats: int, rounds: int = 2) -> dict[str
             for _ in range(warmup):
                 side.step()
             times[side.name].extend(_seconds(side.step) for _ in range(repeats))
-    return {name: (first[name], statistics.median(t)) for name, t in times.items()}
+    return {name: Timing(first[name], tuple(t)) for name, t in times.items()}
 
 
 def _gib(nbytes: int | None) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**30:.2f} GiB"
 
 
-def report_side(side, first_s: float, step_s: float, audio_s: float, flops: float) -> None:
-    """One line per framework: first step, median step, throughput, peak memory, MFU."""
+def report_side(side, timing: Timing, audio_s: float, flops: float) -> None:
+    """One line per framework: first step, median step (and the timed steps' 10th-90th percentile),
+    throughput, peak memory, MFU."""
     peak = peak_flops(jax.devices()[0].device_kind)
+    step_s = timing.median
+    low, high = timing.spread()
     mfu = f"MFU {flops / step_s / peak:6.1%}" if peak else "MFU n/a"
-    print(f"  {side.name:8s} first step (compile) {first_s:7.2f} s   step {step_s * 1000:9.1f} ms   "
-          f"{audio_s / step_s:8.1f} audio-s/s   peak memory {_gib(side.peak_bytes())}   {mfu}   "
-          f"loss {float(side.loss):.3f}", flush=True)
+    print(f"  {side.name:8s} first step (compile) {timing.first:7.2f} s   step {step_s * 1000:9.1f} ms "
+          f"(p10-p90 of {len(timing.steps)}: {low * 1000:.0f}-{high * 1000:.0f})   {audio_s / step_s:8.1f} "
+          f"audio-s/s   peak memory {_gib(side.peak_bytes())}   {mfu}   loss {float(side.loss):.3f}", flush=True)
 
 
 def jax_remat(args) -> str:
@@ -526,17 +549,17 @@ def bench_case(case: Case, args, bf16: bool) -> float | None:
                 f"scanned layer once)" if xla else "")
     print(f"  model FLOPs per step {flops:.3e} (analytic){xla_note}")
     for side in sides:
-        report_side(side, *results[side.name], case.batch * case.seconds, flops)
+        report_side(side, results[side.name], case.batch * case.seconds, flops)
     print(f"  jax XLA memory plan: {jax_side.xla_memory()}", flush=True)
     print(f"  jax compiled program: {jax_side.op_census()}", flush=True)
     ctc_s = jax_side.ctc_seconds(max(args.repeats, 3))
-    print(f"  jax CTC loss alone (fwd+bwd, float32): {ctc_s * 1000:.2f} ms = {ctc_s / results['jax'][1]:.1%} "
+    print(f"  jax CTC loss alone (fwd+bwd, float32): {ctc_s * 1000:.2f} ms = {ctc_s / results['jax'].median:.1%} "
           f"of the step", flush=True)
     if args.profile:
         profile_case(sides, case, args.profile, Path(args.profile_dir))
     if args.skip_torch:
         return None
-    ratio = results["pytorch"][1] / results["jax"][1]
+    ratio = results["pytorch"].median / results["jax"].median
     print(f"{case.name}: jax/pytorch speed ratio: {ratio:.2f}", flush=True)
     return ratio
 

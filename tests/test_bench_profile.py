@@ -130,3 +130,35 @@ def test_ctc_probe_is_the_steps_loss_at_the_steps_shapes():
     expected = ctc_loss(logits, np.ones((2, frames), bool), batch["labels"], blank_id=config.pad_token_id)[0]
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     assert float(jax.numpy.abs(grad).sum()) > 0
+
+
+def test_timing_spread_is_the_timed_steps_deciles():
+    """The p10-p90 printed next to each side's median: the inclusive deciles of its timed steps."""
+    timing = BENCH["Timing"](5.0, tuple(float(s) for s in (7, 1, 9, 3, 5, 2, 10, 4, 8, 6)))
+    assert timing.median == 5.5
+    low, high = timing.spread()
+    assert low == pytest.approx(1.9) and high == pytest.approx(9.1)
+    assert BENCH["Timing"](1.0, (0.25,)).spread() == (0.25, 0.25)
+
+
+def test_measure_alternates_blocks_and_keeps_every_timed_step():
+    """Warm-up and timed steps in blocks, jax torch / torch jax, the first step timed apart."""
+    calls = []
+
+    class Side:
+        def __init__(self, name):
+            self.name = name
+
+        def first_step(self):
+            calls.append((self.name, "first"))
+
+        def step(self):
+            calls.append((self.name, "step"))
+
+    result = BENCH["measure"]([Side("jax"), Side("pytorch")], warmup=1, repeats=3, rounds=2)
+    steps = [name for name, kind in calls if kind == "step"]
+    blocks = [steps[i:i + 4] for i in range(0, len(steps), 4)]  # 1 warm-up + 3 timed
+    assert calls[:2] == [("jax", "first"), ("pytorch", "first")]
+    assert blocks == [[name] * 4 for name in ("jax", "pytorch", "pytorch", "jax")]
+    assert {name: len(t.steps) for name, t in result.items()} == {"jax": 6, "pytorch": 6}  # warm-ups untimed
+    assert all(t.first >= 0 and t.median >= 0 for t in result.values())
