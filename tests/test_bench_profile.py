@@ -141,9 +141,12 @@ def test_timing_spread_is_the_timed_steps_deciles():
     assert BENCH["Timing"](1.0, (0.25,)).spread() == (0.25, 0.25)
 
 
-def test_measure_alternates_blocks_and_keeps_every_timed_step():
+def test_measure_alternates_blocks_and_keeps_every_timed_step(monkeypatch):
     """Warm-up and timed steps in blocks, jax torch / torch jax, the first step timed apart."""
     calls = []
+    # Each timed call "takes" its index among the timed calls, so the Timing shows which calls were timed.
+    clock = iter(range(100))
+    monkeypatch.setitem(BENCH["measure"].__globals__, "_seconds", lambda fn: (fn(), float(next(clock)))[1])
 
     class Side:
         def __init__(self, name):
@@ -160,5 +163,6 @@ def test_measure_alternates_blocks_and_keeps_every_timed_step():
     blocks = [steps[i:i + 4] for i in range(0, len(steps), 4)]  # 1 warm-up + 3 timed
     assert calls[:2] == [("jax", "first"), ("pytorch", "first")]
     assert blocks == [[name] * 4 for name in ("jax", "pytorch", "pytorch", "jax")]
-    assert {name: len(t.steps) for name, t in result.items()} == {"jax": 6, "pytorch": 6}  # warm-ups untimed
-    assert all(t.first >= 0 and t.median >= 0 for t in result.values())
+    # Timed in order: jax's first, torch's first, then rounds of 3 (warm-ups untimed): jax, torch, torch, jax.
+    assert result["jax"] == BENCH["Timing"](0.0, (2.0, 3.0, 4.0, 11.0, 12.0, 13.0))
+    assert result["pytorch"] == BENCH["Timing"](1.0, (5.0, 6.0, 7.0, 8.0, 9.0, 10.0))
