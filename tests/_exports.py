@@ -49,8 +49,8 @@ def make_export(out_dir):
 
 
 def add_lm(folder):
-    """Add the n-gram LM in the layout Wav2Vec2ProcessorWithLM reads (alphabet.json, language_model/),
-    as `xlsr-jax export --lm` does."""
+    """Add the n-gram LM in pyctcdecode's layout (alphabet.json, language_model/), as `xlsr-jax export
+    --lm` does."""
     arpa = folder.parent / f"{folder.name}.arpa"
     arpa.write_text(ARPA, encoding="utf-8")
     LMDecoder.from_path(arpa, Vocab.load(folder / "vocab.json")).save_for_processor(folder)
@@ -63,3 +63,22 @@ def run_config(**model) -> Config:
         data=DataConfig(train=("cv:/data/cv-corpus-23.0-2025-09-05/tr:train+dev", "manifest:/data/extra.tsv"),
                         eval=("cv:/data/cv-corpus-23.0-2025-09-05/tr:test",), language="tr"),
     )
+
+
+def transformers_lm_problem(*, pipeline: bool = False) -> str | None:
+    """Why the installed transformers cannot load an exported LM folder, or None where it can.
+
+    `Wav2Vec2ProcessorWithLM` is deprecated (removed in transformers v6) and its `from_pretrained` calls
+    `ProcessorMixin._get_arguments_from_pretrained`, which 5.25.0 removed; the ASR pipeline's
+    `ctc_with_lm` loads the LM with pyctcdecode itself (`pipeline=True`), so it needs only the class."""
+    import transformers
+
+    version = f"transformers {transformers.__version__}"
+    try:
+        from transformers import ProcessorMixin, Wav2Vec2ProcessorWithLM  # noqa: F401
+    except ImportError:
+        return f"{version} has no Wav2Vec2ProcessorWithLM (removed in v6): LM folders load with pyctcdecode only"
+    if not pipeline and not hasattr(ProcessorMixin, "_get_arguments_from_pretrained"):
+        return (f"{version}: Wav2Vec2ProcessorWithLM.from_pretrained calls "
+                "ProcessorMixin._get_arguments_from_pretrained, which this release removed (AttributeError)")
+    return None

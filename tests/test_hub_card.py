@@ -58,7 +58,7 @@ def test_card_with_results_round_trips_through_the_hub_parser(tmp_path):
     assert ("| Common Voice 23.0 (tr) | test | n-gram LM (alpha=0.5, beta=1.0, beam_width=100) "
             "| 24.56 | 8.01 | 70 |") in body
     assert "![training curves](training_curves.png)" in body
-    assert "Wav2Vec2ProcessorWithLM.from_pretrained(model_id)" in body
+    assert "BeamSearchDecoderCTC.load_from_dir(folder" in body
     assert "xlsr-jax evaluate me/xlsr-tr --data cv:PATH/TO/cv-corpus/tr:test" in body
     # The normalisation shown is the folder's, not the config's.
     assert "lowercase: False" in body and repr(",.\u00ad`") in body
@@ -134,7 +134,7 @@ def test_usage_snippets_run_against_an_exported_folder(kind, exports, tmp_path):
     assert printed[0] == str([FORCED])  # processor.batch_decode(argmax ids)
     assert printed[1] == FORCED  # the pipeline's text
     if kind == "lm":
-        assert printed[2] == str([FORCED])  # Wav2Vec2ProcessorWithLM beam search
+        assert printed[2] == str([FORCED])  # pyctcdecode's beam search over the folder's LM
     # 16000 samples through convs (kernel, stride) (10, 5), (3, 2), (3, 2): 3199, 1599, 799 frames.
     assert printed[-1] == "(1, 799, 16)"
     assert len(printed) == (4 if kind == "lm" else 3)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from _exports import transformers_lm_problem
 from _runs import tiny_run_config
 from xlsr_jax.checkpoint import Checkpointer
 from xlsr_jax.errors import UserError
@@ -114,21 +115,40 @@ def test_export_from_an_fsdp_checkpoint_of_a_run_stopped_by_sigterm(cv_dir, tmp_
     _assert_weights_are_the_checkpoints(tmp_path / "export", run, step)
 
 
-def test_export_carries_an_lm_that_transformers_reads(trained_run, cv_dir, tmp_path):
-    from transformers import Wav2Vec2ProcessorWithLM
-
-    from xlsr_jax.hub.push import check_export
+@pytest.fixture(scope="module")
+def lm_export(trained_run, cv_dir, tmp_path_factory):
+    """A run exported with an n-gram LM (alpha 0.7, beta 0.2), checked: (export folder, export_run's result)."""
     from xlsr_jax.infer.build_lm import build_lm
 
     _, run = trained_run
-    build_lm([f"cv:{cv_dir}:train"], tmp_path / "lm.arpa", run=str(run))
-    export_run(run, tmp_path / "export", lm={"path": str(tmp_path / "lm.arpa"), "alpha": 0.7, "beta": 0.2},
-               verify=False)
-    processor = Wav2Vec2ProcessorWithLM.from_pretrained(tmp_path / "export")
-    assert (processor.decoder.model_container[processor.decoder._model_key].alpha,
-            processor.decoder.model_container[processor.decoder._model_key].beta) == (0.7, 0.2)
-    assert "istanbulda" in processor.decoder.model_container[processor.decoder._model_key]._unigram_set
-    assert check_export(tmp_path / "export") == []
+    root = tmp_path_factory.mktemp("lm_export")
+    build_lm([f"cv:{cv_dir}:train"], root / "lm.arpa", run=str(run))
+    out = export_run(run, root / "export", lm={"path": str(root / "lm.arpa"), "alpha": 0.7, "beta": 0.2})
+    return root / "export", out
+
+
+def test_export_carries_an_lm_that_pyctcdecode_reads(lm_export):
+    from pyctcdecode import BeamSearchDecoderCTC
+
+    from xlsr_jax.hub.push import check_export
+
+    folder, out = lm_export
+    # The self-check decoded its clips' PyTorch logits through the folder's LM, as the card shows users.
+    assert out["check"]["clips"] == len(out["check"]["lm_transcripts"]) == 3
+    assert all(user == ours for user, ours in out["check"]["lm_transcripts"])
+    language_model = BeamSearchDecoderCTC.load_from_dir(str(folder), unigram_encoding="utf-8")._language_model
+    assert (language_model.alpha, language_model.beta) == (0.7, 0.2)
+    assert "istanbulda" in language_model._unigram_set
+    assert check_export(folder) == []
+
+
+@pytest.mark.skipif(bool(transformers_lm_problem()), reason=str(transformers_lm_problem()))
+def test_export_lm_loads_in_transformers_processor_with_lm(lm_export):
+    from transformers import Wav2Vec2ProcessorWithLM
+
+    processor = Wav2Vec2ProcessorWithLM.from_pretrained(lm_export[0])
+    assert (processor.language_model.alpha, processor.language_model.beta) == (0.7, 0.2)
+    assert "istanbulda" in processor.language_model._unigram_set
 
 
 def test_the_card_reports_the_newest_test_results_of_the_exported_step():

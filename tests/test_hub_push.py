@@ -109,7 +109,7 @@ def test_pad_id_card_processor_and_lm_problems_are_named(export):
                                   "fails (ValueError: Unrecognized feature extractor")
     assert problems[2:] == [
         "README.md: no model-index WER and no 'This model has not been evaluated yet' statement",
-        "alphabet.json: missing, but language_model/ exists (Wav2Vec2ProcessorWithLM needs both)",
+        "alphabet.json: missing, but language_model/ exists (pyctcdecode's load_from_dir needs both)",
     ]
 
 

@@ -87,7 +87,8 @@ def _export(args: argparse.Namespace) -> int:
         print("self-check: skipped (torch is not installed; pip install 'xlsr-jax[torch]' to have it)")
     else:
         print(f"self-check on {check['clips']} clips: max |dlogits| {check['max_abs_diff']:.2e}, "
-              f"greedy transcripts identical: {check['transcripts_identical']}")
+              f"greedy transcripts identical: {check['transcripts_identical']}"
+              + ("; the LM loads in pyctcdecode and decodes alike" if "lm_transcripts" in check else ""))
     wer = [f"{r['dataset']['name']} {r['dataset']['split']} ({r['decoder']['type']}): WER {100 * r['wer']:.2f} %, "
            f"CER {100 * r['cer']:.2f} %" for r in out["results"]]
     print("model card: " + ("; ".join(wer) if wer else "no evaluation of this step yet (run xlsr-jax evaluate)"))

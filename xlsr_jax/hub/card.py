@@ -142,7 +142,7 @@ def _about(config: Config, language: str | None, has_lm: bool) -> str:
     )
     if has_lm:
         text += (" The folder also holds an n-gram language model (`language_model/`, `alphabet.json`) "
-                 "for beam-search decoding with `Wav2Vec2ProcessorWithLM`.")
+                 "for beam-search decoding with [pyctcdecode](https://github.com/kensho-technologies/pyctcdecode).")
     return text
 
 
@@ -188,13 +188,19 @@ print(asr(speech)["text"])  # or asr("audio.wav") when ffmpeg is installed
     if has_lm:
         text += '''
 
-With the n-gram language model (`pip install pyctcdecode kenlm`):
+With the n-gram language model, through pyctcdecode (`pip install pyctcdecode kenlm`; transformers'
+`Wav2Vec2ProcessorWithLM` reads the same files, but is deprecated and goes in transformers v6):
 
 ```python
-from transformers import Wav2Vec2ProcessorWithLM
+import os
 
-processor_lm = Wav2Vec2ProcessorWithLM.from_pretrained(model_id)
-print(processor_lm.batch_decode(logits.numpy()).text)
+from huggingface_hub import snapshot_download
+from pyctcdecode import BeamSearchDecoderCTC
+
+lm_files = ["alphabet.json", "language_model/*"]
+folder = model_id if os.path.isdir(model_id) else snapshot_download(model_id, allow_patterns=lm_files)
+decoder = BeamSearchDecoderCTC.load_from_dir(folder, unigram_encoding="utf-8")
+print([decoder.decode(frames) for frames in logits.numpy()])  # beam search over each clip's logits
 ```'''
     return text
 

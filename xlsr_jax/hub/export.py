@@ -146,16 +146,18 @@ def export_params(params: Any, config: Wav2Vec2Config, vocab: Vocab, out_dir: st
     try:
         write_hf_folder(params, config, vocab, tmp, normalization=normalization, torch_bin=torch_bin)
         (tmp / EXPORT_INFO).write_text(json.dumps({"step": step, **(info or {})}, indent=1) + "\n")
+        decoder = None
         if lm is not None:
             from xlsr_jax.infer.lm import LMDecoder
 
-            LMDecoder.from_path(lm["path"], vocab, alpha=lm["alpha"], beta=lm["beta"]).save_for_processor(tmp)
+            decoder = LMDecoder.from_path(lm["path"], vocab, alpha=lm["alpha"], beta=lm["beta"])
+            decoder.save_for_processor(tmp)
         results = finish_folder(tmp, out_dir, run=run, config=run_config, step=step, normalization=normalization,
                                 has_lm=lm is not None)
         check = None
         if verify or (verify is None and _torch_available()):
             check = verify_folder(tmp, config, params, vocab, clips if clips is not None else
-                                  reference_clips(run_config))
+                                  reference_clips(run_config), lm=decoder)
         _replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -40,8 +40,8 @@ def check_export(folder: str | Path) -> list[str]:
     if (folder / README).is_file():
         problems += _check_card(folder / README)
     if (folder / "language_model").is_dir() and not (folder / "alphabet.json").is_file():
-        problems.append("alphabet.json: missing, but language_model/ exists (Wav2Vec2ProcessorWithLM "
-                        "needs both)")
+        problems.append("alphabet.json: missing, but language_model/ exists (pyctcdecode's "
+                        "load_from_dir needs both)")
     return problems
 
 

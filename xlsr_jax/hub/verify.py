@@ -1,11 +1,13 @@
 """The export's self-check: the PyTorch model transformers loads from the folder and the Flax model
-it was written from run on the same clips; their logits and greedy transcripts must agree."""
+it was written from run on the same clips; their logits and greedy transcripts must agree. With an
+n-gram LM in the folder, the LM as a user loads it (pyctcdecode's ``load_from_dir``, what the model card
+shows) must decode the PyTorch logits as xlsr-jax's own LM decoder does."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -15,6 +17,9 @@ from xlsr_jax.data import AudioError, load_audio
 from xlsr_jax.infer.data import read_examples
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
 from xlsr_jax.text import Vocab
+
+if TYPE_CHECKING:
+    from xlsr_jax.infer.lm import LMDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +59,13 @@ def reference_clips(config, count: int = 3, seconds: float = 3.0) -> list[np.nda
 
 
 def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab: Vocab,
-                  clips: list[np.ndarray]) -> dict[str, Any]:
-    """Run both models on `clips` (each `[samples]` at 16 kHz, one at a time, unpadded).
+                  clips: list[np.ndarray], lm: "LMDecoder | None" = None) -> dict[str, Any]:
+    """Run both models on `clips` (each `[samples]` at 16 kHz, one at a time, unpadded); with `lm`
+    (the decoder whose files the folder holds), check the folder's LM too (:func:`verify_lm`).
 
-    Returns {"clips", "max_abs_diff", "max_abs_logit", "transcripts_identical", "transcripts"};
-    raises ExportCheckError when |Δlogits| exceeds MAX_RELATIVE_DIFF of the logits' scale or a
-    greedy transcript differs.
+    Returns {"clips", "max_abs_diff", "max_abs_logit", "transcripts_identical", "transcripts"}, plus
+    "lm_transcripts" with `lm`; raises ExportCheckError when |Δlogits| exceeds MAX_RELATIVE_DIFF of the
+    logits' scale or a transcript differs.
     """
     import torch
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
@@ -68,7 +74,7 @@ def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab
     processor = Wav2Vec2Processor.from_pretrained(str(folder))
     flax_model = FlaxWav2Vec2ForCTC(config)
     apply = jax.jit(lambda p, x: flax_model.apply({"params": p}, x, deterministic=True))
-    diff, scale, pairs = 0.0, 0.0, []
+    diff, scale, pairs, torch_logits = 0.0, 0.0, [], []
     for clip in clips:
         inputs = processor(clip, sampling_rate=16000, return_tensors="np")["input_values"]
         with torch.no_grad():
@@ -78,6 +84,7 @@ def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab
         diff = max(diff, float(np.abs(got - expected).max()))
         scale = max(scale, float(np.abs(expected).max()))
         pairs.append((processor.batch_decode(expected.argmax(-1)[None])[0], vocab.decode_ctc(got.argmax(-1))))
+        torch_logits.append(expected)
     # Word for word: the tokenizer keeps a double space where two delimiters are split by a blank.
     identical = all(a.split() == b.split() for a, b in pairs)
     report = {"clips": len(clips), "max_abs_diff": diff, "max_abs_logit": scale,
@@ -88,4 +95,28 @@ def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab
             f"{folder}: the exported PyTorch model disagrees with the Flax checkpoint: max |Δlogits| "
             f"{diff:.3g} (logits up to {scale:.3g}), greedy transcripts identical: {identical}; "
             f"first pair that differs (PyTorch, Flax): {differs}")
+    if lm is not None:
+        report["lm_transcripts"] = verify_lm(folder, torch_logits, lm)
     return report
+
+
+def verify_lm(folder: str | Path, logits: list[np.ndarray], lm: "LMDecoder") -> list[tuple[str, str]]:
+    """The folder's ``alphabet.json`` + ``language_model/`` loaded as the model card tells users to
+    (pyctcdecode's ``BeamSearchDecoderCTC.load_from_dir``, its saved alpha/beta) against `lm`, on the
+    same logits (each ``[frames, vocab]``) and beam width.
+
+    Returns the (pyctcdecode, xlsr-jax) transcript of each; raises ExportCheckError on a difference.
+    """
+    from pyctcdecode import BeamSearchDecoderCTC
+
+    user = BeamSearchDecoderCTC.load_from_dir(str(folder), unigram_encoding="utf-8")
+    pairs = []
+    for x in logits:  # pyctcdecode log-softmaxes its input; xlsr-jax's decoder takes log-probs
+        log_probs = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+        pairs.append((lm.tidy(user.decode(x, beam_width=lm.beam_width)), lm.decode_batch([log_probs])[0]))
+    differs = next((p for p in pairs if p[0] != p[1]), None)
+    if differs is not None:
+        raise ExportCheckError(
+            f"{folder}: the exported language model, loaded with pyctcdecode, decodes otherwise than "
+            f"xlsr-jax's LM decoder: (pyctcdecode, xlsr-jax) = {differs}")
+    return pairs

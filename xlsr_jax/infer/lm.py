@@ -5,6 +5,11 @@ Labels come straight from the :class:`~xlsr_jax.text.Vocab` in id order, as tran
 then maps ``[PAD]`` to its blank ``""``, ``|`` to the space and ``[UNK]`` to ``⁇``, in place, so
 column ``i`` of the log-probs stays token ``i``.
 
+An exported folder's LM (``alphabet.json`` + ``language_model/``) is pyctcdecode's own layout: users
+load it with ``BeamSearchDecoderCTC.load_from_dir`` (what the model card shows). transformers'
+``Wav2Vec2ProcessorWithLM`` reads the same files, but is deprecated (gone in v6) and its
+``from_pretrained`` is broken in 5.25.0, so nothing here relies on it.
+
 pyctcdecode 0.5.0 (its last release, 2023) declares ``numpy<2``; jax needs numpy 2, so it is
 installed with ``--no-deps`` (it runs fine on numpy 2). See :func:`require_lm`.
 """
@@ -166,13 +171,14 @@ class LMDecoder:
             raise ValueError(f"log_probs must be [frames, {len(self.vocab)}], got {log_probs.shape}")
         if log_probs.shape[0] == 0:
             return "", []  # pyctcdecode's softmax fails on an empty matrix
-        # decode_beams (prune_history off) is what Wav2Vec2ProcessorWithLM.decode and the ASR
-        # pipeline call, so the same logits give the same text through an exported folder.
+        # decode_beams (prune_history off) is what pyctcdecode's decode, Wav2Vec2ProcessorWithLM.decode
+        # and the ASR pipeline call, so the same logits give the same text through an exported folder.
         text, _, word_frames, _, _ = self.decoder.decode_beams(log_probs, beam_width=self.beam_width)[0]
-        words = [(self._word(w), int(start), int(end)) for w, (start, end) in word_frames]
-        return self._word(text), words
+        words = [(self.tidy(w), int(start), int(end)) for w, (start, end) in word_frames]
+        return self.tidy(text), words
 
-    def _word(self, text: str) -> str:
+    def tidy(self, text: str) -> str:
+        """pyctcdecode's text as greedy decoding writes it: single spaces, stripped, ``[UNK]`` for ⁇."""
         return " ".join(text.split()).replace(PYCTCDECODE_UNK, self._unk)
 
     def decode_batch(self, log_probs: Sequence[np.ndarray]) -> list[str]:
@@ -191,11 +197,12 @@ class LMDecoder:
         return self._best_beam(log_probs)
 
     def save_for_processor(self, out_dir: str | os.PathLike) -> None:
-        """Add the LM to a Hugging Face model folder so ``Wav2Vec2ProcessorWithLM`` loads it.
+        """Add the LM to a Hugging Face model folder, for pyctcdecode's ``load_from_dir``.
 
         ``out_dir`` already holds the ``Wav2Vec2Processor`` files. Writes ``alphabet.json`` and
         ``language_model/`` (pyctcdecode's layout, with this decoder's alpha/beta) and declares
-        ``processor_class: Wav2Vec2ProcessorWithLM``.
+        ``processor_class: Wav2Vec2ProcessorWithLM``, so transformers versions that still read LM
+        folders (``Wav2Vec2ProcessorWithLM``, the ASR pipeline's ``ctc_with_lm``; removed in v6) load it too.
         """
         out = Path(out_dir)
         vocab_file = out / "vocab.json"
