@@ -14,26 +14,24 @@
 # temporary folder and is removed at the end; KEEP_VENV=1 keeps it. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$(pwd)
 update=0
 if [ "${1:-}" = "--update" ]; then update=1; shift; fi
 torch_spec=${UPSTREAM_TORCH:-torch==2.13.0}
 
 venv=$(mktemp -d "${TMPDIR:-/tmp}/xlsr-jax-upstream.XXXXXX")
 [ "${KEEP_VENV:-0}" = 1 ] || trap 'rm -rf "$venv"' EXIT
+# What stays put: torch always (an eager upgrade would take the CUDA build), and with --update the holds.
 holds="$venv/holds.txt"
-grep -E '#[[:space:]]*hold:' constraints.txt | sed -E 's/[[:space:]]*#.*$//' > "$holds" || true
+echo "$torch_spec" > "$holds"
+if [ "$update" = 1 ]; then
+  grep -E '#[[:space:]]*hold:' constraints.txt | sed -E 's/[[:space:]]*#.*$//' >> "$holds" || true
+fi
 
 python3 -m venv "$venv"
 . "$venv/bin/activate"
 pip install -q --upgrade pip
-pip install -q "$torch_spec"
-if [ "$update" = 1 ]; then
-  echo "check_upstream: holding $(tr '\n' ' ' < "$holds")"
-  pip install -q --upgrade --upgrade-strategy eager -c "$holds" -e ".[test]"
-else
-  pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
-fi
+echo "check_upstream: holding $(tr '\n' ' ' < "$holds")"
+pip install -q --upgrade --upgrade-strategy eager -c "$holds" "$torch_spec" -e ".[test]"
 pip install -q --upgrade --no-deps pyctcdecode  # its numpy<2 pin would downgrade jax's numpy
 
 # What a fresh install would get today against what constraints.txt pins (name==version, lowercased).
