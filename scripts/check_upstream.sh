@@ -20,6 +20,7 @@ torch_spec=${UPSTREAM_TORCH:-torch==2.13.0}
 
 venv=$(mktemp -d "${TMPDIR:-/tmp}/xlsr-jax-upstream.XXXXXX")
 [ "${KEEP_VENV:-0}" = 1 ] || trap 'rm -rf "$venv"' EXIT
+trap 'exit 143' INT TERM  # so that the EXIT trap runs when stopped
 # What stays put: torch always (an eager upgrade would take the CUDA build), and with --update the holds.
 holds="$venv/holds.txt"
 echo "$torch_spec" > "$holds"

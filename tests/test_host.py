@@ -47,14 +47,15 @@ def _probe(opt_out: str) -> tuple[str, int, list[int]]:
 def test_freed_memory_is_reused_without_page_faults():
     applied, pages, faults = _probe("0")
     assert applied == "True"
-    assert faults[0] >= pages  # the first round grows the heap: every page faulted in once
+    # The first round grows the heap: its pages fault in once (bar the few the heap's top already had).
+    assert faults[0] >= 0.9 * pages
     assert max(faults[1:]) <= pages // 100  # later rounds reuse it (a stray page of Python's own, at most)
 
 
 def test_opt_out_keeps_glibc_defaults_and_their_page_faults():
     applied, pages, faults = _probe("1")
     assert applied == "False"
-    assert min(faults) >= pages  # glibc maps and unmaps the block each round: what the setting removes
+    assert min(faults) >= 0.9 * pages  # glibc maps and unmaps the block each round: what the setting removes
 
 
 def test_not_applied_once_jax_has_started(monkeypatch):
