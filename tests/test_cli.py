@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import make_cv_folder
 from xlsr_jax.cli import build_parser, main
 from xlsr_jax.config import Config, load_config
 
@@ -151,7 +152,7 @@ def test_transcribe_a_run_and_its_export_alike_skipping_a_bad_file(trained_run, 
     _, run = trained_run
     clips = [f"{cv_dir}/clips/common_voice_tr_{i}.mp3" for i in (1, 2, 3)]
     (tmp_path / "bad.wav").write_bytes(b"RIFF not really")
-    args = [*clips, str(tmp_path / "bad.wav"), "--chunk-length-s", "0.6", "--stride-length-s", "0.1"]
+    args = [*clips, str(tmp_path / "bad.wav"), "--chunk-length-s", "0.6", "--stride-length-s", "0.1", "--keep-going"]
     assert main(["transcribe", str(run), *args, "--out", str(tmp_path / "run.json")]) == 0
     assert main(["transcribe", str(run / "hf_model"), *args, "--out", str(tmp_path / "export.json")]) == 0
     from xlsr_jax.infer.transcribe import read_json
@@ -197,3 +198,69 @@ def test_split_command_writes_speaker_disjoint_manifests(cv_dir, tmp_path, capsy
     assert min(map(len, speakers.values())) >= 1 and text.endswith("shared_sentences: 0\n")
     assert main(["split", f"cv:{cv_dir}", "--out", str(out), "--dev", "0.9", "--test", "0.2"]) == 2
     assert "--dev 0.9, --test 0.2" in capsys.readouterr().err
+
+
+def _truncated_archive(folder: Path) -> str:
+    """Half of a real Common Voice .tar.gz, as a download cut short leaves it."""
+    import tarfile
+
+    source = make_cv_folder(folder / "tr")
+    with tarfile.open(folder / "cv.tar.gz", "w:gz") as tar:
+        tar.add(source, arcname="cv-corpus-1/tr")
+    data = (folder / "cv.tar.gz").read_bytes()
+    (folder / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    return str(folder / "cut.tar.gz")
+
+
+def _decoded_audio_dataset(folder: Path) -> str:
+    """A parquet dataset whose audio column holds decoded arrays (no path, no bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"audio": [{"array": [0.1, 0.2], "sampling_rate": 16000}], "sentence": ["merhaba"]}),
+                   folder / "data" / "train-00000.parquet")
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["archive", "deep yaml", "deep set", "alias bomb", "hf audio", "model path",
+                                  "transcribe model", "scheme"])
+def test_bad_input_exits_2_with_a_message_naming_it(case, tmp_path, capsys, monkeypatch):
+    """Each input that once ended in a traceback: one line naming the file, key or source, exit 2."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # the archive's extraction cache
+    lm = ["--language", "tr", "--out", str(tmp_path / "lm.arpa")]
+    bomb = "train:\n  max_steps: [&a [x, x], &b [*a, *a], [*b, *b]]\n"
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    (tmp_path / "deep.yaml").write_text("train:\n  seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    argv, named = {
+        "archive": (lambda: ["build-lm", "--data", f"cv:{_truncated_archive(tmp_path)}:train", *lm],
+                    "cut.tar.gz: cannot extract: truncated or corrupt (EOFError"),
+        "deep yaml": (lambda: ["config", "--config", str(tmp_path / "deep.yaml")],
+                      "deep.yaml:2: not valid YAML (nested deeper than 50 levels)"),
+        "deep set": (lambda: ["config", "--set", "train.seed=" + "[" * 5000 + "]" * 5000],
+                     "--set train.seed=...: nested deeper than 50 levels"),
+        "alias bomb": (lambda: ["config", "--config", str(tmp_path / "bomb.yaml")],
+                       "bomb.yaml:2: not valid YAML (aliases (*a) are not allowed in a config)"),
+        "hf audio": (lambda: ["build-lm", "--data", f"hf:{_decoded_audio_dataset(tmp_path / 'hf')}", *lm],
+                     "audio column 'audio' holds struct<array"),
+        "model path": (lambda: ["evaluate", str(tmp_path / "no_run"), "--data", "cv:x"],
+                       f"{tmp_path / 'no_run'}: no such model folder"),
+        "transcribe model": (lambda: ["transcribe", "./no_model", "a.wav"], "./no_model: no such model folder"),
+        "scheme": (lambda: ["build-lm", "--data", "cvv:data/demo_tr", *lm], "unknown data source scheme 'cvv'"),
+    }[case]
+    args = argv()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after progress bars (datasets')
+    assert "Traceback" not in err and last.startswith(f"xlsr-jax {args[0]}: error: ") and named in last, err
+
+
+def test_a_damaged_checkpoint_is_named_by_evaluate_and_export(trained_run, cv_dir, tmp_path, capsys):
+    _, run = trained_run
+    copy = shutil.copytree(run, tmp_path / "run")
+    shutil.rmtree(copy / "checkpoints" / "6" / "default")  # the parameters gone, the metadata left
+    assert main(["export", str(copy), str(tmp_path / "out")]) == 2
+    assert f"{copy}/checkpoints/6: cannot read this checkpoint, damaged or incomplete" in capsys.readouterr().err
+    assert main(["evaluate", str(copy), "--data", f"cv:{cv_dir}:test", "--step", "6"]) == 2
+    assert "steps kept: [3, 6], choose another with --step" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -220,3 +220,39 @@ def test_a_changed_value_shows_its_default():
     assert shown("  rules: [[", "(default: [])")
     unchanged = next(line for line in lines if line.startswith("  adam_b1:"))
     assert unchanged == "  adam_b1: 0.9  # AdamW beta1"
+
+
+def _alias_bomb(levels: int = 12) -> str:
+    """A "billion laughs" in train.max_steps: each anchor a list of ten aliases of the one before (10**12
+    strings once expanded, as printing the value in an error would)."""
+    lists = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lists += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "train:\n  max_steps: [" + ", ".join(lists) + "]\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (_alias_bomb(), r"bomb.yaml:2: not valid YAML \(aliases \(\*a0\) are not allowed in a config\)"),
+    ("train:\n  max_steps: " + "[" * 20_000 + "]" * 20_000 + "\n",
+     r"bomb.yaml:2: not valid YAML \(nested deeper than 50 levels\)"),
+    ("a: \xff\n", None),  # not UTF-8: written as bytes below
+])
+def test_a_hostile_file_is_refused_quickly_naming_it(tmp_path, text, message):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_bytes(text.encode("latin-1") if message is None else text.encode())
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message or r"bomb.yaml: not UTF-8 text \(invalid start byte at byte 3\)"):
+        load_config(path)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_deep_override_is_refused_naming_its_key():
+    with pytest.raises(ConfigError, match=r"^--set train.max_steps=...: nested deeper than 50 levels$"):
+        load_config(None, ["train.max_steps=" + "[" * 20_000 + "]" * 20_000])
+
+
+def test_a_huge_value_is_shown_cut_short_in_the_error():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.max_steps=[" + ", ".join(["x" * 1000] * 1000) + "]"])
+    assert str(error.value).startswith("--set train.max_steps=[xxx") and len(str(error.value)) < 600

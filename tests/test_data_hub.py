@@ -136,3 +136,19 @@ def test_errors_name_the_source_and_the_columns(parquet_dir, tmp_path):
     with pytest.raises(ValueError, match=r"hf:nobody/no_such_dataset:tr:train: cannot load hub dataset "
                                          r"'nobody/no_such_dataset' \(config 'tr', split 'train'\)"):
         parse_source("hf:nobody/no_such_dataset:tr:train")
+
+
+def test_an_audio_struct_without_path_is_read_from_its_bytes(tmp_path):
+    """A hand-made parquet whose audio struct holds bytes (and a rate) but no path field: its clips are
+    written out and read, not an ArrowInvalid about a missing field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "no_path"
+    (root / "data").mkdir(parents=True)
+    audio = pa.array([{"bytes": wav_bytes(8000, 0.01), "sampling_rate": 16000}],
+                     type=pa.struct([("bytes", pa.binary()), ("sampling_rate", pa.int32())]))
+    pq.write_table(pa.table({"audio": audio, "sentence": ["bir"]}), root / "data" / "train-00000.parquet")
+    (example,) = parse_source(f"hf:{root}", hub_cache_dir=tmp_path / "hub_cache")
+    assert example.text == "bir" and example.path.startswith(str(tmp_path / "hub_cache"))
+    np.testing.assert_allclose(load_audio(example.path), 0.3 * np.sin(np.arange(8000) * 0.01), atol=1e-4)

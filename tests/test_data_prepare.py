@@ -67,7 +67,7 @@ def test_filters_and_report(tmp_path, audio_writer):
     # e: 25 frames for 33 characters -> infeasible, dropped for training.
     assert train.texts == ["merhaba"]
     assert [e.path for e in train.examples] == [examples[0].path]
-    assert report == dict(total=6, kept=1, missing_file=0, undecodable=1, empty_audio=0, silence=0,
+    assert report == dict(total=6, kept=1, bad_path=0, missing_file=0, undecodable=1, empty_audio=0, silence=0,
                           too_short=1, too_long=1, empty_text=1, out_of_vocabulary=0, infeasible=1,
                           hours=pytest.approx(1 / 3600))
     evaluation, report = prepare_dataset(examples, drop_infeasible=False, name="dev", **common)

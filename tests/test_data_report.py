@@ -127,3 +127,45 @@ def test_skip_fraction_counts_dropped_clips_per_source(tmp_path):
         report_bad_data(datasets, tmp_path / "other.tsv", 0.19, write=False)
     assert "cv:b" not in str(err.value) and "cv:c" not in str(err.value)
     assert not (tmp_path / "other.tsv").exists()  # write=False: another process of a pod writes it
+
+
+def test_a_common_voice_path_outside_clips_is_reported_and_never_opened(tmp_path, cv_maker, monkeypatch):
+    """A TSV row whose path is `../../secret.mp3`, an absolute path or `sub/x.mp3` (each a real, readable
+    MP3) is skipped as bad_path: no open, stat or decode ever touches it, in the cache or the stream."""
+    import builtins
+
+    from xlsr_jax.data import cache
+    from xlsr_jax.data.prepare import prepare_dataset
+    from xlsr_jax.data.sources import parse_source
+    from xlsr_jax.data.stream import ClipMaker
+    from xlsr_jax.data.stream_sources import Element
+    from xlsr_jax.text import Vocab, normalize_text
+
+    root = cv_maker(tmp_path / "cv" / "tr", rows=[("train", f"good_{k}", "spk", 0.6, _SENTENCES[k]) for k in range(3)])
+    secrets = [tmp_path / "secret.mp3", tmp_path / "elsewhere" / "abs.mp3", tmp_path / "cv" / "tr" / "clips" / "sub" / "x.mp3"]
+    for secret in secrets:
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(secret, np.full(16000, 0.3, np.float32), 16000, format="MP3")
+    hostile = ["../../../secret.mp3", str(secrets[1]), "sub/x.mp3"]
+    with open(os.path.join(root, "train.tsv"), "a", encoding="utf-8") as f:
+        for k, path in enumerate(hostile):
+            f.write(f"spk_h\t{path}\th{k}\tKedi evde uyuyor\t\t2\t0\t\t\t\t\ttr\t\n")
+    touched = []
+    for module, name in ((builtins, "open"), (os, "stat"), (sf, "read"), (sf, "SoundFile")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda p, *a, _real=real, **k: (touched.append(str(p)), _real(p, *a, **k))[1])
+
+    examples = parse_source(f"cv:{root}:train")
+    bad = [e for e in examples if e.problem is not None]
+    assert [(e.path, e.problem[0]) for e in bad] == [(p, "bad_path") for p in hostile]
+    normalize = lambda e: normalize_text(e.text, language="tr")  # noqa: E731
+    ds, counts = prepare_dataset(examples, vocab=Vocab.build(map(normalize, examples)), normalize=normalize,
+                                 sampling_rate=16000, cache_dir=tmp_path / "cache", num_workers=0)
+    assert (len(ds), counts["bad_path"]) == (3, 3)
+    assert [(c.path, c.reason) for c in ds.bad] == [(p, "bad_path") for p in hostile]
+    assert ds.bad[0].detail == f"{root}/train.tsv: the path '../../../secret.mp3' is not a file name inside {root}/clips"
+    maker = ClipMaker(vocab=Vocab.build(map(normalize, examples)), normalize=normalize, sampling_rate=16000,
+                      length_range=(0, np.inf), frames_fn=lambda n: n // 320)
+    assert [maker(Element(0, 0, 0, i, e))[1].reason for i, e in enumerate(bad)] == ["bad_path"] * 3
+    assert not [p for p in touched if any(p.endswith(s.name) for s in secrets)], touched
+    assert any(p.endswith("good_0.mp3") for p in touched), "the spy sees the files that are read"

@@ -163,3 +163,66 @@ def test_the_card_reports_the_newest_test_results_of_the_exported_step():
     assert card_results(results, 600) == [result("test", 600, 0.88), result("test", 600, 0.67, "lm")]
     assert card_results(results[1:3], 600) == [result("dev", 600, 0.7, "lm")]  # no test result: dev it is
     assert card_results(results, 200) == []
+
+
+def _tiny_export(out_dir, **kw):
+    """export_params of a tiny random model (no run, no check): the folder handling alone."""
+    from _models import quiet_config
+    from xlsr_jax.config import Config
+    from xlsr_jax.hub.export import export_params
+    from xlsr_jax.text import TextNormalization, Vocab
+
+    vocab = Vocab.build(["merhaba dünya"])
+    config = quiet_config(vocab_size=len(vocab), pad_token_id=vocab.pad_id)
+    params = FlaxWav2Vec2ForCTC(config).init_params(jax.random.key(0))
+    return export_params(jax.device_get(params), config, vocab, out_dir, normalization=TextNormalization(language="tr"),
+                         run=None, run_config=Config(), step=None, verify=False, **kw)
+
+
+def _user_folder(folder):
+    """A user's model folder: an HF config.json, notes, data, a git clone's .git."""
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "config.json").write_text('{"mine": true}')
+    (folder / "notes.md").write_text("do not lose me")
+    (folder / "data").mkdir()
+    (folder / "data" / "x.bin").write_bytes(b"\0\1\2")
+
+
+def test_export_refuses_a_folder_it_did_not_write_and_keeps_every_byte(tmp_path):
+    from test_rundir import _tree
+
+    _user_folder(tmp_path / "mine")
+    before = _tree(tmp_path / "mine")
+    with pytest.raises(UserError, match=r"mine: not empty, and not a folder xlsr-jax exported to \(no xlsr_jax.json\)"):
+        _tiny_export(tmp_path / "mine")
+    assert _tree(tmp_path / "mine") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no partial folder left beside it
+
+
+def test_forced_export_replaces_only_the_names_it_writes(tmp_path):
+    from test_rundir import _tree
+
+    _user_folder(tmp_path / "mine")
+    before = _tree(tmp_path / "mine")
+    _tiny_export(tmp_path / "mine", force=True)
+    after = _tree(tmp_path / "mine")
+    assert {k: v for k, v in after.items() if k in before and k != "config.json"} == {
+        k: v for k, v in before.items() if k != "config.json"}
+    assert json.loads(after["config.json"])["model_type"] == "wav2vec2"
+    assert {"model.safetensors", "vocab.json", "xlsr_jax.json", "README.md"} <= set(after)
+
+
+def test_reexport_replaces_an_earlier_export_and_keeps_what_the_user_added(tmp_path):
+    from test_rundir import _tree
+
+    _tiny_export(tmp_path / "out", torch_bin=True)
+    assert (tmp_path / "out" / "pytorch_model.bin").is_file()
+    (tmp_path / "out" / ".git").mkdir()
+    (tmp_path / "out" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "out" / "notes.md").write_text("mine")
+    _tiny_export(tmp_path / "out")  # no --bin this time: the earlier export's .bin is stale
+    after = _tree(tmp_path / "out")
+    assert after[".git/HEAD"] == b"ref: refs/heads/main\n" and after["notes.md"] == b"mine"
+    assert "pytorch_model.bin" not in after and "model.safetensors" in after
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

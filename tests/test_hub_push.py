@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
+import socket
 
 import huggingface_hub
 import pytest
 
 from _exports import add_lm, make_export, run_config
+from xlsr_jax.cli import main
 from xlsr_jax.errors import UserError
 from xlsr_jax.hub.card import write_model_card
 from xlsr_jax.hub.push import check_export, push_folder
@@ -46,8 +49,10 @@ class RecordingApi:
         RecordingApi.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, **kwargs):
-        RecordingApi.calls.append(("upload_folder", kwargs))
+    def create_commit(self, *, operations, **kwargs):
+        # What would go up: (path in the repo, the local file read).
+        sent = [(op.path_in_repo, op.path_or_fileobj) for op in operations]
+        RecordingApi.calls.append(("create_commit", {"operations": sent, **kwargs}))
         return None
 
 
@@ -58,18 +63,22 @@ def recorder(monkeypatch):
     return RecordingApi.calls
 
 
+# What make_export + a card hold: all of it goes up.
+NAMES = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json",
+         "special_tokens_map.json", "text_normalization.json", "tokenizer_config.json", "vocab.json"]
+
+
 def test_good_export_passes_and_dry_run_lists_files(export, recorder):
     assert check_export(export) == []
 
-    listing = push_folder(export, "me/xlsr-tr", dry_run=True)
+    upload = push_folder(export, "me/xlsr-tr", dry_run=True)
 
-    names = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json",
-             "special_tokens_map.json", "text_normalization.json", "tokenizer_config.json", "vocab.json"]
-    assert [line.split(" (")[0] for line in listing] == names
+    assert [line.split(" (")[0] for line in upload.files] == NAMES
     vocab_bytes = (export / "vocab.json").stat().st_size
-    assert vocab_bytes < 1000 and f"vocab.json ({vocab_bytes} B)" in listing
+    assert vocab_bytes < 1000 and f"vocab.json ({vocab_bytes} B)" in upload.files
     weights_kb = (export / "model.safetensors").stat().st_size / 1000
-    assert f"model.safetensors ({weights_kb:.1f} kB)" in listing
+    assert f"model.safetensors ({weights_kb:.1f} kB)" in upload.files
+    assert upload.left_out == []
     assert recorder == []  # a dry run never touches the Hub
 
 
@@ -123,15 +132,15 @@ def test_export_with_language_model_passes(export):
 def test_push_creates_repo_and_uploads_without_leaking_the_token(export, recorder, caplog, capsys):
     caplog.set_level(logging.DEBUG)
 
-    listing = push_folder(export, "me/xlsr-tr", private=True, token=TOKEN, commit_message="step 40")
+    upload = push_folder(export, "me/xlsr-tr", private=True, token=TOKEN, commit_message="step 40")
 
     assert recorder == [
         ("init", {"token": TOKEN}),
         ("create_repo", {"repo_id": "me/xlsr-tr", "private": True, "exist_ok": True, "repo_type": "model"}),
-        ("upload_folder", {"folder_path": str(export), "repo_id": "me/xlsr-tr", "repo_type": "model",
-                           "commit_message": "step 40"}),
+        ("create_commit", {"operations": [(name, str(export / name)) for name in NAMES], "repo_id": "me/xlsr-tr",
+                           "commit_message": "step 40", "repo_type": "model"}),
     ]
-    assert len(listing) == 9
+    assert len(upload.files) == 9 and upload.left_out == []
     assert "uploaded 9 files" in caplog.text  # it does log; the token is not in what it logs
     out, err = capsys.readouterr()
     assert TOKEN not in caplog.text + out + err
@@ -141,3 +150,85 @@ def test_bad_repo_id_fails_before_anything_else(export, recorder):
     with pytest.raises(UserError, match="'me/xlsr tr': not a valid Hub repo id"):
         push_folder(export, "me/xlsr tr")
     assert recorder == []
+
+
+def test_only_the_export_files_go_up(export, recorder, tmp_path, caplog, capsys):
+    add_lm(export)
+    (export / ".env").write_text(f"HF_TOKEN={TOKEN}\n")
+    (export / "notes").mkdir()
+    (export / "notes" / "todo.txt").write_text("ask for the dataset licence\n")
+    (export / "draft_card.md").write_text("# not the card\n")
+    (export / "language_model" / ".DS_Store").write_bytes(b"\0")
+    (export / "language_model" / "old").mkdir()
+    secret = tmp_path / "outside" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (export / "key.txt").symlink_to(secret)  # a link to a file outside the folder
+    (export / "config-copy.json").symlink_to("config.json")  # and one inside it
+    lm_files = ["alphabet.json", "language_model/attrs.json", "language_model/model.arpa",
+                "language_model/unigrams.txt"]
+    left_out = [".env (hidden)",
+                "config-copy.json (symlink to config.json; push follows no symlinks)",
+                "draft_card.md (not a file export writes)",
+                f"key.txt (symlink to {secret}; push follows no symlinks)",
+                "language_model/.DS_Store (hidden)",
+                "language_model/old/ (not a file export writes)",
+                "notes/ (not a file export writes)"]
+    caplog.set_level(logging.INFO)
+
+    upload = push_folder(export, "me/xlsr-tr")
+
+    sent = sorted(NAMES + lm_files)
+    assert [line.split(" (")[0] for line in upload.files] == sent
+    assert upload.left_out == left_out
+    (commit,) = [kwargs for call, kwargs in recorder if call == "create_commit"]
+    assert commit["operations"] == [(name, str(export / name)) for name in sent]
+    assert "left out: " + ", ".join(left_out) in caplog.text
+
+    assert main(["push", str(export), "--repo-id", "me/xlsr-tr", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would upload {len(sent)} files to https://huggingface.co/me/xlsr-tr:" in out
+    assert out.endswith("left out 7 (only the files export writes go up):\n"
+                        + "".join(f"  {line}\n" for line in left_out))
+
+
+def test_an_export_file_that_is_a_symlink_stops_the_push(export, recorder, tmp_path):
+    shutil.move(export / "vocab.json", tmp_path / "vocab.json")
+    (export / "vocab.json").symlink_to(tmp_path / "vocab.json")
+    assert check_export(export) == []  # the link's target is a fine vocab...
+
+    with pytest.raises(UserError, match=r"vocab.json: a symlink \(to .+\); push follows no symlinks"):
+        push_folder(export, "me/xlsr-tr")  # ...but it would not go up
+    assert recorder == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_network_is_a_user_error_naming_the_repo(export, monkeypatch):
+    # The real HfApi against a port nobody listens on: the connection error huggingface_hub raises.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+
+    with pytest.raises(UserError, match=r"^me/xlsr-tr: could not reach the Hugging Face Hub, nothing was "
+                                        r"committed \(ConnectError: .*refused.*\)$"):
+        push_folder(export, "me/xlsr-tr", token=TOKEN)
+
+
+@pytest.mark.parametrize("failing", ["create_repo", "create_commit"])
+def test_offline_mode_and_timeouts_are_user_errors(export, recorder, monkeypatch, failing):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    transport = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
+    error = {"create_repo": OfflineModeIsEnabled("offline mode is enabled"),
+             "create_commit": transport.ReadTimeout("The read operation timed out")}[failing]
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(RecordingApi, failing, fail)
+    with pytest.raises(UserError, match=f"^me/xlsr-tr: could not reach the Hugging Face Hub, nothing was "
+                                        f"committed \\({type(error).__name__}: {error}\\)$"):
+        push_folder(export, "me/xlsr-tr")

@@ -14,8 +14,10 @@ from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, pipelin
 from transformers.pipelines.automatic_speech_recognition import chunk_iter, rescale_stride
 
 from _models import quiet_config
-from xlsr_jax.data.audio import AudioError, normalize_waveform
+from xlsr_jax.cli import main
+from xlsr_jax.data.audio import AudioError, load_audio, normalize_waveform, resample, stream_audio
 from xlsr_jax.hub.export import write_hf_folder
+from xlsr_jax.infer import transcribe as transcribe_mod
 from xlsr_jax.infer.transcribe import (
     Transcriber, Transcript, Word, chunk_geometry, ctc_greedy_words, plan_chunks, read_json, write_json,
     write_text, write_tsv,
@@ -213,3 +215,94 @@ def test_writers_round_trip(tmp_path):
     out = io.StringIO()
     assert write_text(transcripts + [Transcript("", "x y", [], 1.0)], out) == 3
     assert out.getvalue() == 'a/b.mp3\tçok "güzel"\tbir\nc.wav\t\nx y\n'
+
+
+@pytest.mark.parametrize("name, rate, channels", [
+    ("a.mp3", 48000, 1), ("b.mp3", 44100, 2), ("c.wav", 44100, 2), ("d.wav", 16000, 1), ("e.flac", 22050, 1),
+    ("f.ogg", 48000, 2),
+])
+def test_blocks_are_the_whole_file(tmp_path, audio_writer, name, rate, channels):
+    path = str(tmp_path / name)
+    audio_writer(path, 2.3, rate, channels=channels)
+    whole = load_audio(path)
+    # 4001 frames: reads that end anywhere in a codec's frame, the resampler fed odd lengths.
+    blocks = list(stream_audio(path, 16000, block_frames=4001))
+    assert len(blocks) >= 9 and all(b.dtype == np.float32 and b.ndim == 1 for b in blocks)
+    joined = np.concatenate(blocks)
+    assert joined.shape == whole.shape
+    if name == "a.mp3":
+        # libsndfile's mpg123 decodes mono MP3 slightly differently once a read ends inside an MP3 frame
+        # (float rounding only, ~1e-7); stereo MP3 and the other formats come out bit for bit.
+        np.testing.assert_allclose(joined, whole, rtol=0, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(joined, whole)
+
+
+def test_a_long_file_is_read_in_blocks_as_its_chunks_run(exported, tmp_path, monkeypatch):
+    model, params, _ = exported("stable")
+    path = str(tmp_path / "long.flac")
+    sf.write(path, resample(signal(15.3, seed=3), SR, 48000), 48000)  # 48 kHz: blocks go through soxr
+    whole = load_audio(path)
+    monkeypatch.setattr(transcribe_mod, "READ_BLOCK_FRAMES", 24000)  # 0.5 s of the file a block
+    read = []  # samples (16 kHz) of each block handed to the transcriber so far
+
+    def counting_stream(*args):
+        for block in stream_audio(*args):
+            read.append(block.size)
+            yield block
+
+    monkeypatch.setattr(transcribe_mod, "stream_audio", counting_stream)
+    transcriber = Transcriber(model, params, VOCAB, chunk_length_s=4.03, stride_length_s=(0.99, 0.61),
+                              batch_size=2)
+    run_chunks, batches = transcriber._run_chunks, []
+
+    def spy(work):
+        batches.append((list(read), [(samples.copy(), c) for samples, c in work]))
+        return run_chunks(work)
+
+    transcriber._run_chunks = spy
+    (got,) = transcriber.transcribe_files([path])
+
+    # 244_800 samples: six chunks (starts 39_040 apart, the last 49_600 long), three batches of two.
+    assert sum(read) == whole.size == 244_800 and len(batches) == 3
+    # The first batch ran once the blocks covered its second chunk [39_040, 103_680) and one sample more:
+    # the block before the last read ended inside that chunk, and not half the file had been read.
+    blocks_then, first_work = batches[0]
+    assert first_work[1][1].end == 103_680
+    assert sum(blocks_then[:-1]) <= 103_680 < sum(blocks_then) < whole.size // 2
+    chunks = [c for _, work in batches for _, c in work]
+    assert chunks == transcriber.plan(whole.size)
+    for _, work in batches:  # each chunk got exactly its samples of the whole-file decode
+        for samples, c in work:
+            np.testing.assert_array_equal(samples, whole[c.start:c.end])
+    assert got == transcriber.transcribe_audio(whole, path=path) and len(got.text) > 300
+
+
+def test_cli_exit_status_names_the_unreadable_files(exported, tmp_path, capsys):
+    *_, folder = exported("stable")
+    good = str(tmp_path / "good.wav")
+    sf.write(good, signal(3.1, seed=4), SR)
+    corrupt = tmp_path / "corrupt.flac"
+    corrupt.write_bytes(b"fLaC but no audio after it" * 20)
+    missing = str(tmp_path / "missing.mp3")
+    files = [str(corrupt), good, missing]
+    out = tmp_path / "t.tsv"
+
+    assert main(["transcribe", str(folder), *files, "--out", str(out), "--chunk-length-s", "2"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == f"wrote 1 transcripts to {out}\n"
+    lines = printed.err.splitlines()
+    assert lines[0] == "xlsr-jax transcribe: skipped 2 of 3 files that could not be read:"
+    assert lines[1].startswith(f"  {corrupt}: cannot decode (")
+    assert lines[2] == f"  {missing}: cannot decode (no such file)"
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    model, params, _ = exported("stable")
+    alone = Transcriber(model, params, VOCAB, chunk_length_s=2.0).transcribe_audio(load_audio(good))
+    assert [(r["path"], r["text"]) for r in rows] == [(good, alone.text)] and len(alone.text) > 20
+
+    assert main(["transcribe", str(folder), *files, "--out", str(out), "--chunk-length-s", "2",
+                 "--keep-going"]) == 0
+    assert capsys.readouterr().err.splitlines() == lines  # still named
+    assert main(["transcribe", str(folder), good, "--out", str(out), "--chunk-length-s", "2"]) == 0
+    assert capsys.readouterr().err == ""

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from xlsr_jax.errors import UserError
 from xlsr_jax.rundir import RunDir
 from xlsr_jax.text import Vocab
 from xlsr_jax.train.loop import train
-from xlsr_jax.train.resume import plan_start, write_signature
+from xlsr_jax.train.resume import clear_output_dir, plan_start, write_signature
 from xlsr_jax.train.setup import build_data, model_config, resolve_vocab
 from xlsr_jax.train.signature import RESUME_KEYS, differences, run_signature
 
@@ -116,12 +117,62 @@ def test_the_output_directory_rule(started_run, tmp_path):
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     Vocab(("x", "y", "|", "[UNK]", "[PAD]")).save(fresh / "vocab.json")
+    (fresh / "run_signature.json").write_text("{}")  # written with it: the folder is a run's
     fresh_config = _with(config, train={"output_dir": str(fresh)})
     assert plan_start(fresh_config).kind == "fresh"
     assert resolve_vocab(fresh_config, ["ab c"], fresh).tokens == ("a", "b", "c", "|", "[UNK]", "[PAD]")
     assert resolve_vocab(config, ["ab c"], run.path) == Vocab.load(run.vocab), "resuming reuses the run's own"
     with pytest.raises(UserError, match=f"data.vocab={fresh / 'vocab.json'} differs from {run.vocab}"):
         resolve_vocab(_with(config, data={"vocab": str(fresh / "vocab.json")}), [], run.path)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_is_no_run_is_never_overwritten_or_cleared(overwrite, cv_dir, tmp_path):
+    """A user's folder holding names a run writes (their own config.yaml, eval_results.json, files under
+    checkpoints/): train stops before any work, with or without train.overwrite_output_dir, and every
+    byte stays."""
+    from test_rundir import _tree
+
+    config = tiny_run_config(cv_dir, tmp_path, max_steps=2, overwrite_output_dir=overwrite)
+    folder = Path(config.train.output_dir)
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("# my experiment notes\nlr: 3e-4\n")
+    (folder / "eval_results.json").write_text('{"results": [{"wer": 0.2}]}')
+    (folder / "checkpoints" / "mine.txt").write_text("do not lose me")
+    before = _tree(folder)
+    with pytest.raises(UserError, match=f"train.output_dir={folder} holds config.yaml, checkpoints, eval_results.json, "
+                                        "but is not an xlsr-jax run .* would " + ("delete" if overwrite else "overwrite")):
+        train(config)
+    assert _tree(folder) == before
+
+
+def test_overwrite_clears_a_run_but_keeps_the_users_files(started_run, tmp_path):
+    from test_rundir import _tree
+
+    config, run = started_run
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(run.path, copy.path)
+    (copy.path / "notes.txt").write_text("mine")
+    (copy.checkpoints / "README.txt").write_text("mine too")
+    start = plan_start(_with(config, train={"output_dir": str(copy.path), "overwrite_output_dir": True}))
+    assert start.clear
+    clear_output_dir(copy, is_main=True)
+    assert _tree(copy.path) == {"notes.txt": b"mine", "checkpoints/README.txt": b"mine too"}
+
+
+@pytest.mark.parametrize("output_dir", ["", "/", "~", "~/"])
+def test_the_current_root_and_home_folders_are_refused(output_dir, cv_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # should the check ever fail, the run lands here, not in the repository
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = _with(tiny_run_config(cv_dir, tmp_path, max_steps=2), train={"output_dir": output_dir})
+    with pytest.raises(UserError, match="train.output_dir=.*: name a folder of the run's own"):
+        train(config)
+
+
+def test_a_tilde_output_dir_is_the_home_folder(cv_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = _with(tiny_run_config(cv_dir, tmp_path, max_steps=2), train={"output_dir": "~/runs/tr"})
+    assert config.train.output_dir == str(tmp_path / "runs" / "tr")
 
 
 def test_init_from_another_run_starts_at_step_0_with_its_parameters(trained_run, tmp_path):

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from xlsr_jax.errors import UserError
+from xlsr_jax.rundir import DAMAGED
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ class _ReadOnlyNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
-DAMAGED = ".damaged"  # suffix of a checkpoint folder that failed to restore (orbax skips the name)
 
 
 def _directory(directory: str | os.PathLike) -> str | Path:
@@ -165,8 +165,16 @@ class Checkpointer:
             raise UserError(f"{self.directory}: no checkpoint for step {step}; steps kept: {self.all_steps()}")
         item = {"params": abstract_params}
         logger.info("restoring the parameters of checkpoint %s/%d", self.directory, step)
-        restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        except Exception as err:  # orbax and tensorstore report a damaged folder in many types
+            raise UserError(f"{self.directory}/{step}: cannot read this checkpoint, damaged or incomplete "
+                            f"({_first_line(err)}); steps kept: {self.all_steps()}, choose another with --step"
+                            ) from err
+        if not isinstance(restored, dict) or "params" not in restored:
+            raise UserError(f"{self.directory}/{step}: not a training state (no params); steps kept: "
+                            f"{self.all_steps()}")
         # A partial restore hands back the abstract leaf of anything the checkpoint lacks.
         missing = [jax.tree_util.keystr(path) for path, leaf in
                    jax.tree_util.tree_leaves_with_path(restored["params"]) if isinstance(leaf, jax.ShapeDtypeStruct)]

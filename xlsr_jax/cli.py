@@ -80,7 +80,7 @@ def _export(args: argparse.Namespace) -> int:
 
     lm = {"path": args.lm, "alpha": args.alpha, "beta": args.beta} if args.lm else None
     out = export_run(args.run_dir, args.out_dir, step=args.step, best=args.best, torch_bin=args.bin, lm=lm,
-                     verify=False if args.no_check else None)
+                     verify=False if args.no_check else None, force=args.force)
     print(f"exported step {out['step']} ({out['selected']}) of {args.run_dir} to {out['out_dir']}")
     check = out["check"]
     if check is None:
@@ -98,23 +98,30 @@ def _export(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from xlsr_jax.hub.push import push_folder
 
-    files = push_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+    upload = push_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
     verb = "would upload" if args.dry_run else "uploaded"
-    print(f"{verb} {len(files)} files to https://huggingface.co/{args.repo_id}:")
-    print("\n".join(f"  {f}" for f in files))
+    print(f"{verb} {len(upload.files)} files to https://huggingface.co/{args.repo_id}:")
+    print("\n".join(f"  {f}" for f in upload.files))
+    if upload.left_out:
+        print(f"left out {len(upload.left_out)} (only the files export writes go up):")
+        print("\n".join(f"  {f}" for f in upload.left_out))
     return 0
 
 
 def _transcribe(args: argparse.Namespace) -> int:
     from xlsr_jax.infer.transcribe import run_transcribe
 
-    count = run_transcribe(args.model, args.files, step=args.step, best=args.best, out=args.out,
-                           chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
-                           batch_size=args.batch_size, lm=args.lm, alpha=args.alpha, beta=args.beta,
-                           beam_width=args.beam_width)
+    result = run_transcribe(args.model, args.files, step=args.step, best=args.best, out=args.out,
+                            chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
+                            batch_size=args.batch_size, lm=args.lm, alpha=args.alpha, beta=args.beta,
+                            beam_width=args.beam_width)
     if args.out:
-        print(f"wrote {count} transcripts to {args.out}")
-    return 0
+        print(f"wrote {result.written} transcripts to {args.out}")
+    if result.skipped:
+        print(f"xlsr-jax transcribe: skipped {len(result.skipped)} of {len(args.files)} files that could not be "
+              "read:\n" + "\n".join(f"  {line}" for line in result.skipped), file=sys.stderr)
+    # 1, not 2: the command ran and wrote what it could; 2 says nothing was done (bad arguments, no file read).
+    return 1 if result.skipped and not args.keep_going else 0
 
 
 def _build_lm(args: argparse.Namespace) -> int:
@@ -245,6 +252,9 @@ def _parse_export(commands) -> None:
     _add_checkpoint_choice(p)
     p.add_argument("--bin", action="store_true", help="also write pytorch_model.bin (needs torch)")
     p.add_argument("--no-check", action="store_true", help="skip the PyTorch self-check")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty OUT_DIR that is no earlier export (a clone of a Hub repo, say): "
+                        "only the names export writes are replaced, nothing else there is touched")
     _add_lm(p, beam=False)
     p.set_defaults(handler=_export)
 
@@ -252,20 +262,30 @@ def _parse_export(commands) -> None:
 def _parse_push(commands) -> None:
     p = commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub",
                             description="Check FOLDER (files, vocab size = head size, processor loads, card "
-                                        "has a WER or says why not) and upload it. The token comes from "
-                                        "HF_TOKEN or `hf auth login`; it is never printed.")
+                                        "has a WER or says why not) and upload the files `xlsr-jax export` "
+                                        "writes (config, weights, processor and tokenizer files, card, "
+                                        "curves, eval results, alphabet.json and language_model/'s files). "
+                                        "Nothing else goes up: no dotfiles (.env), no other files or folders, "
+                                        "no symlinks (an export file that is one stops the push); what is "
+                                        "left out is listed. The token comes from HF_TOKEN or `hf auth "
+                                        "login`; it is never printed.")
     p.add_argument("folder")
     p.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="check and list the files; upload nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check and list the files to upload and those left out; upload nothing")
     p.set_defaults(handler=_push)
 
 
 def _parse_transcribe(commands) -> None:
     p = commands.add_parser("transcribe", help="transcribe audio files (any format, any length)",
-                            description="Long files are cut into overlapping chunks and stitched like "
-                                        "transformers' pipeline. Text goes to stdout, or with --out to a "
-                                        ".tsv or .json with word start/end times.")
+                            description="Long files are read in blocks, cut into overlapping chunks and "
+                                        "stitched like transformers' pipeline. Text goes to stdout, or with "
+                                        "--out to a .tsv or .json with word start/end times. Files that "
+                                        "cannot be read are skipped and named on stderr. Exit status: 0 when "
+                                        "every file was transcribed; 1 when some were skipped (the others "
+                                        "are still transcribed; 0 with --keep-going); 2 when none could be "
+                                        "read or an option is wrong.")
     p.add_argument("model", help="run directory, exported model folder, or hub id")
     p.add_argument("files", nargs="+", metavar="FILE")
     _add_checkpoint_choice(p)
@@ -273,6 +293,8 @@ def _parse_transcribe(commands) -> None:
     p.add_argument("--chunk-length-s", type=float, default=20.0)
     p.add_argument("--stride-length-s", type=float, help="overlap on each side (default: chunk / 6)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks per batch")
+    p.add_argument("--keep-going", action="store_true",
+                   help="exit 0 even when some files could not be read (they are still named on stderr)")
     _add_lm(p)
     p.set_defaults(handler=_transcribe)
 

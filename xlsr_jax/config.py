@@ -12,7 +12,9 @@ import collections.abc
 import copy
 import dataclasses
 import difflib
+import os
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -231,6 +233,8 @@ class TrainConfig:
                                                      "a better checkpoint.best_metric; null: off")
 
     def __post_init__(self):
+        if "://" not in self.output_dir:  # a local folder: ~ is the user's home, as in a shell
+            object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))
         _check(self.precision in ("float32", "bfloat16"), "train.precision", "must be float32 or bfloat16")
         _check(self.per_device_batch_size >= 1, "train.per_device_batch_size", "must be >= 1")
         _check(self.per_device_audio_seconds is None or 0 < self.per_device_audio_seconds < float("inf"),
@@ -378,6 +382,20 @@ class ConfigError(ValueError, UserError):
         self.keys = tuple(keys)
 
 
+def _cut(text: str, limit: int = 200) -> str:
+    """`text` for an error message, cut at `limit` characters (a value or an override may be huge)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_REPR = reprlib.Repr()  # Python 3.11's Repr takes no keywords
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 200, 200, 3
+
+
+def _shown(value: Any) -> str:
+    """`repr(value)` for an error message, bounded however large or nested the value is."""
+    return _cut(_REPR.repr(value))
+
+
 def _check(ok: bool, key: str, message: str, related: Sequence[str] = ()) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}", (key, *related))
@@ -408,25 +426,25 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and args[-1] is Ellipsis:
             value = [value]  # one source where a list is expected
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}", [key])
+            raise ConfigError(f"{key}: expected a list, got {_shown(value)}", [key])
         item_hints = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
         if len(item_hints) != len(value):
-            raise ConfigError(f"{key}: expected {len(item_hints)} items, got {value!r}", [key])
+            raise ConfigError(f"{key}: expected {len(item_hints)} items, got {_shown(value)}", [key])
         return tuple(_coerce(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints)))
     if origin in (collections.abc.Mapping, dict) or hint in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}", [key])
+            raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}", [key])
         return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}", [key])
+        raise ConfigError(f"{key}: expected true or false, got {_shown(value)}", [key])
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}", [key])
+        raise ConfigError(f"{key}: expected an integer, got {_shown(value)}", [key])
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -435,28 +453,29 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}", [key])
+        raise ConfigError(f"{key}: expected a number, got {_shown(value)}", [key])
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}", [key])
+        raise ConfigError(f"{key}: expected a string, got {_shown(value)}", [key])
     if hint is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{key}: expected null, got {value!r}", [key])
+        raise ConfigError(f"{key}: expected null, got {_shown(value)}", [key])
     raise ConfigError(f"{key}: unsupported type {hint}", [key])
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(values, Mapping):
         where = prefix.rstrip(".")
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}", [where] * bool(where))
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_shown(values)}", [where] * bool(where))
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(f"unknown key {prefix}{name}{_suggest(str(name), fields)}", [f"{prefix}{name}"])
+            raise ConfigError(f"unknown key {prefix}{_cut(str(name))}{_suggest(str(name), fields)}",
+                              [f"{prefix}{name}"])
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
@@ -465,14 +484,50 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+MAX_DEPTH = 50  # nesting a config never needs; deeper YAML would exhaust Python's recursion first
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but that a config may not hold: an alias, nesting deeper than MAX_DEPTH."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML as a config needs it: no aliases (`*name`: a "billion laughs" of nested aliases expands
+    exponentially) and nothing nested deeper than MAX_DEPTH."""
+
+    def fetch_flow_collection_start(self, token_class):
+        # The scanner reads `[[[[...` ahead of the composer, at a cost that grows with the square of the depth.
+        if self.flow_level >= MAX_DEPTH:
+            raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(None, None, f"aliases (*{event.anchor}) are not allowed in a config", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"--set {item}: expected section.key=value")
+        raise ConfigError(f"--set {_cut(item)}: expected section.key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
+    except _Refused as err:
+        raise ConfigError(f"--set {key.strip()}=...: {err.problem}", [key.strip()]) from None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the string as written
     return key.strip().split("."), value
 
 
@@ -485,7 +540,7 @@ def merge_overrides(tree: dict, overrides: Sequence[str]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: {part} is not a section")
+                raise ConfigError(f"--set {_cut(item)}: {part} is not a section")
         node[path[-1]] = value
     return tree
 
@@ -519,15 +574,17 @@ def _blame(err: ConfigError, path: Path | None, tree: Mapping[str, Any], overrid
         from_file |= not setters and path is not None and _in_tree(tree, key)
     if not from_file and not from_overrides:
         from_file, from_overrides = path is not None, set(overrides)
-    named = [f"--set {item}" for item in overrides if item in from_overrides]
+    named = [f"--set {_cut(item)}" for item in overrides if item in from_overrides]
     return ", ".join([str(path)] * from_file + named)
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" if not path.exists() else f"{path}: not a file")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -566,8 +623,10 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+def save_config(config: Config, path: str | Path, header: str = "") -> None:
+    """The resolved tree as YAML that `load_config` reads back, after `header` (comment lines)."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+    Path(path).write_text(f"{header}\n{text}" if header else text, encoding="utf-8")
 
 
 # --- the commented tree --------------------------------------------------------------------------------

@@ -18,9 +18,12 @@ RUN/
   stream_state/<step>.json  data.streaming: the loader's state saved with each checkpoint (data/stream.py)
 ```
 
-Every path named here belongs to the run: `train.overwrite_output_dir` deletes exactly these, never other
-files. A run directory may be a URL (`gs://bucket/run`): `RunDir` keeps it one (pathlib would turn it
-into `gs:/bucket/run`), and orbax writes the checkpoints there.
+A folder is a run when it holds `run_signature.json` or a `config.yaml` whose first line is
+`CONFIG_MARK` (a run writes both before anything else it names). Only a run's files are ever replaced or
+deleted: `train.overwrite_output_dir` deletes the paths named here, and under `checkpoints/` only step
+folders, never other files; a folder that is not a run but holds one of these names is refused, not
+overwritten. A run directory may be a URL (`gs://bucket/run`): `RunDir` keeps it one (pathlib would
+turn it into `gs:/bucket/run`), and orbax writes the checkpoints there.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +45,20 @@ logger = logging.getLogger(__name__)
 
 EXPORT_INFO = "xlsr_jax.json"  # in an exported model folder: the run and step it came from
 CURVES_FILE = "training_curves.png"  # in a run and in its exports
+LM_DIR = "language_model"  # in an export with an n-gram LM: pyctcdecode's files, beside alphabet.json
+# Every name `xlsr-jax export` may write into a model folder (hub/export.py; added_tokens.json where
+# transformers writes it): the only names export replaces or deletes in an existing folder, and the only
+# ones push uploads.
+EXPORT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json",
+                "processor_config.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", NORMALIZATION_FILE, EXPORT_INFO, "eval_results.json", CURVES_FILE,
+                "README.md", "alphabet.json", LM_DIR)
+CONFIG_MARK = "# xlsr-jax run config"  # the first line of the config.yaml a run writes
+REPORT_COLUMNS = ("split", "source", "path", "reason", "detail")  # data_report.tsv's header (data/report.py)
+DAMAGED = ".damaged"  # suffix of a checkpoint folder that failed to restore (orbax skips the name)
+# What a run writes under checkpoints/: `<step>`, orbax's `<step>.orbax-checkpoint-tmp-*` of an unfinished
+# save, and `<step>.damaged[-k]` set aside by checkpoint.py.
+_STEP_FOLDER = re.compile(r"\d+(\.orbax-checkpoint-tmp.*|" + re.escape(DAMAGED) + r"(-\d+)?)?")
 
 
 def as_path(path: str | os.PathLike) -> Path | epath.Path:
@@ -94,19 +112,43 @@ class RunDir:
         """Every path the run layout names (the properties of this class), present or not."""
         return [getattr(self, name) for name, value in vars(type(self)).items() if isinstance(value, property)]
 
-    def clear(self) -> list[str]:
-        """Delete the run's own files and folders (`layout`), leaving anything else in the folder;
-        returns the names deleted."""
+    def is_ours(self) -> bool:
+        """Whether xlsr-jax made this folder a run: it holds run_signature.json, or a config.yaml whose
+        first line is CONFIG_MARK."""
+        if self.signature.is_file():
+            return True
+        if not self.config.is_file():
+            return False
+        with self.config.open(encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\n") == CONFIG_MARK
+
+    def foreign_files(self) -> list[str]:
+        """The names of this layout that the folder holds without being a run (`is_ours`): files a run
+        here would overwrite or delete although xlsr-jax did not write them. A data_report.tsv of ours
+        (a start that stopped at its data, before any other file) does not count."""
+        if not self.path.is_dir() or self.is_ours():
+            return []
+        return [p.name for p in self.layout() if p.exists() and not (p == self.data_report and _our_report(p))]
+
+    def clear(self) -> tuple[list[str], list[str]]:
+        """Delete the run's own files: the paths `layout` names, but under checkpoints/ only step folders.
+        Returns (names deleted, names kept: everything else in the folder and in checkpoints/)."""
         deleted = []
         for path in self.layout():
-            if path.is_dir():
-                shutil.rmtree(path) if isinstance(path, Path) else path.rmtree()
+            if path == self.checkpoints and path.is_dir():
+                steps = [p for p in path.iterdir() if _STEP_FOLDER.fullmatch(p.name)]
+                for step in steps:
+                    _remove(step)
+                deleted += [f"{path.name}/{p.name}" for p in steps]
+                if not any(path.iterdir()):
+                    path.rmdir()
             elif path.exists():
-                path.unlink()
-            else:
-                continue
-            deleted.append(path.name)
-        return deleted
+                _remove(path)
+                deleted.append(path.name)
+        kept = [p.name for p in self.path.iterdir() if p != self.checkpoints] if self.path.is_dir() else []
+        if self.checkpoints.is_dir():
+            kept += [f"{self.checkpoints.name}/{p.name}" for p in self.checkpoints.iterdir()]
+        return deleted, sorted(kept)
 
     def is_run(self) -> bool:
         """A training run (config + checkpoints), as opposed to a Hugging Face model folder."""
@@ -120,6 +162,18 @@ class RunDir:
         """The newest line of metrics.jsonl with eval metrics, or {}."""
         evals = [r for r in self.read_metrics() if any(k.startswith("eval/") for k in r)]
         return evals[-1] if evals else {}
+
+
+def _remove(path: Path | epath.Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path) if isinstance(path, Path) else path.rmtree()
+    else:
+        path.unlink()
+
+
+def _our_report(path: Path | epath.Path) -> bool:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return f.readline().rstrip("\n") == "\t".join(REPORT_COLUMNS)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

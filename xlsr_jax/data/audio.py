@@ -10,6 +10,7 @@ import io
 import os
 import tempfile
 import warnings
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -73,6 +74,59 @@ def load_audio(path: str, sampling_rate: int = 16000, data: bytes | None = None)
     except Exception as err:  # noqa: BLE001 - any decoder failure becomes a named AudioError
         raise AudioError(f"{path}: cannot decode ({err or type(err).__name__})") from err
     return _checked(wav, path)
+
+
+def stream_audio(path: str, sampling_rate: int = 16000, block_frames: int = 1 << 18) -> Iterator[np.ndarray]:
+    """:func:`load_audio` of ``path`` in blocks of mono float32 ``[samples]`` at ``sampling_rate``, read
+    ``block_frames`` frames of the file at a time, so memory does not grow with the file's length.
+
+    The blocks concatenate to ``load_audio(path, sampling_rate)``: the file is read front to back (no
+    seeking), each block mixed to mono and fed to one soxr stream, which gives the samples of resampling
+    the whole file at once, bit for bit. One exception: libsndfile's mpg123 decoder gives mono MP3
+    samples within 1 float32 ulp (<= 2.4e-7) of a whole-file read once a read ends inside an MP3 frame.
+    What libsndfile does not read itself (m4a, webm, ...: audioread / ffmpeg decode whole), a file it
+    cannot open (load_audio then names the problem), and a rate to convert without soxr installed come
+    whole from load_audio, as one block. Raises AudioError naming the file, as load_audio does, also
+    when a read fails part way (after earlier blocks were yielded).
+    """
+    try:
+        import soxr
+    except ImportError:
+        soxr = None
+    if os.path.splitext(path)[1].lower() not in SOUNDFILE_EXTENSIONS:
+        yield load_audio(path, sampling_rate)
+        return
+    try:
+        f = sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        yield load_audio(path, sampling_rate)  # missing, empty or broken: load_audio says which
+        return
+    with f:
+        if f.samplerate != sampling_rate and soxr is None:
+            yield load_audio(path, sampling_rate)
+            return
+        stream = None if f.samplerate == sampling_rate else soxr.ResampleStream(
+            f.samplerate, sampling_rate, 1, dtype="float32", quality="soxr_hq")  # resample()'s setting
+        total = 0
+        try:
+            while True:
+                samples = f.read(block_frames, dtype="float32", always_2d=True)  # [frames, channels]
+                wav = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+                if stream is not None:  # at the end, an empty last block flushes the stream's tail
+                    wav = stream.resample_chunk(wav, last=not len(samples))
+                if not np.isfinite(wav).all():
+                    raise AudioError(f"{path}: cannot decode (non-finite samples)")
+                total += wav.size
+                if wav.size:
+                    yield np.ascontiguousarray(wav, dtype=np.float32)
+                if not len(samples):
+                    break
+        except AudioError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a decoder failure part way becomes a named AudioError
+            raise AudioError(f"{path}: cannot decode ({err or type(err).__name__})") from err
+    if total == 0:
+        raise AudioError(f"{path}: cannot decode (no samples)", "empty_audio")
 
 
 def _load_bytes(name: str, sampling_rate: int, data: bytes) -> np.ndarray:

@@ -116,6 +116,8 @@ def cache_key(examples: Sequence[Example], sampling_rate: int) -> str:
     h = hashlib.sha256(json.dumps(cache_settings(sampling_rate), sort_keys=True).encode())
     for ex in examples:
         try:
+            if ex.problem is not None:
+                raise OSError  # a path that is never touched, not even by stat
             st = os.stat(ex.path)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
@@ -124,9 +126,13 @@ def cache_key(examples: Sequence[Example], sampling_rate: int) -> str:
     return h.hexdigest()[:20]
 
 
-def decode_clip(path: str, sampling_rate: int, data: bytes | None = None) -> np.ndarray | tuple[str, str]:
+def decode_clip(path: str, sampling_rate: int, data: bytes | None = None,
+                problem: tuple[str, str] | None = None) -> np.ndarray | tuple[str, str]:
     """What the cache stores of one clip: int16 ``[samples]``, or (reason, message) when it is skipped.
-    ``data``: the file's bytes when already in memory (see :func:`audio.load_audio`)."""
+    ``data``: the file's bytes when already in memory (see :func:`audio.load_audio`); ``problem``: the
+    example's (:class:`Example`), which skips it unopened."""
+    if problem is not None:
+        return problem[0], f"{path}: {problem[1]}"
     try:
         wav = load_audio(path, sampling_rate) if data is None else load_audio(path, sampling_rate, data)
     except AudioError as err:
@@ -137,14 +143,16 @@ def decode_clip(path: str, sampling_rate: int, data: bytes | None = None) -> np.
     return np.round(np.clip(wav, -1.0, 1.0) * _SCALE).astype(np.int16)
 
 
-def _decode_chunk(paths: list[str], sampling_rate: int) -> list[np.ndarray | tuple[str, str]]:
-    """Worker: each path -> int16 ``[samples]``, or (reason, message)."""
-    return [decode_clip(path, sampling_rate) for path in paths]
+def _decode_chunk(clips: list[tuple[str, tuple[str, str] | None]],
+                  sampling_rate: int) -> list[np.ndarray | tuple[str, str]]:
+    """Worker: each (path, problem) -> int16 ``[samples]``, or (reason, message)."""
+    return [decode_clip(path, sampling_rate, problem=problem) for path, problem in clips]
 
 
-def _decoded_chunks(paths: list[str], sampling_rate: int, num_workers: int, chunk: int):
-    """Yield decoded chunks in order; in-process when ``num_workers <= 1``."""
-    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+def _decoded_chunks(clips: list[tuple[str, tuple[str, str] | None]], sampling_rate: int, num_workers: int,
+                    chunk: int):
+    """Yield decoded chunks of (path, problem) in order; in-process when ``num_workers <= 1``."""
+    chunks = [clips[i : i + chunk] for i in range(0, len(clips), chunk)]
     if num_workers <= 1:
         for c in chunks:
             yield _decode_chunk(c, sampling_rate)
@@ -201,14 +209,14 @@ def _decode_into(work: str, examples: Sequence[Example], done: list[dict], sampl
                  num_workers: int) -> list[dict]:
     """Decode the examples after those in ``done``, appending to ``work``; return all chunks."""
     start = sum(len(entry["lengths"]) for entry in done)
-    paths = [ex.path for ex in examples[start:]]
+    clips = [(ex.path, ex.problem) for ex in examples[start:]]
     # About four chunks per worker keeps them all busy to the end; in-process too, as the unit of resuming.
     chunk = max(1, min(_CHUNK, len(examples) // (4 * max(1, num_workers))))
     last_log = time.monotonic()
     # closing(): an exception here shuts the worker pool down now, not when the traceback is freed.
     with open(os.path.join(work, "audio.bin"), "ab") as audio, \
             open(os.path.join(work, "progress.jsonl"), "ab") as progress, \
-            contextlib.closing(_decoded_chunks(paths, sampling_rate, num_workers, chunk)) as decoded:
+            contextlib.closing(_decoded_chunks(clips, sampling_rate, num_workers, chunk)) as decoded:
         for results in decoded:
             entry = {"start": start, "lengths": [], "skipped": []}
             for k, res in enumerate(results):

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 from xlsr_jax.data.atomic import partial_folder
 from xlsr_jax.data.sources import TEXT_COLUMNS, Example
+from xlsr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _load_split(name: str, config: str | None, split: str, source: str):
         return datasets.load_dataset(name, config, split=split), None
     except (FileNotFoundError, ValueError, ConnectionError) as err:
         # datasets' own message says what is wrong (no such dataset, offline, no such config or split).
-        raise ValueError(f"{source}: cannot load hub dataset {name!r} (config {config!r}, split {split!r}): "
+        raise DataError(f"{source}: cannot load hub dataset {name!r} (config {config!r}, split {split!r}): "
                          f"{err}") from err
 
 
@@ -98,7 +99,7 @@ def _pick_split(loaded, split: str, source: str):
     if not hasattr(loaded, "keys"):
         return loaded
     if split not in loaded:
-        raise ValueError(f"{source}: no split {split!r}; splits found: {sorted(loaded.keys())}")
+        raise DataError(f"{source}: no split {split!r}; splits found: {sorted(loaded.keys())}")
     return loaded[split]
 
 
@@ -117,7 +118,7 @@ def stream_split(name: str, config: str | None, split: str, source: str):
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise ValueError(f"{source}: cannot stream hub dataset {name!r} (config {config!r}, split {split!r}): "
+        raise DataError(f"{source}: cannot stream hub dataset {name!r} (config {config!r}, split {split!r}): "
                          f"{err}") from err
     features = stream.features or {}
     for column, feature in features.items():
@@ -140,11 +141,11 @@ def _folder_name(name: str, config: str | None, split: str, fingerprint: str) ->
 def _pick(columns: Sequence[str], given: str | None, candidates: Sequence[str], what: str, source: str) -> str:
     if given is not None:
         if given not in columns:
-            raise ValueError(f"{source}: no {what} column {given!r}; columns found: {list(columns)}")
+            raise DataError(f"{source}: no {what} column {given!r}; columns found: {list(columns)}")
         return given
     found = next((c for c in candidates if c in columns), None)
     if found is None:
-        raise ValueError(f"{source}: no {what} column (looked for {list(candidates)}; name one with "
+        raise DataError(f"{source}: no {what} column (looked for {list(candidates)}; name one with "
                          f"?{what}=COLUMN); columns found: {list(columns)}")
     return found
 
@@ -201,14 +202,17 @@ def _rows(rows, audio: str, text: str, speaker: str | None, language: str | None
     for batch in rows.iter(batch_size=_ROWS_PER_READ):
         column = batch.column(audio).combine_chunks()
         n = len(column)
-        if pa.types.is_struct(column.type):
-            paths = pc.struct_field(column, "path").to_pylist()
-            has_bytes = pc.is_valid(pc.struct_field(column, "bytes")).to_pylist()
+        fields = {column.type.field(i).name for i in range(column.type.num_fields)} if pa.types.is_struct(
+            column.type) else set()
+        if fields & {"path", "bytes"}:  # an Audio feature; either field may be missing from a hand-made one
+            paths = pc.struct_field(column, "path").to_pylist() if "path" in fields else [None] * n
+            has_bytes = (pc.is_valid(pc.struct_field(column, "bytes")).to_pylist() if "bytes" in fields
+                         else [False] * n)
         elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             paths, has_bytes = column.to_pylist(), [False] * n
         else:
-            raise ValueError(f"{source}: audio column {audio!r} holds {column.type}; expected file paths or "
-                             "an Audio feature (bytes and path)")
+            raise DataError(f"{source}: audio column {audio!r} holds {column.type}; expected file paths or "
+                            "an Audio feature (bytes and path)")
         blobs = (pc.struct_field(column, "bytes") if writer is not None and any(has_bytes) else None)
         texts = batch.column(text).to_pylist()
         speakers = batch.column(speaker).to_pylist() if speaker else [None] * n

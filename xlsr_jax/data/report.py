@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from xlsr_jax.errors import UserError
+from xlsr_jax.rundir import REPORT_COLUMNS as COLUMNS
 from xlsr_jax.rundir import as_path, write_atomically
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # Reason word -> what it means (in the order counts are shown).
 REASONS = {
+    "bad_path": "the row's path leaves its corpus (a Common Voice row names a file inside clips/); never opened",
     "missing_file": "the audio file does not exist",
     "undecodable": "the audio file cannot be decoded (broken, or not audio)",
     "empty_audio": "a 0-byte audio file, or one without samples",
@@ -35,7 +37,6 @@ REASONS = {
     "out_of_vocabulary": "characters the vocabulary lacks (kept; they become [UNK])",
     "infeasible": "more labels than the audio has CTC frames",
 }
-COLUMNS = ("split", "source", "path", "reason", "detail")
 
 
 @dataclasses.dataclass(frozen=True)

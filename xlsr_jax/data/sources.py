@@ -24,9 +24,11 @@ import os
 import re
 import tarfile
 import urllib.parse
+import zlib
 from typing import Iterable, Sequence
 
 from xlsr_jax.data.atomic import partial_folder
+from xlsr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class Example:
     duration_s: float | None = None
     source: str = ""  # the spec it came from
     language: str = ""  # locale code (tr, de, zh-CN) when the source says it, for text normalisation
+    # (reason, detail) when the row names no clip that may be read (bad_path: a Common Voice row whose path
+    # leaves clips/): `path` is then the row's text as written, and nothing opens it; it is reported.
+    problem: tuple[str, str] | None = None
 
 
 def load_sources(specs: str | Sequence[str], **kw) -> list[Example]:
@@ -98,10 +103,10 @@ def split_options(spec: str) -> tuple[str, dict[str, str]]:
     valid = SOURCE_OPTIONS[scheme]
     for key, value in options.items():
         if key not in valid:
-            raise ValueError(f"{spec!r}: unknown option {key!r} for a {scheme}: source; valid options: "
+            raise DataError(f"{spec!r}: unknown option {key!r} for a {scheme}: source; valid options: "
                              f"{', '.join(valid)}")
         if not value:
-            raise ValueError(f"{spec!r}: option {key!r} has no value")
+            raise DataError(f"{spec!r}: option {key!r} has no value")
     source_weight(spec, options)  # checks the value
     return head, options
 
@@ -114,7 +119,7 @@ def source_weight(spec: str, options: dict[str, str] | None = None) -> float:
     except ValueError:
         weight = float("nan")
     if not weight > 0 or weight == float("inf"):
-        raise ValueError(f"{spec!r}: weight={value!r} must be a number > 0")
+        raise DataError(f"{spec!r}: weight={value!r} must be a number > 0")
     return weight
 
 
@@ -142,7 +147,7 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
                                    cache_dir=os.fspath(hub_cache_dir or default_cache("hf")),
                                    audio_column=options.get("audio"), text_column=options.get("text"))
     else:
-        raise ValueError(
+        raise DataError(
             f"{spec!r}: unknown data source scheme {scheme!r}; valid schemes: "
             "cv:PATH[:SPLITS], manifest:PATH, hf:NAME[:CONFIG][:SPLITS]"
         )
@@ -158,7 +163,7 @@ def split_hf_spec(rest: str) -> tuple[str, str | None, list[str]]:
         return rest, None, ["train"]
     name, *more = rest.split(":")
     if len(more) > 2 or not name:
-        raise ValueError(f"hf:{rest}: expected hf:NAME[:CONFIG][:SPLITS]")
+        raise DataError(f"hf:{rest}: expected hf:NAME[:CONFIG][:SPLITS]")
     config, splits = None, "train"
     if len(more) == 2:
         config, splits = more[0] or None, more[1] or "train"
@@ -167,7 +172,7 @@ def split_hf_spec(rest: str) -> tuple[str, str | None, list[str]]:
     elif more:
         config = more[0] or None
     if not _SPLITS_RE.match(splits):
-        raise ValueError(f"hf:{rest}: bad split names {splits!r}; join several with +")
+        raise DataError(f"hf:{rest}: bad split names {splits!r}; join several with +")
     return name, config, splits.split("+")
 
 
@@ -231,16 +236,21 @@ def _load_common_voice(
             # Very old releases list clips without their extension.
             if not os.path.splitext(name)[1]:
                 name += ".mp3"
-            examples.append(Example(
-                path=os.path.join(clips, name),
-                text=row["sentence"],
-                speaker=row.get("client_id", ""),
-                duration_s=durations.get(name),
-                source=source,
-                language=row.get("locale") or folder_locale,
-            ))
+            fields = dict(text=row["sentence"], speaker=row.get("client_id", ""), source=source,
+                          language=row.get("locale") or folder_locale)
+            if not _is_clip_name(name):
+                examples.append(Example(path=row["path"], **fields, problem=(
+                    "bad_path", f"{tsv}: the path {row['path']!r} is not a file name inside {clips}")))
+                continue
+            examples.append(Example(path=os.path.join(clips, name), duration_s=durations.get(name), **fields))
     log.info("%s: %d examples from %s (%s)", source, len(examples), root, "+".join(splits))
     return examples
+
+
+def _is_clip_name(name: str) -> bool:
+    """A Common Voice row names a file in clips/: a plain name, not a path (`../x`, `/etc/x`, `a/b`)."""
+    return (name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and not os.path.isabs(name) and not os.path.splitdrive(name)[0])
 
 
 def _has_tsv(folder: str) -> bool:
@@ -262,7 +272,7 @@ def find_cv_root(path: str, max_depth: int = 3) -> str:
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise ValueError(f"{path}: several Common Voice folders below it: {found}; name one")
+            raise DataError(f"{path}: several Common Voice folders below it: {found}; name one")
         level = [s for d in level for s in _subdirs(d)]
         if not level:
             break
@@ -286,7 +296,7 @@ def _pick_columns(header: Sequence[str], required: dict, optional: dict, where: 
     for key, names in {**required, **optional}.items():
         col = next((n for n in names if n in header), None)
         if col is None and key in required:
-            raise ValueError(
+            raise DataError(
                 f"{where}: no {key} column (looked for {list(names)}); columns found: {list(header)}"
             )
         if col is not None:
@@ -305,7 +315,7 @@ def _rows(reader: Iterable[list[str]], required: dict, optional: dict | None, pa
     reader = iter(reader)
     header = next(reader, None)
     if header is None:
-        raise ValueError(f"{path}: empty file, expected a header row")
+        raise DataError(f"{path}: empty file, expected a header row")
     optional = dict(optional or {})
     # Always carry client_id along for Common Voice speakers.
     optional.setdefault("client_id", ("client_id",))
@@ -343,7 +353,7 @@ def load_manifest(path: str, *, source: str = "", audio_column: str | None = Non
                       else csv.reader(f))
             rows = _rows(reader, required, optional, path)
     else:
-        raise ValueError(f"{path}: unknown manifest type; use .tsv, .csv or .jsonl")
+        raise DataError(f"{path}: unknown manifest type; use .tsv, .csv or .jsonl")
     base = os.path.dirname(os.path.abspath(path))
     examples = []
     for row in rows:
@@ -369,7 +379,7 @@ def _read_jsonl(path: str, required: dict, optional: dict) -> list[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err})") from None
+                raise DataError(f"{path}:{line_no}: invalid JSON ({err})") from None
             cols = _pick_columns(list(obj), required, optional, f"{path}:{line_no}")
             row = {key: obj[col] for key, col in cols.items()}
             if isinstance(row["path"], dict):
@@ -401,9 +411,9 @@ def _check_member(member: tarfile.TarInfo, archive: str) -> None:
     """Reject members that would land outside the extraction folder."""
     parts = member.name.replace("\\", "/").split("/")
     if member.name.startswith(("/", "\\")) or os.path.isabs(member.name) or ".." in parts:
-        raise ValueError(f"{archive}: unsafe member path {member.name!r}")
+        raise DataError(f"{archive}: unsafe member path {member.name!r}")
     if member.issym() or member.islnk():
-        raise ValueError(f"{archive}: links are not expected in a Common Voice archive "
+        raise DataError(f"{archive}: links are not expected in a Common Voice archive "
                          f"({member.name!r})")
 
 
@@ -427,6 +437,9 @@ def extract_archive(archive: str, *, cache_dir: str | os.PathLike | None = None)
                     if member.isfile() or member.isdir():
                         tar.extract(member, tmp, filter="data")
             os.rename(tmp, dest)
+        except (EOFError, tarfile.TarError, zlib.error) as err:  # a download cut short, or not a tar.gz
+            raise DataError(f"{archive}: cannot extract: truncated or corrupt ({type(err).__name__}: {err}); "
+                            "download it again") from None
         except OSError as err:
             if not os.path.isdir(dest):
                 raise OSError(f"{archive}: cannot extract ({err})") from err

@@ -11,6 +11,7 @@ that end up in two splits are counted and reported.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Callable, Sequence
 
@@ -19,6 +20,8 @@ import numpy as np
 from xlsr_jax.data.sources import Example
 from xlsr_jax.errors import UserError
 from xlsr_jax.text import TextNormalization
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 MANIFEST_COLUMNS = ("path", "sentence", "speaker", "duration_s", "locale")
@@ -142,7 +145,12 @@ def write_split(split: Split, out_dir: str) -> dict[str, str]:
 
 def make_split(examples: Sequence[Example], out_dir: str, *, dev: float, test: float, seed: int,
                normalization: TextNormalization) -> tuple[Split, dict[str, str]]:
-    """Split ``examples`` (sentences compared after ``normalization``) and write the three manifests."""
+    """Split ``examples`` (sentences compared after ``normalization``) and write the three manifests.
+    Rows that name no readable clip (`Example.problem`) are left out, with a warning."""
+    bad = [e for e in examples if e.problem is not None]
+    if bad:
+        log.warning("left out %d rows that name no readable clip, e.g. %s", len(bad), bad[0].problem[1])
+        examples = [e for e in examples if e.problem is None]
     split = speaker_disjoint_split(examples, dev=dev, test=test, seed=seed,
                                    sentence_key=lambda e: normalization(e.text, e.language))
     return split, write_split(split, out_dir)

@@ -71,7 +71,7 @@ class ClipMaker:
 
     def __call__(self, element: Element) -> tuple[Clip | None, BadClip | None]:
         ex = element.example
-        decoded = decode_clip(ex.path, self.sampling_rate, element.data)
+        decoded = decode_clip(ex.path, self.sampling_rate, element.data, ex.problem)
         if isinstance(decoded, tuple):
             reason, message = decoded
             return None, BadClip(self.split, ex.source, ex.path, reason, message.removeprefix(f"{ex.path}: "))

@@ -4,8 +4,12 @@ Face PyTorch folder that `Wav2Vec2ForCTC`, `Wav2Vec2Processor` and
 evaluation results and a model card. With torch installed the folder checks itself: the PyTorch model
 and the Flax model run on the same clips and must agree.
 
-A folder is written under a temporary name and renamed into place only when complete (and checked),
-so a failed export never leaves a half-written model where a good one was.
+A folder is written under a temporary name and moved into place only when complete (and checked),
+so a failed export never leaves a half-written model where a good one was. Into an existing folder, an
+export writes only the names in `EXPORT_FILES`: a folder it wrote before (it holds `xlsr_jax.json`) gets
+the new export's files and loses the earlier export's that the new one does not write; any other
+non-empty folder is refused unless forced, and then only the export's own names are replaced. Nothing
+else in the folder (a git clone's `.git`, a user's notes) is ever touched.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from xlsr_jax.errors import UserError
 from xlsr_jax.hub.verify import reference_clips, verify_folder
 from xlsr_jax.model import flax_to_pytorch, save_pytorch_weights
 from xlsr_jax.model.layout import unstack_layers
-from xlsr_jax.rundir import CURVES_FILE, EXPORT_INFO, RunDir, read_eval_results
+from xlsr_jax.rundir import CURVES_FILE, EXPORT_FILES, EXPORT_INFO, RunDir, read_eval_results
 from xlsr_jax.text import NORMALIZATION_FILE, PAD, UNK, WORD_DELIMITER, TextNormalization, Vocab
 
 logger = logging.getLogger(__name__)
@@ -83,20 +87,46 @@ def _save_torch_bin(params: Any, out_dir: Path) -> None:
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, out_dir / "pytorch_model.bin")
 
 
-def _replace_folder(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` to `out_dir`, replacing an earlier export there."""
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
+def _check_target(out_dir: Path, force: bool) -> bool:
+    """Whether `out_dir` is an earlier export (holds EXPORT_INFO); a UserError for a non-empty folder that
+    is not one, unless `force`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder")
+    ours = (out_dir / EXPORT_INFO).is_file()
+    if not ours and not force and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir}: not empty, and not a folder xlsr-jax exported to (no {EXPORT_INFO}): choose a "
+                        "new or empty folder, or add --force to write the export's files into it (only those "
+                        "names are replaced; nothing else there is touched)")
+    return ours
+
+
+def _install(tmp: Path, out_dir: Path, ours: bool) -> None:
+    """Move the finished, checked export `tmp` to `out_dir`: in one rename where `out_dir` is new, empty
+    or an earlier export holding nothing else; else name by name, only EXPORT_FILES (an earlier export's
+    names that this one does not write go where the folder is ours), leaving the rest as it is."""
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES) if out_dir.exists() else []
+    if not others and (ours or not out_dir.exists() or not any(out_dir.iterdir())):
+        _swap(tmp, out_dir)
+        return
+    for name in EXPORT_FILES:
+        new, old = tmp / name, out_dir / name
+        if new.exists():
+            _swap(new, old)
+        elif ours and (old.exists() or old.is_symlink()):
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    if others:
+        logger.info("%s: kept what export does not write: %s", out_dir, ", ".join(others))
+
+
+def _swap(new: Path, target: Path) -> None:
+    """`new` renamed to `target`, replacing what was there (a folder moved aside first, then deleted)."""
+    if target.is_dir() and not target.is_symlink():
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
         shutil.rmtree(old)
     else:
-        tmp.rename(out_dir)
-
-
-def _check_target(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
-        raise UserError(f"{out_dir}: exists and is not a model folder; choose an empty or new folder")
+        os.replace(new, target)  # a symlink at `target` is replaced itself, never written through
 
 
 def card_results(results: list[dict], step: int | None) -> list[dict]:
@@ -131,15 +161,17 @@ def finish_folder(tmp: Path, out_dir: Path, *, run: RunDir | None, config, step:
 def export_params(params: Any, config: Wav2Vec2Config, vocab: Vocab, out_dir: str | Path, *,
                   normalization: TextNormalization, run: RunDir | None, run_config=None, step: int | None,
                   torch_bin: bool = False, lm: dict | None = None, verify: bool | None = None,
-                  clips: list[np.ndarray] | None = None, info: dict | None = None) -> dict[str, Any]:
+                  clips: list[np.ndarray] | None = None, info: dict | None = None,
+                  force: bool = False) -> dict[str, Any]:
     """Write, card and (with torch) check a complete folder; move it to `out_dir` when it passed.
     `params`: host arrays, per-layer or stacked.
 
     `verify` None checks when torch is importable; True requires torch. `lm`: {"path", "alpha", "beta"}.
+    `force`: write into a non-empty folder that is no earlier export (see the module docstring).
     Returns {"out_dir", "results", "check"} (check: the verify report or None).
     """
     out_dir = Path(out_dir)
-    _check_target(out_dir)
+    ours = _check_target(out_dir, force)
     params = unstack_layers(params)  # a scanned run's stacked layers -> Hugging Face's per-layer names
     tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -158,7 +190,7 @@ def export_params(params: Any, config: Wav2Vec2Config, vocab: Vocab, out_dir: st
         if verify or (verify is None and _torch_available()):
             check = verify_folder(tmp, config, params, vocab, clips if clips is not None else
                                   reference_clips(run_config), lm=decoder)
-        _replace_folder(tmp, out_dir)
+        _install(tmp, out_dir, ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out_dir": str(out_dir), "results": results, "check": check}
@@ -173,7 +205,8 @@ def _torch_available() -> bool:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, best: bool = False,
-               torch_bin: bool = False, lm: dict | None = None, verify: bool | None = None) -> dict[str, Any]:
+               torch_bin: bool = False, lm: dict | None = None, verify: bool | None = None,
+               force: bool = False) -> dict[str, Any]:
     """`xlsr-jax export`: one kept checkpoint of a run (newest, `step`, or the best by eval metric)
     -> a complete, checked Hugging Face folder. Works whatever mesh saved it (restored onto one device)."""
     from xlsr_jax.infer.source import load_run
@@ -184,6 +217,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     selected = "best" if best else "step" if step is not None else "latest"
     out = export_params(host_params(loaded.params), loaded.model.config, loaded.vocab, out_dir,
                         normalization=loaded.normalization, run=loaded.run, run_config=loaded.config,
-                        step=loaded.step, torch_bin=torch_bin, lm=lm, verify=verify,
+                        step=loaded.step, torch_bin=torch_bin, lm=lm, verify=verify, force=force,
                         info={"run": str(Path(run_dir).absolute()), "selected": selected})
     return {**out, "step": loaded.step, "selected": selected}

@@ -1,18 +1,24 @@
 """Check an exported model folder, then push it to the Hugging Face Hub.
 
 `check_export` finds what would make the uploaded repo load wrongly or not at all, each problem
-naming its file. The token is huggingface_hub's business: passed through to `HfApi`, or found by it
-(HF_TOKEN, the login cache); this module never prints, logs or writes it.
+naming its file. Only the files an export writes go up, named one by one in the commit: a folder may
+hold other things (`.env`, notes, a git clone's `.git`) that must never leave the machine. The token is
+huggingface_hub's business: passed through to `HfApi`, or found by it (HF_TOKEN, the login cache); this
+module never prints, logs or writes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from xlsr_jax.errors import UserError
 from xlsr_jax.hub.card import NOT_EVALUATED, README
+from xlsr_jax.rundir import EXPORT_FILES, LM_DIR
 from xlsr_jax.text import PAD
 
 log = logging.getLogger(__name__)
@@ -21,6 +27,9 @@ REQUIRED_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "toke
                   "special_tokens_map.json", README)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HEAD = "lm_head.weight"  # PyTorch layout [vocab, hidden]
+# The files push sends: what an export writes (rundir.EXPORT_FILES); of LM_DIR, its files (pyctcdecode's
+# layout is flat: attrs.json, unigrams.txt, the kenlm model).
+UPLOAD_FILES = tuple(name for name in EXPORT_FILES if name != LM_DIR)
 
 
 def check_export(folder: str | Path) -> list[str]:
@@ -39,7 +48,7 @@ def check_export(folder: str | Path) -> list[str]:
         problems += _check_processor(folder, config)
     if (folder / README).is_file():
         problems += _check_card(folder / README)
-    if (folder / "language_model").is_dir() and not (folder / "alphabet.json").is_file():
+    if (folder / LM_DIR).is_dir() and not (folder / "alphabet.json").is_file():
         problems.append("alphabet.json: missing, but language_model/ exists (pyctcdecode's "
                         "load_from_dir needs both)")
     return problems
@@ -131,14 +140,50 @@ def _check_card(path: Path) -> list[str]:
     return []
 
 
-def list_files(folder: str | Path) -> list[tuple[str, int]]:
-    """(relative path, bytes) of what `upload_folder` would send, sorted by path."""
-    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """What a push sends, 'path (size)', and what it leaves in the folder, 'path (why)'; both sorted."""
 
+    files: list[str]
+    left_out: list[str]
+
+
+def plan_upload(folder: str | Path) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """(relative path, bytes) of the files a push sends; 'path (why)' of everything else in `folder`; and
+    the problems: export files that are symlinks.
+
+    Only UPLOAD_FILES and LM_DIR's files go, never a dotfile, never a symlink. Symlinks are not followed at
+    all, not even those resolving inside the folder: export writes none, the Hub stores none (the
+    target's bytes would go up under the link's name), and the one rule that cannot send a file from
+    outside the folder is to send only regular files found there.
+    """
     folder = Path(folder)
-    paths = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    kept = filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS)
-    return sorted((rel, (folder / rel).stat().st_size) for rel in kept)
+    sent: list[tuple[str, int]] = []
+    left_out: list[str] = []
+    problems: list[str] = []
+
+    def visit(path: Path, rel: str, wanted: bool) -> None:
+        is_dir = path.is_dir() and not path.is_symlink()
+        if path.name.startswith("."):
+            left_out.append(f"{rel}{'/' if is_dir else ''} (hidden)")
+        elif path.is_symlink():
+            left_out.append(f"{rel} (symlink to {os.readlink(path)}; push follows no symlinks)")
+            if wanted:
+                problems.append(f"{rel}: a symlink (to {os.readlink(path)}); push follows no symlinks, so put "
+                                "the file itself in the folder")
+        elif not wanted or not path.is_file():
+            left_out.append(f"{rel}{'/' if is_dir else ''} (not a file export writes)")
+        else:
+            sent.append((rel, path.stat().st_size))
+
+    for path in sorted(folder.iterdir()):
+        if path.name == LM_DIR and path.is_dir() and not path.is_symlink():
+            for inner in sorted(path.iterdir()):
+                visit(inner, f"{LM_DIR}/{inner.name}", wanted=not inner.is_dir() or inner.is_symlink())
+        else:
+            # A symlink named language_model counts as wanted: the push stops and says why.
+            visit(path, path.name, wanted=path.name in UPLOAD_FILES or (path.name == LM_DIR and path.is_symlink()))
+    return sent, left_out, problems
 
 
 def push_folder(
@@ -149,13 +194,14 @@ def push_folder(
     dry_run: bool = False,
     token: str | None = None,
     commit_message: str = "Upload wav2vec2 CTC model exported by xlsr-jax",
-) -> list[str]:
-    """Check `folder`, then create `repo_id` (if needed) and upload the folder as one commit.
+) -> Upload:
+    """Check `folder`, then create `repo_id` (if needed) and upload the export's files as one commit.
 
-    Returns 'path (size)' lines of the files sent, sorted; with `dry_run`, of the files that would be
-    sent, and nothing else happens. Raises UserError listing every problem `check_export` finds.
+    Returns the files sent and those left out (see `plan_upload`); with `dry_run`, the files that would
+    be sent, and nothing else happens. Raises UserError listing every problem found, or naming `repo_id`
+    when the Hub cannot be reached.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     folder = Path(folder)
@@ -164,20 +210,43 @@ def push_folder(
     except HFValidationError as err:
         raise UserError(f"{repo_id!r}: not a valid Hub repo id ({err})") from None
     problems = check_export(folder)
-    if problems:
-        raise UserError(f"{folder}: not ready to push:\n" + "\n".join(f"  - {p}" for p in problems))
-    listing = [f"{rel} ({_human_size(size)})" for rel, size in list_files(folder)]
+    sent, left_out, symlinked = plan_upload(folder) if folder.is_dir() else ([], [], [])
+    if problems or symlinked:
+        raise UserError(f"{folder}: not ready to push:\n" + "\n".join(f"  - {p}" for p in problems + symlinked))
+    upload = Upload([f"{rel} ({_human_size(size)})" for rel, size in sent], left_out)
+    left = f"; left out: {', '.join(left_out)}" if left_out else ""
     if dry_run:
-        log.info("dry run: %s is complete; %d files would go to %s", folder, len(listing), repo_id)
-        return listing
+        log.info("dry run: %s is complete; %d files would go to %s%s", folder, len(sent), repo_id, left)
+        return upload
+    # The commit names each file: nothing else in the folder can go up (upload_folder would walk it,
+    # following symlinks, and send whatever matched its patterns).
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel, _ in sent]
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    repo_id = getattr(url, "repo_id", None) or repo_id  # 'name' alone becomes 'user/name'
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             commit_message=commit_message)
-    log.info("uploaded %d files from %s to %s (%s)", len(listing), folder, repo_id,
-             getattr(info, "commit_url", None) or "no commit url")
-    return listing
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_id = getattr(url, "repo_id", None) or repo_id  # 'name' alone becomes 'user/name'
+        info = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                                 repo_type="model")
+    except _network_errors() as err:
+        raise UserError(f"{repo_id}: could not reach the Hugging Face Hub, nothing was committed "
+                        f"({type(err).__name__}: {err})") from None
+    log.info("uploaded %d files from %s to %s (%s)%s", len(sent), folder, repo_id,
+             getattr(info, "commit_url", None) or "no commit url", left)
+    return upload
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when the Hub cannot be reached: its HTTP client's transport errors
+    (httpx2 in huggingface_hub 2.x, httpx in 1.x: DNS, refused connection, timeout, proxy, dropped
+    connection; hf_api reads these as "cannot reach" itself), and ConnectionError / TimeoutError, of
+    which OfflineModeIsEnabled (HF_HUB_OFFLINE=1) is one."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
 
 
 def _human_size(size: int) -> str:

@@ -43,6 +43,8 @@ def reference_clips(config, count: int = 3, seconds: float = 3.0) -> list[np.nda
         logger.info("export check: cannot read %s (%s); using synthetic audio", specs, err)
         examples = []
     for example in examples:
+        if example.problem is not None:
+            continue
         try:
             clips.append(load_audio(example.path))
         except AudioError:

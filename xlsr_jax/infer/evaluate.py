@@ -174,7 +174,8 @@ def format_summary(result: dict[str, Any]) -> str:
     decoded = "greedy (argmax)" if decoder["type"] == "greedy" else (
         f"n-gram LM {decoder['lm']} (alpha {decoder['alpha']}, beta {decoder['beta']}, beam {decoder['beam_width']})")
     headline = result["headline"]
-    skipped = {r: report[r] for r in REASONS if r not in ("infeasible", "out_of_vocabulary")}  # those two are scored
+    # Those two are scored; a reason newer than the report counts none.
+    skipped = {r: report.get(r, 0) for r in REASONS if r not in ("infeasible", "out_of_vocabulary")}
     return "\n".join([
         f"evaluated {result['source']}{step} on {result['data']}",
         f"utterances: {result['num_utterances']} scored; {report['total'] - report['kept']} skipped "

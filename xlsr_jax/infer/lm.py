@@ -28,6 +28,7 @@ import numpy as np
 
 from xlsr_jax.errors import UserError
 from xlsr_jax.infer.ngram import read_unigrams
+from xlsr_jax.rundir import LM_DIR
 from xlsr_jax.text import UNK, Vocab
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ DEFAULT_BEAM_WIDTH = 100
 PROCESSOR_WITH_LM = "Wav2Vec2ProcessorWithLM"
 # pyctcdecode's saved layout: alphabet.json next to language_model/{attrs.json, unigrams.txt, <kenlm>}
 ALPHABET_FILE = "alphabet.json"
-LM_DIR = "language_model"
 KENLM_SUFFIXES = (".arpa", ".bin", ".binary")  # the only kenlm names pyctcdecode's loader accepts
 PYCTCDECODE_UNK = "⁇"
 

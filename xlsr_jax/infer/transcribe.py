@@ -10,18 +10,21 @@ Chunking and stitching follow transformers' ASR pipeline for CTC models (`chunk_
 - layer-norm models get an attention mask (their feature extractor returns one); group-norm models run
   without, so their short last chunk runs at its own length: padding would change its group norm.
 
+Files are read in blocks (`stream_audio`), and each chunk's samples kept only until its batch has run, so
+memory stays flat in a file's length: an hour's file needs no hour of samples in memory.
+
 Word times are the pipeline's `return_timestamps="word"`: frame * inputs_to_logits_ratio / sampling_rate,
 a word running from its first character's first frame to the end of its last character's last frame.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import functools
 import itertools
 import json
-import logging
 import math
 import os
 import sys
@@ -31,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlsr_jax.data.audio import AudioError, load_audio, normalize_waveform
+from xlsr_jax.data.audio import AudioError, normalize_waveform, stream_audio
 from xlsr_jax.model.wav2vec2 import feat_extract_output_lengths, receptive_field
 from xlsr_jax.text import PAD, WORD_DELIMITER, Vocab
 
 SAMPLING_RATE = 16000
-logger = logging.getLogger(__name__)
+# Frames of a file read at a time: 5.5 s at 48 kHz, 1 MB a channel; small against a batch of chunks.
+READ_BLOCK_FRAMES = 1 << 18
 
 # A decoded word in CTC frames: (word, start_frame, end_frame), end exclusive.
 FrameWord = tuple[str, int, int]
@@ -62,6 +66,15 @@ class Transcript:
     text: str
     words: list[Word]
     duration_s: float
+
+
+@dataclasses.dataclass(eq=False)
+class _File:
+    """A file being transcribed: each chunk's kept frames (None until its batch ran), its length once read."""
+
+    path: str
+    pieces: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    num_samples: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,20 +115,25 @@ def plan_chunks(num_samples: int, chunk: int, left: int, right: int, align_to: i
     The pipeline's `chunk.shape[0] > stride_left` test is left out: it never fails, since a chunk after
     the first follows one that was not last, so it has more than left + right samples.
     """
-    ratio = 1 / align_to  # the pipeline multiplies by this rather than dividing: same float rounding
     chunks = []
     for start in range(0, num_samples, chunk - left - right):
         is_last = start + chunk >= num_samples
-        size = min(chunk, num_samples - start)
-        stride_left = 0 if start == 0 else left
-        stride_right = 0 if is_last else right
-        frames = int(round(size * ratio))
-        keep_start = int(round(stride_left / size * frames))
-        keep_end = frames - int(round(stride_right / size * frames))
-        chunks.append(Chunk(start, start + size, keep_start, keep_end))
+        chunks.append(chunk_at(start, min(chunk, num_samples - start), is_last, left, right, align_to))
         if is_last:
             break
     return chunks
+
+
+def chunk_at(start: int, size: int, is_last: bool, left: int, right: int, align_to: int) -> Chunk:
+    """The chunk of `size` samples at `start` and its kept frames. Only the last chunk's size depends on
+    the file's length, so a file read front to back can be cut without knowing its length beforehand."""
+    ratio = 1 / align_to  # the pipeline multiplies by this rather than dividing: same float rounding
+    stride_left = 0 if start == 0 else left
+    stride_right = 0 if is_last else right
+    frames = int(round(size * ratio))
+    keep_start = int(round(stride_left / size * frames))
+    keep_end = frames - int(round(stride_right / size * frames))
+    return Chunk(start, start + size, keep_start, keep_end)
 
 
 # --- greedy CTC decoding with word offsets: Wav2Vec2CTCTokenizer.decode(..., output_word_offsets) ----
@@ -189,44 +207,85 @@ class Transcriber:
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
             raise ValueError(f"{path or 'audio'}: expected mono samples [samples], got shape {audio.shape}")
-        return self._transcribe_group([(path, audio)])[0]
+        plan = self.plan(audio.size)
+        return self._decode(path, audio.size, self._run_chunks([(audio[c.start:c.end], c) for c in plan]))
 
     def transcribe_files(self, paths: Iterable[str],
                          on_error: Callable[[str, Exception], None] | None = None) -> Iterator[Transcript]:
         """Transcripts of `paths` in order, batching chunks across files.
 
-        A file that cannot be decoded raises `AudioError` (its message names the file), or, with
-        `on_error`, is handed to `on_error(path, error)` and skipped.
+        Files are read in blocks and cut into chunks as they are read; the waiting chunks run as soon as
+        they fill a batch, so memory holds a batch of chunks, not a file. A file that cannot be decoded
+        (also part way through) raises `AudioError` (its message names the file), or, with `on_error`,
+        is handed to `on_error(path, error)` and skipped.
         """
-        group: list[tuple[str, np.ndarray]] = []
-        pending = 0
-        for path in paths:
+        files: collections.deque[_File] = collections.deque()  # read or being read, not yet yielded
+        waiting: list[tuple[_File, int, np.ndarray, Chunk]] = []  # (file, chunk index, samples, chunk)
+        for path in map(os.fspath, paths):
+            file = _File(path)
+            files.append(file)
             try:
-                audio = load_audio(os.fspath(path), SAMPLING_RATE)
+                for samples, c in self._read_chunks(file):
+                    waiting.append((file, len(file.pieces), samples, c))
+                    file.pieces.append(None)
+                    if len(waiting) >= self.batch_size:
+                        self._run_waiting(waiting)
+                        waiting = []
+                        yield from self._finished(files)
             except AudioError as err:
+                files.remove(file)
+                waiting = [w for w in waiting if w[0] is not file]
                 if on_error is None:
                     raise
-                on_error(os.fspath(path), err)
-                continue
-            group.append((os.fspath(path), audio))
-            pending += len(self.plan(audio.size))
-            if pending >= self.batch_size:  # enough chunks to fill a batch: run them
-                yield from self._transcribe_group(group)
-                group, pending = [], 0
-        if group:
-            yield from self._transcribe_group(group)
+                on_error(path, err)
+        if waiting:
+            self._run_waiting(waiting)
+        yield from self._finished(files)
 
-    def _transcribe_group(self, items: Sequence[tuple[str, np.ndarray]]) -> list[Transcript]:
-        plans = [self.plan(audio.size) for _, audio in items]
-        pieces = self._run_chunks([(audio, c) for (_, audio), plan in zip(items, plans) for c in plan])
-        transcripts, at = [], 0
-        for (path, audio), plan in zip(items, plans):
-            mine, at = pieces[at:at + len(plan)], at + len(plan)
-            transcripts.append(self._decode(path, audio.size, mine))
-        return transcripts
+    def _read_chunks(self, file: _File) -> Iterator[tuple[np.ndarray, Chunk]]:
+        """`plan`'s chunks of `file` as it is read, each with its samples float32 [chunk samples]; sets
+        `file.num_samples` at the end.
+
+        A window of the file holds the current chunk and one sample more (is there more after it? else it
+        is the last chunk); samples before the next chunk's start are let go.
+        """
+        blocks = stream_audio(file.path, SAMPLING_RATE, READ_BLOCK_FRAMES)
+        step = self.chunk - self.stride_left - self.stride_right
+        window, offset, more, start = np.zeros(0, np.float32), 0, True, 0  # window: samples [offset, ...)
+        while True:
+            parts, have = [window], offset + window.size
+            while more and have <= start + self.chunk:
+                block = next(blocks, None)
+                more = block is not None
+                if more:
+                    parts.append(block)
+                    have += block.size
+            window = np.concatenate(parts) if len(parts) > 1 else window
+            is_last = start + self.chunk >= have  # only at the end of the file: have is its length
+            size = min(self.chunk, have - start)
+            if size >= self._min_samples:
+                yield (window[start - offset:start - offset + size].copy(),
+                       chunk_at(start, size, is_last, self.stride_left, self.stride_right, self.align_to))
+            if is_last:
+                file.num_samples = have
+                return
+            start += step
+            window, offset = window[start - offset:], start
+
+    def _run_waiting(self, waiting: list[tuple[_File, int, np.ndarray, Chunk]]) -> None:
+        """Run the waiting chunks; each one's kept frames go to its file's place for it."""
+        for (file, index, _, _), kept in zip(waiting, self._run_chunks([(x, c) for _, _, x, c in waiting])):
+            file.pieces[index] = kept
+
+    def _finished(self, files: collections.deque[_File]) -> Iterator[Transcript]:
+        """Transcripts of the files at the front of `files` that are read and run, in order."""
+        while files and files[0].num_samples is not None and all(p is not None for p in files[0].pieces):
+            file = files.popleft()
+            yield self._decode(file.path, file.num_samples, file.pieces)
 
     def _run_chunks(self, work: list[tuple[np.ndarray, Chunk]]) -> list[np.ndarray]:
-        """Each chunk's kept frames: ids int32 [kept] or log-probs float32 [kept, vocab], in order."""
+        """work: (the chunk's samples float32 [end - start], chunk) -> each chunk's kept frames: ids int32
+        [kept] or log-probs float32 [kept, vocab], in order."""
         out: list[np.ndarray | None] = [None] * len(work)
         full = [i for i, (_, c) in enumerate(work) if self.masked or c.end - c.start == self.chunk]
         for at in range(0, len(full), self.batch_size):
@@ -238,15 +297,15 @@ class Transcriber:
             # Filler rows keep a full mask: an all-masked row would only invite NaNs into a discarded row.
             mask = np.ones((batch, self.chunk), np.int32)
             for row, i in enumerate(rows):
-                audio, c = work[i]
-                x[row, :c.end - c.start] = normalize_waveform(audio[c.start:c.end])
+                samples, c = work[i]
+                x[row, :c.end - c.start] = normalize_waveform(samples)
                 mask[row, c.end - c.start:] = 0
             result = self._device_run(x, mask if self.masked else None)
             for row, i in enumerate(rows):
                 out[i] = self._keep(result[row], work[i][1])
-        for i, (audio, c) in enumerate(work):
+        for i, (samples, c) in enumerate(work):
             if out[i] is None:  # a group-norm model's short chunk: its own length, no mask
-                x = normalize_waveform(audio[c.start:c.end])[None]
+                x = normalize_waveform(samples)[None]
                 out[i] = self._keep(self._device_run(x, None)[0], c)
         return out
 
@@ -319,13 +378,19 @@ def read_json(path: str | os.PathLike) -> list[Transcript]:
 # --- the `xlsr-jax transcribe` command ---------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class TranscribeResult:
+    written: int  # transcripts written
+    skipped: list[str]  # one 'path: cannot decode (why)' per file that could not be read, in order
+
+
 def run_transcribe(source: str, files: Sequence[str], *, step: int | None = None, best: bool = False,
                    out: str | None = None, chunk_length_s: float = 20.0, stride_length_s=None,
                    batch_size: int = 8, lm: str | None = None, alpha: float | None = None,
-                   beta: float | None = None, beam_width: int = 100, file: TextIO = sys.stdout) -> int:
+                   beta: float | None = None, beam_width: int = 100, file: TextIO = sys.stdout) -> TranscribeResult:
     """Transcribe `files` with `source` (run dir, model folder or hub id): `path<TAB>text` lines to
-    `file`, or a .tsv / .json (with word times) at `out`. Undecodable files are skipped, counted and
-    named; returns the number transcribed."""
+    `file`, or a .tsv / .json (with word times) at `out`. Files that cannot be read are skipped and
+    returned, each named with why; UserError when no file could be read."""
     from xlsr_jax.errors import UserError
     from xlsr_jax.infer.source import load_model
 
@@ -343,9 +408,6 @@ def run_transcribe(source: str, files: Sequence[str], *, step: int | None = None
     failed: list[str] = []
     transcripts = transcriber.transcribe_files(files, on_error=lambda path, err: failed.append(str(err)))
     count = writer(transcripts, out) if writer else write_text(transcripts, file)
-    if failed:
-        logger.warning("skipped %d of %d files that could not be decoded: %s", len(failed), len(files),
-                       "; ".join(failed[:3]))
     if not count:
-        raise UserError(f"no file could be transcribed: {'; '.join(failed[:3])}")
-    return count
+        raise UserError(f"no file could be transcribed: {'; '.join(failed)}")
+    return TranscribeResult(count, failed)

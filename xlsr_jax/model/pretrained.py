@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +35,8 @@ TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # Parameters a checkpoint may lack: a new CTC head, and the mask embedding of models saved without masking.
 _MAY_BE_MISSING = ("lm_head/", "wav2vec2/masked_spec_embed")
+# What can name a Hub repo (huggingface_hub's rule, in short): `name` or `owner/name`.
+_HUB_REPO_ID = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
@@ -43,6 +46,8 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise NotADirectoryError(f"{path}: expected a model folder (config.json + weights), got a file")
+    if not _HUB_REPO_ID.fullmatch(str(path_or_hub_id)):  # ./x, /data/m, ~/m, a/b/c: a local path, so say that
+        raise FileNotFoundError(f"{path_or_hub_id}: no such model folder (and not a Hub repo id: owner/name)")
     from huggingface_hub import snapshot_download
 
     try:

@@ -32,10 +32,11 @@ from xlsr_jax.infer.data import SAMPLING_RATE
 from xlsr_jax.infer.predict import predict
 from xlsr_jax.infer.step import jit_eval_step
 from xlsr_jax.plots import plot_training_curves
-from xlsr_jax.rundir import RunDir, write_atomically
+from xlsr_jax.rundir import CONFIG_MARK, RunDir, write_atomically
 from xlsr_jax.train.metrics import MetricsWriter
 from xlsr_jax.train.optim import check_consecutive_skips
-from xlsr_jax.train.resume import check_start, clear_output_dir, init_model, plan_start, start_state, write_signature
+from xlsr_jax.train.resume import (check_output_dir, check_start, clear_output_dir, init_model, plan_start,
+                                   start_state, write_signature)
 from xlsr_jax.train.setup import Data, build_data, build_model, build_state
 from xlsr_jax.train.signature import loader_plan_sha256, run_signature
 from xlsr_jax.train.step import jit_train_step
@@ -161,6 +162,7 @@ def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, f
     "run/already_finished" set instead of training again. `on_eval(step, eval metrics)` returning True
     ends the run after that evaluation, as `train.early_stopping_patience` does ("run/stopped_early").
     """
+    check_output_dir(config.train.output_dir)
     run = RunDir(config.train.output_dir)
     finished = None if config.train.overwrite_output_dir else read_finished(run, config)
     if finished is not None:
@@ -209,7 +211,7 @@ def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, f
     check_start(begin, run, signature)  # before any file of the run is rewritten
     run.path.mkdir(parents=True, exist_ok=True)
     if is_main:  # each written whole or not at all: a kill here must not spoil the next resume
-        write_atomically(run.config, lambda tmp: save_config(config, tmp))
+        write_atomically(run.config, lambda tmp: save_config(config, tmp, header=CONFIG_MARK))
         write_atomically(run.vocab, data.vocab.save)
         write_atomically(run.normalization, data.normalization.save)
         write_atomically(run.model_config, model.config.to_json_file)

@@ -5,10 +5,13 @@ The rule for an existing `train.output_dir`:
 - it holds checkpoints: the run resumes (the newest checkpoint that restores, or
   `checkpoint.resume_step`), with the vocabulary it trained with, after checking that vocabulary,
   model shape, global batch and data plan are unchanged (`run_signature.json`);
-- `train.overwrite_output_dir=true`: the old run's files (the paths `RunDir` names, nothing else) are
-  deleted and a fresh run starts;
+- `train.overwrite_output_dir=true`: the old run's files (the paths `RunDir` names, and under
+  checkpoints/ only step folders) are deleted and a fresh run starts; what else the folder holds stays
+  and is listed in the log;
 - no checkpoints: a fresh run; leftovers of a run that never saved (its vocab.json, metrics.jsonl)
   are replaced, never reused;
+- a fresh start (with or without overwrite) in a folder that is not a run (`RunDir.is_ours`) but holds
+  names a run writes (a config.yaml of the user's, say): an error, before any work; nothing is touched;
 - checkpoints but `checkpoint.resume=false` or `train.init_from`: an error, before any work.
 `train.init_from=RUN_DIR[:STEP]` starts at step 0 with a fresh optimizer from that run's parameters,
 its model config and its vocabulary.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,15 @@ def _init_source(config: Config) -> tuple[RunDir, int]:
     return source, steps[-1] if step is None else step
 
 
+def check_output_dir(output_dir: str) -> None:
+    """A run's folder is its own: not empty (the current folder), the root or the home folder. Checked
+    before anything reads or writes there."""
+    folder = os.path.abspath(output_dir) if output_dir.strip() else ""
+    if folder in ("", os.path.abspath(os.sep), os.path.expanduser("~")):
+        raise UserError(f"train.output_dir={output_dir!r}{f' ({folder})' if folder else ''}: name a folder of the "
+                        "run's own (runs/NAME), not the current folder, the root or your home folder")
+
+
 def plan_start(config: Config) -> Start:
     """How this run starts, by the rule in the module docstring; errors name the keys to change."""
     t, c = config.train, config.checkpoint
@@ -86,6 +99,12 @@ def plan_start(config: Config) -> Start:
     if c.resume_step is not None:
         raise UserError(f"checkpoint.resume_step={c.resume_step}: {run.checkpoints} holds no checkpoints"
                         f"{' (train.overwrite_output_dir is true)' if t.overwrite_output_dir else ''}")
+    foreign = run.foreign_files()
+    if foreign:
+        raise UserError(f"train.output_dir={t.output_dir} holds {', '.join(foreign)}, but is not an xlsr-jax run "
+                        "(no run_signature.json, no config.yaml written by xlsr-jax): a new run there would "
+                        f"{'delete' if t.overwrite_output_dir else 'overwrite'} them. Choose another "
+                        "train.output_dir, or move those files away.")
     if t.init_from:
         source, step = _init_source(config)
         return Start("init", step, source, clear=t.overwrite_output_dir)
@@ -107,9 +126,11 @@ def vocab_to_reuse(config: Config, output_dir: str | Path) -> Path | None:
 def clear_output_dir(run: RunDir, is_main: bool) -> None:
     """train.overwrite_output_dir: delete the old run's files (process 0; the others wait for it)."""
     if is_main:
-        deleted = run.clear() if run.path.exists() else []
+        deleted, kept = run.clear() if run.path.exists() else ([], [])
         if deleted:
             logger.warning("train.overwrite_output_dir: deleted %s from %s", ", ".join(deleted), run.path)
+        if kept:
+            logger.info("train.overwrite_output_dir: kept what is not the run's in %s: %s", run.path, ", ".join(kept))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
