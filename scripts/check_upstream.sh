@@ -25,7 +25,7 @@ trap 'exit 143' INT TERM  # so that the EXIT trap runs when stopped
 holds="$venv/holds.txt"
 echo "$torch_spec" > "$holds"
 if [ "$update" = 1 ]; then
-  grep -E '#[[:space:]]*hold:' constraints.txt | sed -E 's/[[:space:]]*#.*$//' >> "$holds" || true
+  grep -E '^[^#].*#[[:space:]]*hold:' constraints.txt | sed -E 's/[[:space:]]*#.*$//' >> "$holds" || true
 fi
 
 python3 -m venv "$venv"
@@ -68,7 +68,7 @@ import datetime, re, sys
 freeze, target, python = sys.argv[1:]
 held = {}
 for line in open(target, encoding="utf-8"):
-    if re.search(r"#\s*hold:", line):
+    if not line.startswith("#") and re.search(r"#\s*hold:", line):
         held[re.sub(r"[-_.]+", "-", line.split("==", 1)[0].strip()).lower()] = line.rstrip("\n")
 header = f"""\
 # The exact versions the whole test suite last passed with. README's two commands (and so CI) install with

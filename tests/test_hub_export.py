@@ -87,7 +87,7 @@ def test_export_refuses_a_folder_that_is_not_a_model(trained_run, tmp_path):
     _, run = trained_run
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a model folder"):
+    with pytest.raises(UserError, match="notes: not empty, and not a folder xlsr-jax exported to"):
         export_run(run, tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     with pytest.raises(UserError, match="not a training run"):
