@@ -23,7 +23,7 @@ python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9a-z_-]*|flax
 # BENCH_ARGS: extra flags for every run, e.g. to try this script on a CPU (~4 minutes on 2 busy cores):
 #   BENCH_ARGS="--layers 2 --batch 1 --seconds 1 --repeats 1 --compile-depths 1 2" bash scripts/bench_gpu.sh
 # BENCH_COMPILE=1 adds the 4 vs 24 layers compile report (~3 minutes: 24 unscanned layers compile for
-# over 95 s on an H200; measured 2026-11-27, see README).
+# over 95 s on an H200; measured 2026-11-27, see docs/benchmarks.md).
 status=0
 if [[ -n "${BENCH_EXPERIMENTS:-}" ]]; then
   # BENCH_EXPERIMENTS=1 runs only these jax-side A/Bs (32 x 5 s, no attention dropout; about 6 minutes on

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What xlsr_jax.host's malloc setting is worth to a jitted XLA:CPU step: page faults and time per call.
+"""What xlsr_jax.malloc's malloc setting is worth to a jitted XLA:CPU step: page faults and time per call.
 
     python scripts/bench_host.py               # 4096 x 4096 float32 (a 64 MiB result), 32 calls
     python scripts/bench_host.py --size 8192   # a 256 MiB result
@@ -9,7 +9,7 @@ a jitted `x * 2` whose result is freed before the next call, as a train step fre
 Prints, side by side, the median page faults per call (in blocks of the result's size) and the median
 milliseconds per call over the second half of the calls. The figures depend on timing (when XLA's
 threads free a buffer against when the next call allocates), so they are printed, never asserted; the
-deterministic check of the mechanism is tests/test_host.py.
+deterministic check of the mechanism is tests/test_malloc.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import resource, statistics, sys, time
-from xlsr_jax.host import retain_freed_memory
+from xlsr_jax.malloc import retain_freed_memory
 applied = retain_freed_memory()
 import jax, jax.numpy as jnp
 n, calls = int(sys.argv[1]), int(sys.argv[2])

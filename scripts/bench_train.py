@@ -13,7 +13,7 @@ After the first step (compile time), each side runs blocks of warm-up + timed st
 alternating jax, torch, torch, jax so a drift in load touches both; medians are reported, with the
 timed steps' 10th-90th percentile (the machine's step-to-step noise and, with layerdrop, the layers a
 step ran). Random weights and data: this measures speed, not learning. The process runs with the malloc
-setting `xlsr-jax` applies (xlsr_jax/host.py: freed memory kept for the next step), which PyTorch's CPU
+setting `xlsr-jax` applies (xlsr_jax/malloc.py: freed memory kept for the next step), which PyTorch's CPU
 side shares; `--system-malloc` keeps glibc's defaults for both.
 
 The last line printed is `jax/pytorch speed ratio: X.XX`: PyTorch's median step time over jax's (> 1:
@@ -46,12 +46,10 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Wav2Vec2Config  # noqa: E402
 
-from xlsr_jax.config import ModelConfig, OptimConfig, load_config  # noqa: E402
+from xlsr_jax.config import POS_CONV_IMPLS, REMAT_POLICIES, ModelConfig, OptimConfig, load_config  # noqa: E402
 from xlsr_jax.data.batch import LABEL_PAD  # noqa: E402
-from xlsr_jax.host import retain_freed_memory  # noqa: E402
+from xlsr_jax.malloc import retain_freed_memory  # noqa: E402
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, ctc_loss, feat_extract_output_lengths, num_params  # noqa: E402
-from xlsr_jax.model.encoder import REMAT_POLICIES  # noqa: E402
-from xlsr_jax.model.pos_conv import POS_CONV_IMPLS  # noqa: E402
 from xlsr_jax.train.optim import build_optimizer  # noqa: E402
 from xlsr_jax.train.state import create_state  # noqa: E402
 from xlsr_jax.train.step import train_step  # noqa: E402
@@ -649,7 +647,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-torch", action="store_true", help="jax only (machines without torch)")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's malloc defaults; by default the process (both sides) runs with the setting "
-                        "`xlsr-jax` applies, freed memory kept for reuse (xlsr_jax/host.py)")
+                        "`xlsr-jax` applies, freed memory kept for reuse (xlsr_jax/malloc.py)")
     p.add_argument("--compile-layers", action="store_true", help="also report compile time at 4 vs 24 layers")
     p.add_argument("--compile-only", action="store_true", help="only the 4 vs 24 layers compile report")
     p.add_argument("--compile-depths", type=int, nargs=2, default=(4, 24), metavar=("SHALLOW", "DEEP"),

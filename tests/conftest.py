@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
-# Four fake CPU devices for the mesh tests; must be set before jax is first imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Four fake CPU devices for the mesh tests; must be set before jax is first imported. The tests spend most
+# of their time compiling tiny programs, not running them: without LLVM's optimisation passes XLA:CPU
+# compiles them in about half the time (a 6-step tiny run: 355 -> 185 s on 2 busy cores), and matmuls and
+# convolutions still run in the same precompiled library kernels.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
 # glibc's malloc defaults for the test process, whichever test first calls `xlsr_jax.cli.main`: the
-# training-step setting (xlsr_jax/host.py) slowed the model test files 358 -> 420 s; tests/test_host.py
+# training-step setting (xlsr_jax/malloc.py) slowed the model test files 358 -> 420 s; tests/test_malloc.py
 # sets this variable itself where it tests the setting.
 os.environ.setdefault("XLSR_JAX_SYSTEM_MALLOC", "1")
 
-import jax  # noqa: E402
+# ---------------------------------------------------------------- a home folder of the test run's own
+# Nothing a test does lands in the user's home: what xlsr-jax and its libraries write under ~ (JAX's
+# compilation cache at train.compilation_cache's default ~/.cache/xlsr_jax/jax, the decoded-audio and
+# archive caches under ~/.cache/xlsr_jax, Hugging Face datasets' cache, matplotlib's font list) goes to a
+# temporary HOME made for this run, which subprocesses inherit and which is deleted when the run ends.
+# One compilation cache per run: the suite's time no longer depends on what an earlier run left behind.
+RUN_HOME = tempfile.mkdtemp(prefix="xlsr-jax-tests-")
+atexit.register(shutil.rmtree, RUN_HOME, ignore_errors=True)
+os.environ["HOME"] = RUN_HOME
+for _name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "HF_HOME", "HF_DATASETS_CACHE",
+              "HF_HUB_CACHE", "MPLCONFIGDIR", "TORCH_HOME"):  # each would lead out of RUN_HOME
+    os.environ.pop(_name, None)
+# JAX's persistent cache from this process's first compilation on (and in every subprocess): the folder a
+# run's default train.compilation_cache names, so the in-process and subprocess trainings share it.
+COMPILATION_CACHE = os.path.join(RUN_HOME, ".cache", "xlsr_jax", "jax")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+# The tests compare against float32 PyTorch. On GPUs JAX's default float32 matmul is TF32: an H100 gave
+# max |dlogits| 4.2e-4 by default and 2.3e-7 with "highest". A no-op on CPU. Set in the environment, so
+# that the trainings tests start as subprocesses compile the programs this process compiles (and load
+# them from the compilation cache).
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# The tests compare against float32 PyTorch. On GPUs JAX's default float32 matmul is TF32: an H100 gave
-# max |dlogits| 4.2e-4 by default and 2.3e-7 with "highest". A no-op on CPU.
-jax.config.update("jax_default_matmul_precision", "highest")
 
 # ---------------------------------------------------------------- data: tiny audio fixtures
 
@@ -128,9 +152,35 @@ def trained_run(cv_dir, tmp_path_factory):
     """(config, run directory) of a finished 6-step tiny run: evaluated on dev+test at steps 3 and 6,
     checkpoints kept by newest and best eval/wer. Read-only: copy it before changing it."""
     from _runs import tiny_run_config
-    from xlsr_jax.train.loop import train
+    from xlsr_jax.recipe import train
 
     out = tmp_path_factory.mktemp("trained")
     config = tiny_run_config(cv_dir, out, max_steps=6, eval_steps=3, save_steps=3)
     train(config)
     return config, out / "run"
+
+
+# Session fixtures that train. A test that uses one (directly or through another fixture, as forced_run
+# uses trained_run) may be the one that pays for the training, so it is `slow` like a test that trains.
+TRAINING_FIXTURES = frozenset({"trained_run"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+# ---------------------------------------------------------------- a run with known transcripts (tests/_forced.py)
+
+
+@pytest.fixture(scope="session")
+def forced_run(trained_run, tmp_path_factory):
+    """(config, run directory): `trained_run` with its checkpoints replaced by forced heads whose
+    transcripts and WERs are known (`_forced.SPELLINGS`): step 3 is the best, step 6 the newest.
+    Read-only: copy it before changing it."""
+    from _forced import make_forced_run
+
+    config, run = trained_run
+    return config, make_forced_run(run, tmp_path_factory.mktemp("forced") / "run")

@@ -104,6 +104,7 @@ def test_train_without_data_exits_2_and_leaves_no_folder(tmp_path, capsys, data,
     assert not run.exists()
 
 
+@pytest.mark.slow  # trains
 def test_train_command_on_a_new_common_voice_folder(cv_dir, tmp_path, capsys):
     overrides = [f"data.train=cv:{cv_dir}:train", f"data.eval=cv:{cv_dir}:dev",  # the only data settings
                  f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.per_device_batch_size=1",

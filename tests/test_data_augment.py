@@ -5,6 +5,7 @@ training batches resume exactly."""
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -155,15 +156,17 @@ def test_augmented_batches_resume_exactly(workers):
     assert_same_batch(next(loader.iter_epoch(0)), next(plain.iter_epoch(0)))
 
 
-def test_training_with_augmentation_resumes_bit_exactly(cv_dir, tmp_path):
+@pytest.mark.slow  # trains
+def test_training_with_augmentation_resumes_bit_exactly(cv_dir, tmp_path, caplog):
     """4 steps straight, and 2 + a resume for 2 more, with every augmentation on: the same parameters."""
     import shutil
 
     from safetensors.numpy import load_file
 
+    from _resumed import assert_resumed, tag_records
     from _runs import tiny_run_config
     from xlsr_jax.config import from_dict, to_dict
-    from xlsr_jax.train.loop import train
+    from xlsr_jax.recipe import train
 
     def config(out):
         c = to_dict(tiny_run_config(cv_dir, out, max_steps=4, eval_steps=100, save_steps=2))
@@ -178,7 +181,10 @@ def test_training_with_augmentation_resumes_bit_exactly(cv_dir, tmp_path):
     for name in ("checkpoints/4", "hf_model", "finished.json"):
         path = resumed / "run" / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    tagged = tag_records(resumed / "run")
+    caplog.set_level(logging.INFO)
     train(config(resumed))
+    assert assert_resumed(resumed / "run", 2, tagged, caplog.text) == [3, 4]
     first = load_file(str(straight / "run" / "hf_model" / "model.safetensors"))
     second = load_file(str(resumed / "run" / "hf_model" / "model.safetensors"))
     for key in first:

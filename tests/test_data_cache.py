@@ -119,7 +119,8 @@ def test_each_kind_of_bad_clip_gets_its_reason(tmp_path, audio_writer):
 
 
 # Loaded by every Python process started with its folder on PYTHONPATH, the decoding workers included: each
-# decode then takes 50 ms more and appends a byte to a marker file, slow enough to be stopped midway.
+# decode then takes 50 ms more and appends a byte to a marker file, slow enough to be stopped midway. With
+# $DECODE_GATE set, a decode also waits (up to 5 minutes) for that file to exist: a barrier the test opens.
 _SLOW_DECODE = """
 import os, time
 from xlsr_jax.data import cache
@@ -128,6 +129,9 @@ decode = cache.load_audio
 def slow(path, rate):
     with open(os.environ["SLOW_DECODE_MARKER"], "a") as f:
         f.write("x")
+    gate, deadline = os.environ.get("DECODE_GATE"), time.monotonic() + 300
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(0.05)
     return decode(path, rate)
 cache.load_audio = slow
@@ -159,6 +163,7 @@ def _slow_build(tmp_path, audio_writer, clips: int):
 
 
 # Chunks of 200 // (4 * workers) clips: 50 in-process, 25 with two decoding processes.
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("num_workers, chunk", [(0, 50), (2, 25)])
 def test_sigterm_mid_build_keeps_decoded_chunks_and_resumes(tmp_path, audio_writer, num_workers, chunk, monkeypatch):
     clips, folder, marker, env = _slow_build(tmp_path, audio_writer, 200)
@@ -249,16 +254,39 @@ def test_pcm_is_the_stored_int16(clips, tmp_path):
     np.testing.assert_array_equal(pcm.astype(np.float32) / 32767.0, view[0])
 
 
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    """Poll `condition()` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow  # subprocesses
 def test_concurrent_builds_decode_once(tmp_path, audio_writer):
+    """The first build holds the lock and stops at its first clip until the second has said it waits for
+    that lock: the two overlap by construction, not by timing."""
     clips, folder, marker, env = _slow_build(tmp_path, audio_writer, 20)
+    gate, second_log = tmp_path / "gate", tmp_path / "second.log"
+    env["DECODE_GATE"] = str(gate)
     args = [sys.executable, "-c", _BUILD, str(folder), "0", *clips]
     first = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (marker.exists() and marker.stat().st_size >= 2) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)  # waits for the first
-    assert first.wait(timeout=120) == 0 and second.returncode == 0, second.stderr
-    assert "another process is building" in second.stderr
+    second = None
+    try:
+        _wait_for(lambda: marker.exists() and marker.stat().st_size >= 1, "first decode (the lock is held)")
+        with second_log.open("w") as log:
+            second = subprocess.Popen(args, env=env, stderr=log)
+            _wait_for(lambda: "another process is building" in second_log.read_text()  # or what fails below:
+                      or second.poll() is not None or marker.stat().st_size > 1,  # it ended, or it decodes
+                      "second build waiting for the lock")
+            gate.touch()  # the first build goes on; the second wakes up when it is done
+            assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0, second_log.read_text()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "another process is building" in second_log.read_text()
     assert marker.stat().st_size == len(clips)  # every clip decoded once, by the first
     [name] = os.listdir(folder)  # the cache; no lock file, no build folder
     assert not name.endswith((".lock", ".building"))

@@ -16,7 +16,7 @@ from xlsr_jax.data.report import BadClip, read_report, report_bad_data, write_re
 from xlsr_jax.data.sources import Example
 from xlsr_jax.errors import UserError
 from xlsr_jax.rundir import RunDir
-from xlsr_jax.train.loop import train
+from xlsr_jax.recipe import train
 
 _SENTENCES = ("Merhaba dünya", "Bu çok güzel bir gün", "İstanbul'da ışık var", "Ağaç, dal ve yaprak!",
               "Nasılsın?", "Görüşürüz", "O dedi ki gel", "Kedi evde uyuyor")

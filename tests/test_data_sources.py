@@ -158,6 +158,7 @@ extract_archive(sys.argv[3], cache_dir=sys.argv[1])
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_sigterm_mid_extraction_leaves_no_partial_folder(tmp_path):
     (tmp_path / "tr" / "clips").mkdir(parents=True)
     (tmp_path / "tr" / "train.tsv").write_text("path\tsentence\n")

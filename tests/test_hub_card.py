@@ -109,6 +109,7 @@ def _python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("kind", ["greedy", "lm"])
 def test_usage_snippets_run_against_an_exported_folder(kind, exports, tmp_path):
     """The card's Python blocks, run in order as one script in a fresh interpreter (as a reader would,

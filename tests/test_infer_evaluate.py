@@ -13,6 +13,7 @@ import jiwer
 import numpy as np
 import pytest
 
+import _forced
 from xlsr_jax import parallel
 from xlsr_jax.config import MeshConfig
 from xlsr_jax.data import BatchLoader, Example, PreparedDataset
@@ -68,7 +69,7 @@ def test_predict_dispatches_the_next_batch_before_fetching_this_one(monkeypatch)
     """The precompiled eval step (one executable per bucket) and the jitted one give the same scores,
     and batch k+1 is on its way to the device before batch k's outputs are fetched."""
     from xlsr_jax.infer import predict as predict_module
-    from xlsr_jax.compile import StepToCompile, compile_steps
+    from xlsr_jax.aot import StepToCompile, compile_steps
 
     vocab = Vocab.build(REFERENCES)
     mesh = parallel.make_mesh(MeshConfig())
@@ -140,13 +141,19 @@ def test_evaluate_a_run_writes_predictions_and_results(run_copy, cv_dir):
     assert [(r["data"].rsplit(":", 1)[-1], r["step"]) for r in stored] == [("test", 6), ("dev", 3)]
 
 
-def test_evaluate_best_uses_the_best_checkpoint(run_copy, cv_dir):
-    config, run = run_copy
-    wer = {r["step"]: r["eval/wer"] for r in RunDir(run).read_metrics() if "eval/wer" in r}
-    assert sorted(wer) == [3, 6]
-    best = 3 if wer[3] < wer[6] else 6  # a tie goes to the newer checkpoint
+def test_evaluate_best_uses_the_best_checkpoint(forced_run, cv_dir, tmp_path):
+    """Forced checkpoints: step 3 (saved with eval/wer 0.75) spells "nasılsın", the newer step 6 (1.5)
+    "nasılsan merhaba"; on dev they score 2/3 and 4/3."""
+    config, original = forced_run
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
     result = evaluate(str(run), [f"cv:{cv_dir}:dev"], best=True, cache_dir=config.data.cache_dir)
-    assert result["step"] == best
+    assert result["step"] == 3
+    assert [r["hypothesis"] for r in _read_tsv(result["predictions"])] == ["nasılsın"] * 2
+    assert result["wer"] == pytest.approx(jiwer.wer(_forced.REFERENCES["dev"], ["nasılsın"] * 2), abs=1e-12)
+    newest = evaluate(str(run), [f"cv:{cv_dir}:dev"], cache_dir=config.data.cache_dir)  # what a wrong pick scores
+    assert newest["step"] == 6
+    assert (result["wer"], newest["wer"]) == pytest.approx((2 / 3, 4 / 3), abs=1e-12)  # counted by hand
     with pytest.raises(UserError, match="no checkpoint for step 5"):
         evaluate(str(run), [f"cv:{cv_dir}:dev"], step=5, cache_dir=config.data.cache_dir)
 

@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from _models import padded_batch, perturbed, quiet_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
-from xlsr_jax.model.common import keep_mask
+from xlsr_jax.model.kernels import keep_mask
 from xlsr_jax.model.encoder import Attention, dropout_attend, fused_attention, softmax_as
 
 
@@ -64,6 +64,7 @@ def test_scanned_layers_stack_and_convert_to_hugging_face_names():
     assert scanned.from_hf_layout(params)["wav2vec2"]["encoder"]["layers"].keys() == {"layer"}
 
 
+@pytest.mark.slow  # compiles the whole model's gradients
 def test_scan_equals_unrolled_logits_and_gradients(batch, report):
     config = quiet_config(num_hidden_layers=3)
     unrolled, scanned = FlaxWav2Vec2ForCTC(config), FlaxWav2Vec2ForCTC(config, scan_layers=True)
@@ -77,6 +78,7 @@ def test_scan_equals_unrolled_logits_and_gradients(batch, report):
                         rtol=1e-4)
 
 
+@pytest.mark.slow  # compiles the whole model in training mode
 def test_layerdrop_under_scan(batch):
     x, mask = batch
     everything = FlaxWav2Vec2ForCTC(quiet_config(num_hidden_layers=3, layerdrop=1.0), scan_layers=True)
@@ -93,6 +95,7 @@ def test_layerdrop_under_scan(batch):
     assert len(outputs) >= 4
 
 
+@pytest.mark.slow  # compiles the whole model's gradients
 @pytest.mark.parametrize("scan", [False, True])
 def test_fused_attention_equals_plain(scan, batch, report):
     config = quiet_config()
@@ -190,6 +193,7 @@ def _logits_sum(model, params, x, mask):
                        rngs={"dropout": jax.random.key(0)}).sum()
 
 
+@pytest.mark.slow  # compiles the whole model's gradients
 @pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policy_recomputes_and_keeps_gradients(policy, scan, batch):

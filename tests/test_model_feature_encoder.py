@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from _models import tiny_config
-from xlsr_jax.model.common import gelu
+from xlsr_jax.model.kernels import gelu
 from xlsr_jax.model.feature_encoder import LAYER_NORM_EPS, FeatureEncoder, bias_layer_norm_gelu
 
 

@@ -345,6 +345,7 @@ def bomb_probes(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     return {name: (paths[name], probe) for name, probe in zip(paths, json.loads(run.stdout))}
 
 
+@pytest.mark.slow  # a subprocess (bomb_probes)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak memory")
 @pytest.mark.parametrize("bomb", list(_BOMBS))
 def test_bomb_is_refused_in_little_time_and_memory(bomb, bomb_probes):

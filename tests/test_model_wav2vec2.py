@@ -74,6 +74,7 @@ def _apply(model, params, x, mask, deterministic, seed=0, mutable=False):
                        rngs={"dropout": jax.random.key(seed)}, mutable=["intermediates"] if mutable else False)
 
 
+@pytest.mark.slow  # compiles the whole model in training mode
 def test_train_mode_without_noise_equals_eval():
     model = FlaxWav2Vec2ForCTC(quiet_config())
     params = model.init_params(jax.random.key(0))
@@ -81,6 +82,7 @@ def test_train_mode_without_noise_equals_eval():
     np.testing.assert_array_equal(_apply(model, params, x, mask, False), _apply(model, params, x, mask, True))
 
 
+@pytest.mark.slow  # compiles the whole model in training mode
 @pytest.mark.parametrize("knob", [
     "hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
     "layerdrop", "mask_time_prob", "mask_feature_prob",
@@ -100,6 +102,7 @@ def test_each_noise_source_applies_in_train_mode(knob, scan):
     np.testing.assert_array_equal(_apply(model, params, x, mask, True, seed=7), evaluated)
 
 
+@pytest.mark.slow  # compiles the whole model in training mode
 def test_layerdrop_one_skips_every_layer():
     config = quiet_config(layerdrop=1.0)
     model = FlaxWav2Vec2ForCTC(config)
@@ -112,6 +115,7 @@ def test_layerdrop_one_skips_every_layer():
                                _apply(no_layers, params_no_layers, x, mask, True), atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the whole model in training mode
 def test_time_mask_frames_equal_masked_spec_embed_and_stay_in_valid_frames():
     config = quiet_config(mask_time_prob=0.5, mask_time_length=3, mask_time_min_masks=2)
     model = FlaxWav2Vec2ForCTC(config)
@@ -129,6 +133,7 @@ def test_time_mask_frames_equal_masked_spec_embed_and_stay_in_valid_frames():
     assert not np.isclose(hidden[~time_mask], embed).all(axis=-1).any()
 
 
+@pytest.mark.slow  # compiles the whole model in training mode
 def test_feature_mask_zeroes_whole_channels():
     model = FlaxWav2Vec2ForCTC(quiet_config(mask_feature_prob=0.5, mask_feature_length=4))
     params = model.init_params(jax.random.key(0))
@@ -142,6 +147,7 @@ def test_feature_mask_zeroes_whole_channels():
     assert (hidden.transpose(0, 2, 1)[~feature_mask] != 0).any(axis=-1).all()
 
 
+@pytest.mark.slow  # compiles the whole model in training mode
 def test_clip_shorter_than_a_mask_span_trains_without_mask():
     config = quiet_config(mask_time_prob=0.9, mask_time_length=10, mask_time_min_masks=2)
     model = FlaxWav2Vec2ForCTC(config)
@@ -161,6 +167,7 @@ def _grads(model, params, x, mask):
     return jax.jit(jax.grad(loss))(params)
 
 
+@pytest.mark.slow  # compiles the whole model's gradients
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_gives_same_logits_and_grads(scan):
     config = tiny_config(layerdrop=0.3, mask_time_prob=0.3, mask_time_length=2)
@@ -178,6 +185,7 @@ def test_remat_gives_same_logits_and_grads(scan):
                  _grads(remat, params, x, mask), _grads(plain, params, x, mask))
 
 
+@pytest.mark.slow  # compiles the whole model's gradients
 def test_frozen_feature_encoder_gets_no_gradient():
     config = quiet_config()
     params = FlaxWav2Vec2ForCTC(config).init_params(jax.random.key(0))
@@ -189,6 +197,7 @@ def test_frozen_feature_encoder_gets_no_gradient():
     jax.tree.map(np.testing.assert_array_equal, frozen["lm_head"], free["lm_head"])
 
 
+@pytest.mark.slow  # compiles the whole model in two precisions
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(report):
     config = quiet_config()
     params = FlaxWav2Vec2ForCTC(config).init_params(jax.random.key(0))

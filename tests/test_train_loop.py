@@ -15,9 +15,11 @@ import torch
 from safetensors.numpy import load_file
 
 from _compiles import compile_events
+from _resumed import assert_resumed, tag_records
 from _runs import tiny_run_config
 from xlsr_jax.config import load_config
-from xlsr_jax.train.loop import _Loop, _Progress, train
+from xlsr_jax.recipe import train
+from xlsr_jax.train.loop import _Loop, _Progress
 
 
 def _records(run_dir):
@@ -60,6 +62,7 @@ def finished_run(cv_dir, tmp_path_factory, loop_record):
     return config, out / "run", result
 
 
+@pytest.mark.slow  # trains (finished_run)
 def test_run_writes_logs_config_vocab_and_checkpoints(finished_run):
     config, run, result = finished_run
     records = _records(run)
@@ -77,6 +80,7 @@ def test_run_writes_logs_config_vocab_and_checkpoints(finished_run):
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
+@pytest.mark.slow  # trains (finished_run)
 def test_every_shape_compiled_before_the_first_step_and_nothing_during_the_run(finished_run, loop_record):
     _, _, result = finished_run
     assert loop_record["compiled"] == loop_record["announced"], "every train and eval bucket shape, ahead of time"
@@ -129,6 +133,7 @@ def test_dispatch_stays_at_most_two_steps_ahead_without_waiting_every_step():
     assert waited == [1, 2, 3] and bar.n == 7 and not progress.pending
 
 
+@pytest.mark.slow  # trains (finished_run)
 def test_exported_folder_loads_in_pytorch_with_equal_logits(finished_run, cv_dir):
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
@@ -148,13 +153,17 @@ def test_exported_folder_loads_in_pytorch_with_equal_logits(finished_run, cv_dir
     assert processor.tokenizer.pad_token_id == reference.config.pad_token_id == reference.config.vocab_size - 1
 
 
-def test_resume_continues_exactly(finished_run, cv_dir, tmp_path):
+@pytest.mark.slow  # trains
+def test_resume_continues_exactly(finished_run, cv_dir, tmp_path, caplog):
     config, run, _ = finished_run
     resumed = tmp_path / "run"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
     shutil.rmtree(resumed / "hf_model")
+    tagged = tag_records(resumed)
+    caplog.set_level(logging.INFO)
     train(tiny_run_config(cv_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2))
+    assert assert_resumed(resumed, 2, tagged, caplog.text) == [3, 4, 4], "steps 3-4 trained again, 4 evaluated"
     steps = [r["step"] for r in _records(resumed) if "train/loss" in r]
     assert steps == [1, 2, 3, 4], "resumed after the step-2 checkpoint, the first run's steps 3-4 replaced"
     first = load_file(str(run / "hf_model" / "model.safetensors"))
@@ -164,6 +173,7 @@ def test_resume_continues_exactly(finished_run, cv_dir, tmp_path):
         np.testing.assert_array_equal(second[key], first[key], err_msg=key)
 
 
+@pytest.mark.slow  # trains
 def test_sigterm_saves_a_checkpoint_and_stops_without_evaluating(cv_dir, tmp_path):
     """Evaluating every step: the step a SIGTERM stops at is saved but not evaluated (a preempted machine's
     grace period is for the checkpoint). Bounded: a lost signal ends the run at step 60 and fails."""
@@ -195,6 +205,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_without_evaluating(cv_dir, tmp_pat
     assert not (run / "hf_model").exists(), "a preempted run is not finished: nothing is exported"
 
 
+@pytest.mark.slow  # trains
 def test_token_budget_trains_each_bucket_with_its_own_batch_size(cv_maker, tmp_path, caplog):
     """train.per_device_audio_seconds=1.4 over 4 devices x 2 accumulation steps: the 0.68 s bucket
     gets 2 clips per device (a batch of 16), the 1.26 s bucket 1 (a batch of 8); both shapes train."""

@@ -42,6 +42,7 @@ def test_compiled_bytes_reads_xla_memory_analysis():
     assert compiled_bytes(compiled) == 4096 + m.temp_size_in_bytes + m.generated_code_size_in_bytes
 
 
+@pytest.mark.slow  # compiles the train step of every bucket
 def test_plan_of_a_tiny_run_compiles_each_bucket(cv_dir, tmp_path):
     """One compile per bucket (max_batch=1): XLA's memory of the real train step, longer clips needing more."""
     config = tiny_run_config(cv_dir, tmp_path)

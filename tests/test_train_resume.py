@@ -21,14 +21,15 @@ from safetensors.numpy import load_file
 
 from _runs import TINY_ARCH, tiny_run_config
 from test_checkpoint import _damage
-from xlsr_jax.checkpoint import Checkpointer
+from xlsr_jax.checkpoint import Checkpointer, kept_steps
 from xlsr_jax.config import from_dict, save_config, to_dict
 from xlsr_jax.errors import UserError
 from xlsr_jax.rundir import RunDir
 from xlsr_jax.text import Vocab
-from xlsr_jax.train.loop import train
+from xlsr_jax.recipe import train
 from xlsr_jax.train.resume import clear_output_dir, plan_start, write_signature
-from xlsr_jax.train.setup import build_data, model_config, resolve_vocab
+from xlsr_jax.model.hf_config import model_config
+from xlsr_jax.train.setup import build_data, resolve_vocab
 from xlsr_jax.train.signature import RESUME_KEYS, differences, run_signature
 
 
@@ -178,7 +179,7 @@ def test_a_tilde_output_dir_is_the_home_folder(cv_dir, tmp_path, monkeypatch):
 def test_init_from_another_run_starts_at_step_0_with_its_parameters(trained_run, tmp_path):
     from xlsr_jax import parallel
     from xlsr_jax.config import MeshConfig
-    from xlsr_jax.infer.source import load_run
+    from xlsr_jax.infer.load import load_run
     from xlsr_jax.train.resume import check_start, init_model, start_state
     from xlsr_jax.train.setup import build_state
 
@@ -211,37 +212,70 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def _train_process(config_file: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+# Loaded at start-up by a training process with its folder on PYTHONPATH. $XLSR_TEST_HOLD_SAVE="STEP:MARKER":
+# the first checkpoint of STEP or later that orbax has written into its temporary folder is held there,
+# before the rename that completes it; MARKER names it, and the process waits to be killed. It patches
+# orbax 0.12's private AtomicRenameTemporaryPath.finalize: should orbax move it, nothing is held and the
+# test fails ("never saw a checkpoint being written"), it does not pass by luck.
+_HOLD_SAVE = """
+import os, time
+
+step, marker = os.environ["XLSR_TEST_HOLD_SAVE"].split(":", 1)
+from orbax.checkpoint._src.path import atomicity
+
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def held(self, *args, **kwargs):
+    name = os.path.basename(str(self._final_path))
+    if name.isdigit() and int(name) >= int(step):
+        with open(marker + ".tmp", "w") as f:
+            f.write(name)
+        os.replace(marker + ".tmp", marker)
+        time.sleep(3600)
+    return await finalize(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = held
+"""
+
+
+def _train_process(config_file: Path, log: Path, hold: str | None = None) -> subprocess.Popen:
+    """`xlsr-jax train` in a process of its own; `hold`: "STEP:MARKER" (see `_HOLD_SAVE`)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS, HOME and its compilation cache: conftest's
+    if hold:
+        site = config_file.parent / "site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(_HOLD_SAVE)
+        env.update(PYTHONPATH=str(site), XLSR_TEST_HOLD_SAVE=hold)
     return subprocess.Popen([sys.executable, "-m", "xlsr_jax.cli", "train", "--config", str(config_file)],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
 
 
-def _kill_when(process: subprocess.Popen, ready, timeout: float = 240.0) -> bool:
-    """SIGKILL `process` as soon as `ready()` holds (polled every millisecond); False if it ended first."""
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 300.0) -> bool:
+    """SIGKILL `process` once `ready()` holds (polled every 20 ms); False if it ended or `timeout` passed
+    first."""
     deadline = time.monotonic() + timeout
     while process.poll() is None and time.monotonic() < deadline:
         if ready():
             process.send_signal(signal.SIGKILL)
             process.wait()
             return True
-        time.sleep(0.001)
+        time.sleep(0.02)
     process.kill()
     process.wait()
     return False
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four trainings in subprocesses
 def test_sigkill_anywhere_and_a_damaged_checkpoint_still_give_the_uninterrupted_weights(cv_dir, tmp_path):
-    """8 steps, a checkpoint every step. Killed once while a checkpoint is being written (orbax's
-    temporary folder exists), once a random moment after a step, then the newest checkpoint is truncated:
-    the reruns of the same command end with the uninterrupted run's parameters, bit for bit."""
+    """8 steps, a checkpoint every step. Killed once a random moment after step 2's checkpoint (at the
+    latest while step 6's is held unfinished), once while a checkpoint is being written (held in orbax's
+    temporary folder), then the newest checkpoint is truncated: the reruns of the same command restore
+    the one before it and end with the uninterrupted run's parameters, bit for bit."""
     rng = np.random.default_rng(0)
-    cache = tmp_path / "jax_cache"  # the reruns load their compiled steps instead of compiling again
 
-    def config_file(name: str) -> Path:
-        config = tiny_run_config(cv_dir, tmp_path / name, max_steps=8, save_steps=1, eval_steps=100,
-                                 compilation_cache=str(cache))
+    def config_file(name: str) -> Path:  # the runs load their compiled steps from the test run's cache (conftest)
+        config = tiny_run_config(cv_dir, tmp_path / name, max_steps=8, save_steps=1, eval_steps=100)
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, eval=()),
                                      checkpoint=dataclasses.replace(config.checkpoint, best_metric=None))
         path = tmp_path / f"{name}.yaml"
@@ -253,21 +287,27 @@ def test_sigkill_anywhere_and_a_damaged_checkpoint_still_give_the_uninterrupted_
     killed_config, run, log = config_file("killed"), tmp_path / "killed" / "run", tmp_path / "killed.log"
     checkpoints = run / "checkpoints"
 
-    def logged(step: int) -> bool:  # metrics.jsonl has a record of `step` or later
-        lines = run.joinpath("metrics.jsonl").read_text().splitlines() if run.joinpath("metrics.jsonl").exists() else []
-        return any(json.loads(line)["step"] >= step for line in lines if line.endswith("}"))
-
     def temporary() -> set[str]:  # orbax's temporary folders: a checkpoint being written (or left by a kill)
         return {p.name for p in os.scandir(checkpoints) if ".orbax-checkpoint-tmp" in p.name} \
             if checkpoints.is_dir() else set()
 
-    delay = rng.uniform(0.0, 1.0)  # a random moment once step 2 has run: mid-step, mid-save or between
-    assert _kill_when(_train_process(killed_config, log), lambda: logged(2) and time.sleep(delay) is None)
-    left = temporary()  # by the first kill, if it struck mid-save: the rerun deletes it
-    assert _kill_when(_train_process(killed_config, log), lambda: bool(temporary() - left)), \
+    # A random moment once checkpoint 2 is complete (so two complete ones stay: save_total_limit is 2):
+    # mid-step, mid-save or between; the run holds step 6's save, so the kill always comes before the end.
+    delay, held = rng.uniform(0.0, 1.0), tmp_path / "held"
+    since: list[float] = []
+
+    def random_moment() -> bool:
+        if not since and max(kept_steps(checkpoints), default=0) >= 2:
+            since.append(time.monotonic())
+        return held.exists() or bool(since) and time.monotonic() - since[0] >= delay
+
+    assert _kill_when(_train_process(killed_config, log, hold=f"6:{held}"), random_moment)
+    held.unlink(missing_ok=True)  # what the first kill left mid-save, if anything, the rerun deletes
+    assert _kill_when(_train_process(killed_config, log, hold=f"0:{held}"), held.exists), \
         "never saw a checkpoint being written"
+    assert temporary() == {f"{held.read_text()}.orbax-checkpoint-tmp"}, "killed while it was written"
     steps = sorted(int(p.name) for p in os.scandir(checkpoints) if p.name.isdigit())
-    assert steps and steps[-1] < 8, f"killed too late to test anything: checkpoints {steps}"
+    assert len(steps) == 2 and steps[-1] < 8, f"checkpoints {steps}"
     newest = checkpoints / str(steps[-1])
     _damage(newest)  # a truncated array file
     log.write_text("")
@@ -275,6 +315,7 @@ def test_sigkill_anywhere_and_a_damaged_checkpoint_still_give_the_uninterrupted_
 
     text = log.read_text()
     assert f"{newest}: damaged, moved aside to {newest}.damaged" in text, text[-3000:]
+    assert f"restoring checkpoint {checkpoints}/{steps[-2]}" in text, "resumed from the checkpoint before it"
     assert (checkpoints / f"{steps[-1]}.damaged").is_dir() and not temporary()
     records = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records == list(range(1, 9)), "every step once: the records after each resume point were dropped"

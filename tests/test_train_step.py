@@ -68,6 +68,7 @@ def reference():
     return config, batches, _run(config, MeshConfig(data=1), jax.devices()[:1], batches)
 
 
+@pytest.mark.slow  # train steps on four meshes
 @pytest.mark.parametrize("mesh_config", [MeshConfig(data=4, fsdp=1), MeshConfig(data=1, fsdp=4),
                                          MeshConfig(data=2, fsdp=2)], ids=["dp4", "fsdp4", "dp2xfsdp2"])
 def test_sharded_steps_equal_one_device(reference, mesh_config, report):
@@ -104,6 +105,7 @@ def test_gradient_accumulation_equals_one_big_batch():
                  update(accumulated[1]), update(one[1]))
 
 
+@pytest.mark.slow  # three train steps
 def test_non_finite_batch_is_skipped_and_counted():
     """A skipped step changes neither the parameters nor the AdamW moments, but uses up its batch and
     its learning rate: the next step runs at the schedule's next rate, as the loader's next batch."""
@@ -130,6 +132,7 @@ def test_non_finite_batch_is_skipped_and_counted():
     assert counts == {2}, "AdamW's bias correction counts the two applied updates only"
 
 
+@pytest.mark.slow  # 30 train steps
 def test_loss_goes_down_on_a_batch_it_can_overfit(report):
     """The tiny XLSR-style model learns four clips' transcripts: 30 steps on the same batch halve its loss."""
     sentences = ["merhaba dünya", "nasılsın", "görüşürüz", "bu çok güzel"]

@@ -4,13 +4,15 @@ caller's `on_eval` rule (what the sweep prunes with)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
+from _resumed import assert_resumed, tag_records
 from _runs import tiny_run_config
 from xlsr_jax.config import ConfigError, from_dict, to_dict
 from xlsr_jax.rundir import EXPORT_INFO
-from xlsr_jax.train.loop import train
+from xlsr_jax.recipe import train
 from xlsr_jax.train.stopping import EarlyStopping
 
 
@@ -58,6 +60,7 @@ def test_patience_needs_an_eval_metric(cv_dir, tmp_path):
         from_dict(config)
 
 
+@pytest.mark.slow  # trains
 def test_early_stopping_ends_a_run_as_finished_and_keeps_its_last_state(cv_dir, tmp_path):
     # The tiny model's WER stays at 1.0 for its first steps: no evaluation after the first is better.
     config = to_dict(tiny_run_config(cv_dir, tmp_path, max_steps=40, eval_steps=1, save_steps=100))
@@ -75,6 +78,7 @@ def test_early_stopping_ends_a_run_as_finished_and_keeps_its_last_state(cv_dir, 
     assert again["run/already_finished"] == 1.0
 
 
+@pytest.mark.slow  # trains
 def test_a_run_stopped_early_exports_its_best_checkpoint(cv_dir, tmp_path):
     # "max" of a falling eval loss: the first evaluation stays the best, so the run stops at step 3 and
     # hf_model/ must hold step 1's parameters, not the last state's.
@@ -89,7 +93,8 @@ def test_a_run_stopped_early_exports_its_best_checkpoint(cv_dir, tmp_path):
     assert (exported["step"], exported["selected"]) == (1, "best")
 
 
-def test_patience_carries_over_a_resume(cv_dir, tmp_path):
+@pytest.mark.slow  # trains
+def test_patience_carries_over_a_resume(cv_dir, tmp_path, caplog):
     config = to_dict(tiny_run_config(cv_dir, tmp_path, max_steps=2, eval_steps=1, save_steps=100))
     config["train"]["early_stopping_patience"] = 2
     config["optim"]["schedule"] = "constant"
@@ -97,11 +102,15 @@ def test_patience_carries_over_a_resume(cv_dir, tmp_path):
     first = train(from_dict(config))
     assert "run/stopped_early" not in first  # evaluations 1 and 2: one without a better WER
     config["train"]["max_steps"] = 40
+    tagged = tag_records(tmp_path / "run")
+    caplog.set_level(logging.INFO)
     resumed = train(from_dict(config))
+    assert 3 in assert_resumed(tmp_path / "run", 2, tagged, caplog.text)  # a restart would stop at 3 as well
     assert resumed["run/stopped_early"] == 3.0  # the second in a row, counting the one before the resume
     assert [r["step"] for r in _evals(tmp_path / "run")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # trains
 def test_on_eval_returning_true_ends_the_run_after_that_evaluation(cv_dir, tmp_path):
     config = tiny_run_config(cv_dir, tmp_path, max_steps=40, eval_steps=2, save_steps=100)
     calls = []

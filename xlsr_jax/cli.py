@@ -24,7 +24,7 @@ see `xlsr-jax COMMAND --help` for each, and `xlsr-jax config` for every training
 def _train(args: argparse.Namespace) -> int:
     from xlsr_jax.config import load_config
     from xlsr_jax.rundir import RunDir
-    from xlsr_jax.train.loop import train  # jax import only for commands that need it
+    from xlsr_jax.recipe import train  # jax import only for commands that need it
     from xlsr_jax.train.summary import format_run_summary
 
     config = load_config(args.config, args.set)
@@ -40,8 +40,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from xlsr_jax.config import load_config
-    from xlsr_jax.train.sweep import format_results, run_sweep
-    from xlsr_jax.train.sweep_space import load_space
+    from xlsr_jax.sweep.search import format_results, run_sweep
+    from xlsr_jax.sweep.space import load_space
 
     config = load_config(args.config, args.set)
     result = run_sweep(config, load_space(args.space), sweep_dir=args.sweep_dir, trials=args.trials)
@@ -136,7 +136,7 @@ def _build_lm(args: argparse.Namespace) -> int:
 def _inventory(args: argparse.Namespace) -> int:
     from xlsr_jax.config import load_config
     from xlsr_jax.data.inventory import character_inventory, format_inventory
-    from xlsr_jax.infer.data import read_examples
+    from xlsr_jax.data.pipeline import read_examples
 
     data = load_config(args.config, args.set).data
     examples = read_examples(args.specs, data)
@@ -147,7 +147,7 @@ def _inventory(args: argparse.Namespace) -> int:
 def _split(args: argparse.Namespace) -> int:
     from xlsr_jax.config import load_config
     from xlsr_jax.data.split import format_split, make_split
-    from xlsr_jax.infer.data import read_examples
+    from xlsr_jax.data.pipeline import read_examples
 
     data = load_config(args.config, args.set).data
     split, paths = make_split(read_examples(args.specs, data), args.out, dev=args.dev, test=args.test,
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     # stays on for the process; a user can still set TRANSFORMERS_NO_ADVISORY_WARNINGS= to see advice.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from xlsr_jax.hub.verify import ExportCheckError
-    from xlsr_jax.host import retain_freed_memory
+    from xlsr_jax.malloc import retain_freed_memory
 
     retain_freed_memory()  # before JAX starts: a CPU step's freed memory stays mapped for the next one
 

@@ -25,6 +25,14 @@ import yaml
 from xlsr_jax.errors import UserError
 from xlsr_jax.text import DEFAULT_CHARS_TO_IGNORE, UNICODE_FORMS, TextNormalization
 
+# The model's execution options and their allowed values. Here, at the bottom, so that model/ (which
+# implements them) and this file (which validates them) share one list without config importing model/.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
+# Names of jax.checkpoint_policies; "full" saves nothing and recomputes the whole layer.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+POS_CONV_IMPLS = ("auto", "xla", "tap_grad", "isolated", "fft")
+EXECUTION_OPTIONS = {"remat_policy": REMAT_POLICIES, "attention": ATTENTION_IMPLS, "pos_conv": POS_CONV_IMPLS}
+
 
 def _key(default: Any = dataclasses.MISSING, meaning: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
     """A config field with its one-line meaning (units, allowed values), shown by `describe_config`."""
@@ -87,7 +95,6 @@ class ModelConfig:
         _check(self.freeze_transformer_steps >= 0, "model.freeze_transformer_steps", "must be >= 0")
         _check(self.pretrained is not None or bool(self.architecture), "model.architecture",
                "is required when model.pretrained is not set", related=["model.pretrained"])
-        from xlsr_jax.model.wav2vec2 import EXECUTION_OPTIONS  # the model owns the allowed values
         for name, allowed in EXECUTION_OPTIONS.items():
             _check(getattr(self, name) in allowed, f"model.{name}", f"must be one of {', '.join(allowed)}")
 

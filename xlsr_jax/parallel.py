@@ -63,7 +63,7 @@ def initialize(config: MeshConfig) -> None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
-    from xlsr_jax.data.atomic import runtime_owns_sigterm
+    from xlsr_jax.atomic import runtime_owns_sigterm
 
     runtime_owns_sigterm()  # its preemption notifier's C handler, which a cache build must not replace
     logger.info("process %d of %d, %d local devices, %d in all", jax.process_index(), jax.process_count(),
@@ -91,10 +91,6 @@ def _keys(path) -> tuple[str, ...]:
         else:
             parts.append(str(key))
     return tuple(parts)
-
-
-def _path_string(path) -> str:
-    return "/".join(_keys(path))
 
 
 def _auto_spec(shape: tuple[int, ...], fsdp: int) -> P:
@@ -182,6 +178,17 @@ def device_batches(local_batches: Iterator[dict[str, np.ndarray]], mesh: Mesh,
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def host_params(params: Any) -> Any:
+    """Device params -> numpy on this host, also when FSDP shards them across processes (then every
+    process must call this: it is a collective)."""
+    from jax.experimental import multihost_utils
+
+    leaves = jax.tree.leaves(params)
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return jax.device_get(params)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
 
 
 def _digest(value: Any) -> int:

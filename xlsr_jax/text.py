@@ -269,19 +269,23 @@ class Vocab:
             [delim if c == " " else ids.get(c, unk) for c in text], dtype=np.int32
         )
 
-    def decode_ctc(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Greedy CTC decode of one frame-wise argmax ``[frames]``: collapse repeats, drop blanks."""
+    def ctc_runs(self, ids: Sequence[int] | np.ndarray) -> list[tuple[str, int, int]]:
+        """Greedy CTC of one frame-wise argmax ``[frames]``: (character, first frame, end frame) of each
+        token kept — repeats collapsed, blanks dropped, '|' as a space, [UNK] as the string "[UNK]".
+        The one greedy rule: `decode_ctc` (scoring) and transcribe (words with times) both read it."""
         ids = np.asarray(ids).reshape(-1)
         if ids.size == 0:
-            return ""
-        keep = np.ones(ids.shape, dtype=bool)
-        keep[1:] = ids[1:] != ids[:-1]
-        pad = self.pad_id
-        chars = [
-            " " if t == WORD_DELIMITER else t
-            for t in (self.tokens[int(i)] for i in ids[keep] if i != pad)
-        ]
-        return _SPACE_RE.sub(" ", "".join(chars)).strip()
+            return []
+        starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
+        ends = np.append(starts[1:], ids.size)
+        tokens, pad = self.tokens, self.pad_id
+        return [(" " if tokens[int(ids[s])] == WORD_DELIMITER else tokens[int(ids[s])], int(s), int(e))
+                for s, e in zip(starts, ends) if ids[s] != pad]
+
+    def decode_ctc(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Greedy CTC decode of one frame-wise argmax ``[frames]`` for scoring: `ctc_runs`' characters,
+        runs of spaces made one (as the normalised references have them)."""
+        return _SPACE_RE.sub(" ", "".join(c for c, _, _ in self.ctc_runs(ids))).strip()
 
     def decode_ctc_batch(self, ids: np.ndarray, lengths: Sequence[int] | np.ndarray) -> list[str]:
         """Greedy CTC decode of ``ids [batch, frames]``, each row cut at ``lengths [batch]``."""
@@ -303,3 +307,14 @@ class Vocab:
             raise ValueError(f"{path}: ids are not 0..{len(mapping) - 1}")
         by_id = {i: t for t, i in mapping.items()}
         return cls(tuple(by_id[i] for i in range(len(mapping))))
+
+
+def required_frames(labels, label_mask):
+    """Fewest frames a CTC alignment needs per row: one per label plus a blank between each pair of
+    equal neighbours. The one feasibility rule: data/prepare.py drops clips too short for their
+    transcript with it, model/loss.py masks such rows of a batch with it.
+
+    labels int [batch, label_len], label_mask bool [batch, label_len] (numpy or jax arrays) -> int32 [batch].
+    """
+    repeats = label_mask[:, 1:] & label_mask[:, :-1] & (labels[:, 1:] == labels[:, :-1])
+    return label_mask.sum(-1).astype("int32") + repeats.sum(-1).astype("int32")

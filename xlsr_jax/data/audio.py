@@ -15,6 +15,8 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 
+# The rate every wav2vec2 / XLSR checkpoint was pretrained at: every clip is resampled to it.
+SAMPLING_RATE = 16000
 
 # Containers libsndfile 1.2 decodes itself; anything else (m4a, aac, webm, wma, ...) goes to
 # librosa.load, i.e. audioread / ffmpeg.
@@ -42,7 +44,7 @@ class AudioError(Exception):
         self.reason = reason
 
 
-def load_audio(path: str, sampling_rate: int = 16000, data: bytes | None = None) -> np.ndarray:
+def load_audio(path: str, sampling_rate: int = SAMPLING_RATE, data: bytes | None = None) -> np.ndarray:
     """Decode ``path`` to mono float32 at ``sampling_rate``: ``[samples]``.
 
     Channels are averaged; other rates are resampled with soxr (high quality, see
@@ -76,7 +78,7 @@ def load_audio(path: str, sampling_rate: int = 16000, data: bytes | None = None)
     return _checked(wav, path)
 
 
-def stream_audio(path: str, sampling_rate: int = 16000, block_frames: int = 1 << 18) -> Iterator[np.ndarray]:
+def stream_audio(path: str, sampling_rate: int = SAMPLING_RATE, block_frames: int = 1 << 18) -> Iterator[np.ndarray]:
     """:func:`load_audio` of ``path`` in blocks of mono float32 ``[samples]`` at ``sampling_rate``, read
     ``block_frames`` frames of the file at a time, so memory does not grow with the file's length.
 

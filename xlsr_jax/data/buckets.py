@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xlsr_jax.data.audio import SAMPLING_RATE
+
 MAX_BINS = 2000  # histogram bins for the O(bins^2 * k) dynamic programme
 
 
@@ -93,7 +95,7 @@ def padding_fraction(lengths, boundaries) -> float:
 
 
 def bucket_batch_sizes(boundaries_samples, audio_seconds_per_device: float, *, devices: int, accum: int,
-                       sampling_rate: int = 16000) -> list[int]:
+                       sampling_rate: int = SAMPLING_RATE) -> list[int]:
     """Token-budget batching (fairseq's ``max_tokens``): global batch size per bucket, ``[k]``.
 
     Each device's micro-batch of bucket ``b`` holds the most clips whose padded audio fits the budget,

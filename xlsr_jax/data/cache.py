@@ -37,8 +37,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from xlsr_jax.data.atomic import sigterm_raises
-from xlsr_jax.data.audio import DECODE_SETTINGS, AudioError, load_audio
+from xlsr_jax.atomic import sigterm_raises
+from xlsr_jax.data.audio import DECODE_SETTINGS, SAMPLING_RATE, AudioError, load_audio
 from xlsr_jax.data.sources import Example
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def build_audio_cache(
     examples: Sequence[Example],
     cache_dir: str | os.PathLike,
     *,
-    sampling_rate: int = 16000,
+    sampling_rate: int = SAMPLING_RATE,
     num_workers: int = 2,
     suffix: str = "",
     allow_none_kept: bool = False,

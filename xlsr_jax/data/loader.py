@@ -58,7 +58,7 @@ class BatchLoader:
         # (float32 [n], step, global row) -> float32 [n], for training batches (data/augment.py Augmenter)
         self.augment = augment
         self.boundaries = np.asarray(boundaries, dtype=np.int64)
-        self.batch_sizes = _per_bucket(batch_size, len(self.boundaries), process_count)  # global, [k]
+        self.batch_sizes = per_bucket_sizes(batch_size, len(self.boundaries), process_count)  # global, [k]
         self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
         self.workers = workers  # threads assembling batches (numpy releases the GIL in its loops)
         self.process_index, self.process_count = process_index, process_count
@@ -177,7 +177,7 @@ class BatchLoader:
         threads."""
         if self.workers > 1:
             return _loaded_in_threads(self.load_batch, plan, self.workers, self.prefetch)
-        return _prefetched((self.load_batch(*planned) for planned in plan), self.prefetch)
+        return prefetched((self.load_batch(*planned) for planned in plan), self.prefetch)
 
     def iter_from_step(self, step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Infinite batches starting at global ``step`` (same batches as skipping from 0)."""
@@ -278,7 +278,7 @@ def _draw(groups: list[tuple[np.ndarray, int]], rng: np.random.Generator) -> np.
     return np.concatenate(parts).astype(np.int64)
 
 
-def _per_bucket(batch_size: int | Sequence[int], num_buckets: int, process_count: int) -> tuple[int, ...]:
+def per_bucket_sizes(batch_size: int | Sequence[int], num_buckets: int, process_count: int) -> tuple[int, ...]:
     """Global batch size per bucket ``[num_buckets]``: one size repeated, or one given per bucket."""
     if isinstance(batch_size, (int, np.integer)):
         sizes, names = (int(batch_size),) * num_buckets, ["batch_size"] * num_buckets
@@ -338,7 +338,7 @@ def _fill(source: Iterator, out: queue.Queue, stop: threading.Event) -> None:
             continue
 
 
-def _prefetched(source: Iterator, depth: int) -> Iterator:
+def prefetched(source: Iterator, depth: int) -> Iterator:
     """Iterate ``source`` in a daemon thread, ``depth`` items ahead. Closing the returned
     generator (or dropping it) stops the thread."""
     if depth <= 0:

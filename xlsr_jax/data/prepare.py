@@ -17,7 +17,7 @@ from xlsr_jax.data.cache import DecodeFailure, build_audio_cache
 from xlsr_jax.data.report import REASONS, BadClip, count_reasons, format_counts
 from xlsr_jax.data.shards import HostShard, HostShardAudio, build_host_shard
 from xlsr_jax.data.sources import Example
-from xlsr_jax.text import Vocab
+from xlsr_jax.text import Vocab, required_frames
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,15 @@ def ctc_min_frames(labels: Sequence[np.ndarray]) -> np.ndarray:
 
     One frame per label plus one blank between each pair of equal adjacent labels.
     """
-    return np.asarray(
-        [len(lab) + int(np.count_nonzero(lab[1:] == lab[:-1])) for lab in labels], dtype=np.int64
-    )
+    needed = np.zeros(len(labels), np.int64)
+    for start in range(0, len(labels), 4096):  # padded blocks for `required_frames`, a bounded memory
+        block = labels[start:start + 4096]
+        lengths = np.asarray([len(lab) for lab in block])
+        mask = np.arange(lengths.max(initial=0)) < lengths[:, None]
+        padded = np.zeros(mask.shape, np.int64)
+        padded[mask] = np.concatenate(block) if len(block) else []
+        needed[start:start + len(block)] = required_frames(padded, mask)
+    return needed
 
 
 def prepare_dataset(
@@ -120,7 +126,7 @@ def prepare_dataset(
     report = {"total": len(examples), "kept": len(dataset),
               "hours": float(lengths.sum()) / sampling_rate / 3600.0,
               **dict.fromkeys(REASONS, 0), **count_reasons(dataset.bad)}
-    _log_report(name, report, dataset.bad)
+    log_report(name, report, dataset.bad)
     return dataset, report
 
 
@@ -186,7 +192,9 @@ def _flag_out_of_vocabulary(kept: list[tuple[int, Example, str]], vocab: Vocab, 
     return flagged
 
 
-def _log_report(name: str, report: dict, bad: list[BadClip]) -> None:
+def log_report(name: str, report: dict, bad: list[BadClip]) -> None:
+    """Log what `name` kept and dropped, by reason (`report`: prepare_dataset's counts {"kept", "total",
+    "hours"}); also the streaming probe's summary."""
     dropped = count_reasons(c for c in bad if c.dropped)
     flagged = count_reasons(c for c in bad if not c.dropped)
     log.info("%s: kept %d of %d utterances (%.2f h); dropped %d: %s%s", name, report["kept"], report["total"],

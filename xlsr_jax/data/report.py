@@ -13,14 +13,11 @@ import csv
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from xlsr_jax.errors import UserError
 from xlsr_jax.rundir import REPORT_COLUMNS as COLUMNS
 from xlsr_jax.rundir import as_path, write_atomically
-
-if TYPE_CHECKING:
-    from xlsr_jax.data.prepare import PreparedDataset
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +46,14 @@ class BadClip:
     reason: str  # a key of REASONS
     detail: str = ""  # the decoder's message, the transcript, the duration...
     dropped: bool = True  # False: kept and only flagged (evaluation scores every transcript it can)
+
+
+class Screened(Protocol):
+    """What the report reads of a screened dataset (data/prepare.py's `PreparedDataset`): the examples
+    it kept (each with `.source`) and its bad clips."""
+
+    examples: Sequence
+    bad: Sequence[BadClip]
 
 
 def count_reasons(clips: Iterable[BadClip]) -> dict[str, int]:
@@ -87,7 +92,7 @@ def read_report(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
-def _over_limit(split: str, dataset: "PreparedDataset", max_fraction: float) -> list[str]:
+def _over_limit(split: str, dataset: Screened, max_fraction: float) -> list[str]:
     """One line per source of `dataset` that dropped more than `max_fraction` of its clips."""
     kept = collections.Counter(e.source for e in dataset.examples)
     dropped: dict[str, list[BadClip]] = collections.defaultdict(list)
@@ -105,7 +110,7 @@ def _over_limit(split: str, dataset: "PreparedDataset", max_fraction: float) -> 
     return lines
 
 
-def report_bad_data(datasets: Mapping[str, "PreparedDataset"], path: str | os.PathLike, max_fraction: float, *,
+def report_bad_data(datasets: Mapping[str, Screened], path: str | os.PathLike, max_fraction: float, *,
                     write: bool = True) -> None:
     """Write every bad clip of ``datasets`` ({split: dataset}) to ``path`` (when ``write``: one process
     of a pod writes), then raise :class:`UserError` if a source dropped more than ``max_fraction`` of

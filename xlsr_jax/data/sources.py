@@ -27,7 +27,9 @@ import urllib.parse
 import zlib
 from typing import Iterable, Sequence
 
-from xlsr_jax.data.atomic import partial_folder
+from xlsr_jax.atomic import partial_folder
+from xlsr_jax.data.example import (DURATION_COLUMNS, LANGUAGE_COLUMNS, PATH_COLUMNS, SPEAKER_COLUMNS, TEXT_COLUMNS,
+                                    Example)
 from xlsr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,6 @@ SCHEMES = ("cv", "manifest", "hf")
 _SPLITS_RE = re.compile(r"^[A-Za-z0-9_+]+$")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
-PATH_COLUMNS = ("path", "audio", "audio_path", "audio_filepath", "file", "filename")
-TEXT_COLUMNS = ("sentence", "text", "transcription", "transcript")
-DURATION_COLUMNS = ("duration_s", "duration")
-SPEAKER_COLUMNS = ("speaker", "client_id")
-LANGUAGE_COLUMNS = ("locale", "language", "lang")
 # Per-source options each scheme takes (see the module docstring).
 SOURCE_OPTIONS = {"cv": ("weight", "language"), "manifest": ("weight", "language", "audio", "text"),
                   "hf": ("weight", "language", "audio", "text")}
@@ -48,21 +45,6 @@ SOURCE_OPTIONS = {"cv": ("weight", "language"), "manifest": ("weight", "language
 HF_SPLIT_NAMES = frozenset({"train", "validation", "valid", "dev", "test", "other", "validated", "invalidated"})
 # A Common Voice language folder is named by its locale: tr, de, zh-CN, sv-SE, ...
 _LOCALE_NAME = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One utterance before decoding."""
-
-    path: str  # absolute audio path
-    text: str  # raw transcript, not yet normalised
-    speaker: str = ""
-    duration_s: float | None = None
-    source: str = ""  # the spec it came from
-    language: str = ""  # locale code (tr, de, zh-CN) when the source says it, for text normalisation
-    # (reason, detail) when the row names no clip that may be read (bad_path: a Common Voice row whose path
-    # leaves clips/): `path` is then the row's text as written, and nothing opens it; it is reported.
-    problem: tuple[str, str] | None = None
 
 
 def load_sources(specs: str | Sequence[str], **kw) -> list[Example]:
@@ -140,7 +122,7 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
         examples = load_manifest(os.path.expanduser(rest), source=spec, audio_column=options.get("audio"),
                                  text_column=options.get("text"))
     elif scheme == "hf":
-        from xlsr_jax.data.hub import load_hub_source  # imports `datasets`: only when used
+        from xlsr_jax.data.hf_datasets import load_hub_source  # imports `datasets`: only when used
 
         name, config, splits = split_hf_spec(rest)
         examples = load_hub_source(name, config, splits, source=spec,

@@ -36,8 +36,8 @@ from xlsr_jax.data.audio import normalize_int16_into
 from xlsr_jax.data.batch import empty_batch
 from xlsr_jax.data.buckets import bucket_boundaries, padding_fraction
 from xlsr_jax.data.cache import decode_clip
-from xlsr_jax.data.loader import _per_bucket, _prefetched, cut_batches
-from xlsr_jax.data.prepare import (PreparedDataset, _log_report, clip_problem, infeasible_detail,
+from xlsr_jax.data.loader import per_bucket_sizes, prefetched, cut_batches
+from xlsr_jax.data.prepare import (PreparedDataset, log_report, clip_problem, infeasible_detail,
                                    missing_characters)
 from xlsr_jax.data.report import REASONS, BadClip, count_reasons, format_counts
 from xlsr_jax.data.stream_sources import Element, ElementStream
@@ -124,7 +124,7 @@ def probe_dataset(head: Sequence[Element], make: ClipMaker, workers: int) -> tup
         bad=bad)
     report = {"total": len(head), "kept": len(kept), "hours": float(lengths.sum()) / make.sampling_rate / 3600.0,
               **dict.fromkeys(REASONS, 0), **count_reasons(bad)}
-    _log_report(f"{make.split} (streaming probe: the first {len(head)} rows)", report, bad)
+    log_report(f"{make.split} (streaming probe: the first {len(head)} rows)", report, bad)
     return dataset, report
 
 
@@ -158,7 +158,7 @@ class StreamingLoader:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.stream, self.make, self.dataset = stream, make, probe
         self.boundaries = np.asarray(boundaries, dtype=np.int64)
-        self.batch_sizes = _per_bucket(batch_size, len(self.boundaries), process_count)
+        self.batch_sizes = per_bucket_sizes(batch_size, len(self.boundaries), process_count)
         self.local_batch_sizes = tuple(bs // process_count for bs in self.batch_sizes)
         frames = np.asarray(make.frames_fn(self.boundaries), dtype=np.int64).reshape(-1)
         # A clip CTC can align has at most one label per frame: the bucket's frames bound its labels.
@@ -229,7 +229,7 @@ class StreamingLoader:
         else:
             raise ValueError(f"streaming loader: cannot start at step {step} without its saved state (restore "
                              "the state saved with that checkpoint first)")
-        return _prefetched(self._produce(state), self.prefetch)
+        return prefetched(self._produce(state), self.prefetch)
 
     # ------------------------------------------------------------ the pipeline
 

@@ -133,7 +133,7 @@ def open_sources(specs: str | Sequence[str], *, seed: int, cache_dir: str,
 
 
 def _hub_sources(spec: str, options: dict[str, str], *, seed: int, first: int) -> list[HubSource]:
-    from xlsr_jax.data.hub import AUDIO_COLUMNS, LANGUAGE_COLUMNS, SPEAKER_COLUMNS, _pick, stream_split
+    from xlsr_jax.data.hf_datasets import AUDIO_COLUMNS, LANGUAGE_COLUMNS, SPEAKER_COLUMNS, pick_column, stream_split
     from xlsr_jax.data.sources import TEXT_COLUMNS
 
     name, config, splits = split_hf_spec(split_options(spec)[0].split(":", 1)[1])
@@ -141,8 +141,8 @@ def _hub_sources(spec: str, options: dict[str, str], *, seed: int, first: int) -
     for split in splits:
         dataset, base, size = stream_split(name, config, split, spec)
         names = list(dataset.column_names or dataset.features or [])
-        columns = {"audio": _pick(names, options.get("audio"), AUDIO_COLUMNS, "audio", spec),
-                   "text": _pick(names, options.get("text"), TEXT_COLUMNS, "text", spec),
+        columns = {"audio": pick_column(names, options.get("audio"), AUDIO_COLUMNS, "audio", spec),
+                   "text": pick_column(names, options.get("text"), TEXT_COLUMNS, "text", spec),
                    "speaker": next((c for c in SPEAKER_COLUMNS if c in names), None),
                    "language": next((c for c in LANGUAGE_COLUMNS if c in names), None)}
         dataset = dataset.select_columns([c for c in dict.fromkeys(columns.values()) if c])

@@ -21,11 +21,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from transformers import Wav2Vec2Config
 
+from xlsr_jax import parallel
+from xlsr_jax.data.audio import SAMPLING_RATE
 from xlsr_jax.errors import UserError
 from xlsr_jax.hub.verify import reference_clips, verify_folder
 from xlsr_jax.model import flax_to_pytorch, save_pytorch_weights
@@ -34,15 +34,6 @@ from xlsr_jax.rundir import CURVES_FILE, EXPORT_FILES, EXPORT_INFO, RunDir, read
 from xlsr_jax.text import NORMALIZATION_FILE, PAD, UNK, WORD_DELIMITER, TextNormalization, Vocab
 
 logger = logging.getLogger(__name__)
-
-
-def host_params(params: Any) -> Any:
-    """Device params -> numpy on this host, also when FSDP shards them across processes (then every
-    process must call this: it is a collective)."""
-    leaves = jax.tree.leaves(params)
-    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
-        return jax.device_get(params)
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
 
 
 def processor_for(vocab: Vocab, config: Wav2Vec2Config, directory: Path):
@@ -55,7 +46,7 @@ def processor_for(vocab: Vocab, config: Wav2Vec2Config, directory: Path):
     tokenizer = Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token=UNK, pad_token=PAD,
                                      word_delimiter_token=WORD_DELIMITER, bos_token=None, eos_token=None)
     # Layer-norm (XLSR / large) models are trained with padding masks; group-norm base models are not.
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLING_RATE, padding_value=0.0, do_normalize=True,
                                          return_attention_mask=config.feat_extract_norm == "layer")
     return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
 
@@ -209,13 +200,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
                force: bool = False) -> dict[str, Any]:
     """`xlsr-jax export`: one kept checkpoint of a run (newest, `step`, or the best by eval metric)
     -> a complete, checked Hugging Face folder. Works whatever mesh saved it (restored onto one device)."""
-    from xlsr_jax.infer.source import load_run
+    from xlsr_jax.infer.load import load_run
 
     if not RunDir(run_dir).is_run():
         raise UserError(f"{run_dir}: not a training run directory (no config.yaml and checkpoints/)")
     loaded = load_run(run_dir, step=step, best=best)
     selected = "best" if best else "step" if step is not None else "latest"
-    out = export_params(host_params(loaded.params), loaded.model.config, loaded.vocab, out_dir,
+    out = export_params(parallel.host_params(loaded.params), loaded.model.config, loaded.vocab, out_dir,
                         normalization=loaded.normalization, run=loaded.run, run_config=loaded.config,
                         step=loaded.step, torch_bin=torch_bin, lm=lm, verify=verify, force=force,
                         info={"run": str(Path(run_dir).absolute()), "selected": selected})

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.data import AudioError, load_audio
-from xlsr_jax.infer.data import read_examples
+from xlsr_jax.data.audio import SAMPLING_RATE, AudioError, load_audio
+from xlsr_jax.data.pipeline import read_examples
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
 from xlsr_jax.text import Vocab
 
@@ -52,7 +52,7 @@ def reference_clips(config, count: int = 3, seconds: float = 3.0) -> list[np.nda
         if len(clips) == count:
             return clips
     rng = np.random.default_rng(0)
-    t = np.arange(int(seconds * 16000)) / 16000
+    t = np.arange(int(seconds * SAMPLING_RATE)) / SAMPLING_RATE
     while len(clips) < count:  # speech-like enough to give the head something other than blank
         f0 = rng.uniform(100, 300)
         clips.append((np.sin(2 * np.pi * f0 * t) * (1 + np.sin(2 * np.pi * 3 * t)) +
@@ -78,7 +78,7 @@ def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab
     apply = jax.jit(lambda p, x: flax_model.apply({"params": p}, x, deterministic=True))
     diff, scale, pairs, torch_logits = 0.0, 0.0, [], []
     for clip in clips:
-        inputs = processor(clip, sampling_rate=16000, return_tensors="np")["input_values"]
+        inputs = processor(clip, sampling_rate=SAMPLING_RATE, return_tensors="np")["input_values"]
         with torch.no_grad():
             expected = torch_model(torch.from_numpy(inputs)).logits.numpy()[0]
         with jax.default_matmul_precision("highest"):  # TF32 on GPUs would hide nothing but add noise

@@ -9,9 +9,9 @@ from typing import Any, Sequence
 from xlsr_jax.config import DataConfig, load_config
 from xlsr_jax.data.sources import is_test_split
 from xlsr_jax.errors import UserError
-from xlsr_jax.infer.data import read_examples
+from xlsr_jax.data.pipeline import read_examples
 from xlsr_jax.infer.ngram import build_arpa
-from xlsr_jax.infer.source import stored_normalization
+from xlsr_jax.infer.load import stored_normalization
 from xlsr_jax.rundir import RunDir
 from xlsr_jax.text import TextNormalization
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import re
@@ -16,15 +17,16 @@ from typing import Any, Sequence
 import jax
 
 from xlsr_jax import parallel
-from xlsr_jax.compile import ShapeDispatch, StepToCompile, abstract_like, compile_steps
+from xlsr_jax.aot import ShapeDispatch, StepToCompile, abstract_like, compile_steps
 from xlsr_jax.config import DataConfig, MeshConfig
 from xlsr_jax.data.report import REASONS, format_counts
 from xlsr_jax.data.sources import cv_path_and_splits, split_hf_spec, split_options
 from xlsr_jax.errors import UserError
-from xlsr_jax.infer.data import eval_loader, read_examples
+from xlsr_jax.data.pipeline import eval_loader, read_examples
 from xlsr_jax.infer.predict import Prediction, predict, utterance_errors
-from xlsr_jax.infer.source import LoadedModel, load_model
+from xlsr_jax.infer.load import LoadedModel, load_model
 from xlsr_jax.infer.step import jit_eval_step
+from xlsr_jax.model import feat_extract_output_lengths
 from xlsr_jax.rundir import record_eval_result
 from xlsr_jax.text import headline_metric
 
@@ -151,7 +153,8 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
     per_device = batch_size or (loaded.config.eval.per_device_batch_size or loaded.config.train.per_device_batch_size
                                 if loaded.config is not None else 8)
     loader, report = eval_loader(read_examples(data, data_config), data=data_config, vocab=loaded.vocab,
-                                 normalization=loaded.normalization, model_config=loaded.model.config,
+                                 normalization=loaded.normalization,
+                                 frames_fn=functools.partial(feat_extract_output_lengths, loaded.model.config),
                                  batch_size=per_device * parallel.data_parallel_size(mesh))
     eval_fn = _eval_step(loaded, loader, mesh, with_log_probs=decoder is not None)
     metrics, predictions = predict(loaded.params, loader, eval_fn, loaded.vocab, mesh, decoder)

@@ -34,11 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlsr_jax.data.audio import AudioError, normalize_waveform, stream_audio
+from xlsr_jax.data.audio import SAMPLING_RATE, AudioError, normalize_waveform, stream_audio
 from xlsr_jax.model.wav2vec2 import feat_extract_output_lengths, receptive_field
-from xlsr_jax.text import PAD, WORD_DELIMITER, Vocab
+from xlsr_jax.text import Vocab
 
-SAMPLING_RATE = 16000
 # Frames of a file read at a time: 5.5 s at 48 kHz, 1 MB a channel; small against a batch of chunks.
 READ_BLOCK_FRAMES = 1 << 18
 
@@ -145,15 +144,8 @@ def ctc_greedy_words(ids: np.ndarray, vocab: Vocab) -> tuple[str, list[FrameWord
     Like the tokenizer: repeats collapse, blanks go, '|' becomes a space, the text is only stripped
     (so two delimiters give two spaces), and [UNK] stays as the string "[UNK]".
     """
-    chars: list[tuple[str, int, int]] = []  # (char, first frame, end frame)
-    frame = 0
-    for token_id, run in itertools.groupby(int(i) for i in np.asarray(ids).reshape(-1)):
-        length = sum(1 for _ in run)
-        token = vocab.tokens[token_id]
-        if token != PAD:
-            chars.append((" " if token == WORD_DELIMITER else token, frame, frame + length))
-        frame += length
-    text = "".join(c for c, _, _ in chars).strip()
+    chars = vocab.ctc_runs(ids)  # (char, first frame, end frame)
+    text = "".join(c for c, _, _ in chars).strip()  # two spaces stay two, as the tokenizer leaves them
     words: list[FrameWord] = []
     for is_space, group in itertools.groupby(chars, key=lambda c: c[0] == " "):
         if not is_space:
@@ -392,7 +384,7 @@ def run_transcribe(source: str, files: Sequence[str], *, step: int | None = None
     `file`, or a .tsv / .json (with word times) at `out`. Files that cannot be read are skipped and
     returned, each named with why; UserError when no file could be read."""
     from xlsr_jax.errors import UserError
-    from xlsr_jax.infer.source import load_model
+    from xlsr_jax.infer.load import load_model
 
     writer = {".json": write_json, ".tsv": write_tsv}.get(os.path.splitext(out)[1].lower()) if out else None
     if out and writer is None:

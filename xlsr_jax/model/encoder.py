@@ -16,14 +16,12 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import (Dropout, Dtype, LayerNorm, activation, dense_dot_general, dense_init,
-                                   keep_mask, scale_kept)
+from xlsr_jax.config import REMAT_POLICIES
+from xlsr_jax.model.kernels import dense_dot_general, keep_mask, scale_kept
+from xlsr_jax.model.layers import Dropout, Dtype, LayerNorm, activation, dense_init
 from xlsr_jax.model.layout import STACKED
 from xlsr_jax.model.pos_conv import grouped_conv
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
-# Names of jax.checkpoint_policies; "full" saves nothing and recomputes the whole layer.
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 def remat_policy_fn(name: str):

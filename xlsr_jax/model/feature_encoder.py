@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import (Dropout, Dtype, LayerNorm, activation, gelu_derivative, gelu_value,
-                                   kaiming_normal, layer_norm_input_grad, row_statistics, uniform)
+from xlsr_jax.model.kernels import gelu_derivative, gelu_value, layer_norm_input_grad, row_statistics
+from xlsr_jax.model.layers import Dropout, Dtype, LayerNorm, activation, kaiming_normal, uniform
 
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which Hugging Face's conv layers use

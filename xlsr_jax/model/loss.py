@@ -10,14 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def required_frames(labels: jax.Array, label_mask: jax.Array) -> jax.Array:
-    """Fewest frames CTC needs per row: labels plus a blank between each pair of equal neighbours.
-
-    labels int [batch, label_len], label_mask bool [batch, label_len] -> int32 [batch].
-    """
-    repeats = label_mask[:, 1:] & label_mask[:, :-1] & (labels[:, 1:] == labels[:, :-1])
-    return label_mask.sum(-1).astype(jnp.int32) + repeats.sum(-1).astype(jnp.int32)
+from xlsr_jax.text import required_frames  # the one CTC feasibility rule, shared with data/prepare.py
 
 
 def ctc_loss(

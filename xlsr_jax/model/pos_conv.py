@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-POS_CONV_IMPLS = ("auto", "xla", "tap_grad", "isolated", "fft")
+from xlsr_jax.config import POS_CONV_IMPLS
 
 
 def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import Wav2Vec2Config
 
-from xlsr_jax.model.common import Dropout, Dtype, dense_init
-from xlsr_jax.model.encoder import ATTENTION_IMPLS, REMAT_POLICIES, Encoder
+from xlsr_jax.config import EXECUTION_OPTIONS
+from xlsr_jax.model.layers import Dropout, Dtype, dense_init
+from xlsr_jax.model.encoder import Encoder
 from xlsr_jax.model.feature_encoder import FeatureEncoder, FeatureProjection
 from xlsr_jax.model.layout import to_layout, unstack_layers
 from xlsr_jax.model.masking import compute_span_mask
-from xlsr_jax.model.pos_conv import POS_CONV_IMPLS
 
 
 def check_config(config: Wav2Vec2Config) -> None:
@@ -39,8 +39,6 @@ def check_config(config: Wav2Vec2Config) -> None:
         raise ValueError("config.conv_dim, conv_kernel and conv_stride must have the same length")
 
 
-# FlaxWav2Vec2ForCTC's execution options and their allowed values (config.py validates against these).
-EXECUTION_OPTIONS = {"remat_policy": REMAT_POLICIES, "attention": ATTENTION_IMPLS, "pos_conv": POS_CONV_IMPLS}
 
 
 def check_options(**options: str) -> None:

@@ -1,6 +1,9 @@
-"""`train(config)`: the whole run, cut into phases (output / mesh / data / model+state / steps /
+"""`train(config, tasks)`: the whole run, cut into phases (output / mesh / data / model+state / steps /
 checkpoint / loop). Stops cleanly on SIGINT/SIGTERM (TPU preemption) with a checkpoint; an error leaves
-the last good checkpoint as it was."""
+the last good checkpoint as it was.
+
+Evaluation and export come in as `Tasks` (as big_vision's trainers take their evaluators): train/ never
+imports infer/ or hub/. `xlsr_jax.recipe.train(config)` passes xlsr-jax's own."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,13 +27,10 @@ from tqdm.auto import tqdm
 from xlsr_jax import parallel
 from xlsr_jax.checkpoint import Checkpointer, abstract_with_shardings
 from xlsr_jax.config import Config, save_config, to_dict
-from xlsr_jax.compile import ShapeDispatch, StepToCompile, batch_shape, compile_steps
+from xlsr_jax.aot import ShapeDispatch, StepToCompile, batch_shape, compile_steps
+from xlsr_jax.data.audio import SAMPLING_RATE
 from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.data.stream import load_stream_state, save_stream_state
-from xlsr_jax.hub.export import export_params, host_params
-from xlsr_jax.infer.data import SAMPLING_RATE
-from xlsr_jax.infer.predict import predict
-from xlsr_jax.infer.step import jit_eval_step
 from xlsr_jax.plots import plot_training_curves
 from xlsr_jax.rundir import CONFIG_MARK, RunDir, write_atomically
 from xlsr_jax.train.metrics import MetricsWriter
@@ -44,6 +44,23 @@ from xlsr_jax.train.stopping import EarlyStopping, EvalCallback
 from xlsr_jax.train.summary import read_finished, write_finished
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tasks:
+    """What a run does besides training steps; `xlsr_jax.recipe.tasks()` gives xlsr-jax's own.
+
+    eval_step(model, *, blank_id, reduction, params_shardings, mesh) -> a jitted step that `aot` compiles
+        for every eval bucket: (params, batch) -> per-utterance loss and greedy ids (infer/step.py).
+    predict(params, loader, eval_step, vocab, mesh) -> ({"loss", "wer", "cer", "examples", ...},
+        predictions with .reference and .hypothesis): one pass over the eval loader (infer/predict.py).
+    export(params, model_config, vocab, folder, *, normalization, run, run_config, step, clips, info)
+        -> {"check": None or the PyTorch self-check's report}: the hf_model/ folder (hub/export.py).
+    """
+
+    eval_step: Callable[..., Any]
+    predict: Callable[..., tuple[dict[str, float], list]]
+    export: Callable[..., dict[str, Any]]
 
 
 class _StopSignal:
@@ -155,8 +172,9 @@ class _Progress:
         self.bar.close()
 
 
-def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, float]:
-    """Run training as configured; returns the last eval metrics (or the last train metrics).
+def train(config: Config, tasks: Tasks, *, on_eval: EvalCallback | None = None) -> dict[str, float]:
+    """Run training as configured, evaluating and exporting with `tasks`; returns the last eval metrics
+    (or the last train metrics).
 
     A run that already finished (same step budget) returns its stored summary with
     "run/already_finished" set instead of training again. `on_eval(step, eval metrics)` returning True
@@ -226,14 +244,15 @@ def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, f
         data.train.restore(load_stream_state(run.stream_state, start))
 
     # --- compiled steps: every train and eval bucket shape, ahead of time (nothing compiles mid-run)
-    step_fn, eval_fn = _compile(config, data, model, tx, schedule, state, shardings, mesh)
+    step_fn, eval_fn = _compile(config, data, model, tx, schedule, state, shardings, mesh, tasks.eval_step)
 
     writer = MetricsWriter(run.path, enabled=is_main)
     stopping = None
     if config.train.early_stopping_patience:
         stopping = EarlyStopping.resumed(c.best_metric, c.best_mode, config.train.early_stopping_patience,
                                          checkpoints, start)
-    loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer, stopping, on_eval, run_dir=run)
+    loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer, stopping, on_eval, run_dir=run,
+                 predict=tasks.predict)
     try:
         with _StopSignal().installed() as stop:
             state, last = loop.run(state, start, steps, stop)
@@ -252,7 +271,7 @@ def train(config: Config, *, on_eval: EvalCallback | None = None) -> dict[str, f
                 kept.close()
                 step, selected = best, "best"
                 logger.info("hf_model: the best checkpoint (step %d by %s) is exported", best, c.best_metric)
-            _export(run, config, model, params, data, step, is_main, selected)
+            _export(tasks.export, run, config, model, params, data, step, is_main, selected)
             if is_main:
                 write_finished(run, config, final_step, steps, last, best_step=checkpoints.best_step())
     finally:
@@ -279,8 +298,8 @@ def _host_fields(config: Config, data: Data) -> dict[str, Any]:
     return fields
 
 
-def _compile(config: Config, data: Data, model, tx, schedule, state, shardings, mesh: Mesh
-             ) -> tuple[ShapeDispatch, ShapeDispatch | None]:
+def _compile(config: Config, data: Data, model, tx, schedule, state, shardings, mesh: Mesh,
+             jit_eval_step: Callable) -> tuple[ShapeDispatch, ShapeDispatch | None]:
     """(train step, eval step or None without eval data), each compiled for every batch shape its
     loader announces (`batch_shapes`), with the shardings they run with: the state and its
     parameters as `shardings` says, batches split over the batch axes. Lands in (or comes from) the
@@ -299,10 +318,10 @@ def _compile(config: Config, data: Data, model, tx, schedule, state, shardings, 
     return compiled["train"], compiled.get("eval")
 
 
-def _export(run: RunDir, config: Config, model, params, data: Data, step: int, is_main: bool,
-            selected: str = "final") -> None:
+def _export(export_params: Callable, run: RunDir, config: Config, model, params, data: Data, step: int,
+            is_main: bool, selected: str = "final") -> None:
     """hf_model/: the same converter, card and (with torch) check as `xlsr-jax export`."""
-    params = host_params(params)  # a collective when parameters are sharded across processes
+    params = parallel.host_params(params)  # a collective when parameters are sharded across processes
     if not is_main:
         return
     dataset = (data.eval or data.train).dataset
@@ -333,6 +352,7 @@ class _Loop:
     early_stopping: EarlyStopping | None = None
     on_eval: EvalCallback | None = None
     run_dir: RunDir | None = None  # where a streaming loader's state is saved with each checkpoint
+    predict: Callable | None = None  # Tasks.predict: needed when there is eval data
     _evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def run(self, state, start: int, steps: int, stop: _StopSignal):
@@ -408,7 +428,7 @@ class _Loop:
         return self._evaluated.get(step)
 
     def evaluate(self, state, step: int) -> dict[str, float]:
-        scores, predictions = predict(state.params, self.data.eval, self.eval_fn, self.data.vocab, self.mesh)
+        scores, predictions = self.predict(state.params, self.data.eval, self.eval_fn, self.data.vocab, self.mesh)
         scores = {f"eval/{k}": v for k, v in scores.items()}
         self._evaluated = {step: scores}
         self.writer.write(step, scores)

@@ -21,8 +21,8 @@ from xlsr_jax import parallel
 from xlsr_jax.checkpoint import abstract_with_shardings
 from xlsr_jax.config import Config, MeshConfig
 from xlsr_jax.errors import UserError
-from xlsr_jax.infer.data import SAMPLING_RATE
-from xlsr_jax.compile import abstract_batch
+from xlsr_jax.data.audio import SAMPLING_RATE
+from xlsr_jax.aot import abstract_batch
 from xlsr_jax.train.optim import build_optimizer
 from xlsr_jax.train.setup import build_data, build_model
 from xlsr_jax.train.state import create_state

@@ -144,7 +144,7 @@ def init_model(source: RunDir, config: Config, vocab: Vocab):
     from transformers import Wav2Vec2Config
 
     from xlsr_jax.model import FlaxWav2Vec2ForCTC
-    from xlsr_jax.train.setup import model_overrides
+    from xlsr_jax.model.hf_config import model_overrides
 
     model_config = Wav2Vec2Config.from_json_file(str(source.model_config))
     for key, value in model_overrides(config.model, vocab).items():

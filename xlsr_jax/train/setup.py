@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -13,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from transformers import Wav2Vec2Config
 
 from xlsr_jax import parallel
-from xlsr_jax.config import Config, ConfigError, DataConfig, ModelConfig
+from xlsr_jax.config import Config, ConfigError, DataConfig
 from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, prepare_dataset
 from xlsr_jax.data.buckets import bucket_batch_sizes
 from xlsr_jax.data.augment import Augmenter, speed_variants
@@ -26,9 +26,10 @@ from xlsr_jax.data.sources import source_weight
 from xlsr_jax.errors import UserError
 from xlsr_jax.data.stream import ClipMaker, StreamingLoader, probe_dataset, stream_boundaries
 from xlsr_jax.data.stream_sources import ElementStream, open_sources
-from xlsr_jax.infer.data import SAMPLING_RATE, cache_root, check_specs, eval_loader, prepare_kwargs, read_examples
-from xlsr_jax.model import FlaxWav2Vec2ForCTC, load_pretrained
-from xlsr_jax.model.pretrained import resolve_model_dir
+from xlsr_jax.data.audio import SAMPLING_RATE
+from xlsr_jax.data.pipeline import cache_root, check_specs, eval_loader, prepare_kwargs, read_examples
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, load_pretrained
+from xlsr_jax.model.hf_config import model_config, model_overrides
 from xlsr_jax.text import TextNormalization, Vocab
 from xlsr_jax.train.optim import build_optimizer
 from xlsr_jax.train.resume import vocab_to_reuse
@@ -88,22 +89,6 @@ def choose_normalization(data: DataConfig, train_examples: list[Example]) -> Tex
     return data.normalization(language or None)
 
 
-def model_overrides(config: ModelConfig, vocab: Vocab) -> dict[str, Any]:
-    """`Wav2Vec2Config` fields this run sets on top of the checkpoint's (or architecture's) own."""
-    return {**config.regularisation(), "vocab_size": len(vocab), "pad_token_id": vocab.pad_id,
-            "ctc_zero_infinity": True}
-
-
-def model_config(config: ModelConfig, vocab: Vocab) -> Wav2Vec2Config:
-    if config.pretrained:
-        base = Wav2Vec2Config.from_pretrained(resolve_model_dir(config.pretrained))
-    else:
-        base = Wav2Vec2Config(**config.architecture)
-    for key, value in model_overrides(config, vocab).items():
-        setattr(base, key, value)
-    return base
-
-
 def train_batch_sizes(config: Config, boundaries: np.ndarray, batch_size: int,
                       data_parallel: int) -> int | list[int]:
     """The training loader's global batch: `batch_size` for every bucket or, with
@@ -137,7 +122,7 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
     vocab = resolve_vocab(config, texts, output_dir)
     w2v_config = model_config(config.model, vocab)
-    kwargs = prepare_kwargs(d, vocab, normalization, w2v_config)
+    kwargs = prepare_kwargs(d, vocab, normalization, functools.partial(feat_extract_output_lengths, w2v_config))
     train_set, train_report = prepare_dataset(
         train_examples, min_duration_s=d.min_duration_s, max_duration_s=d.max_duration_s, name="train",
         **kwargs)
@@ -158,7 +143,7 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     reports, evaluation = {"train": train_report}, None
     if eval_examples:
         evaluation, reports["eval"] = eval_loader(eval_examples, data=d, vocab=vocab, normalization=normalization,
-                                                  model_config=w2v_config, batch_size=eval_batch_size)
+                                                  frames_fn=kwargs["frames_fn"], batch_size=eval_batch_size)
     return Data(vocab, normalization, train, evaluation, reports, clips)
 
 
@@ -196,7 +181,7 @@ def _build_streaming(config: Config, output_dir: Path, batch_size: int, eval_bat
     texts = [normalization(e.text, e.language) for e in [h.example for h in head] + eval_examples]
     vocab = resolve_vocab(config, texts, output_dir)
     w2v_config = model_config(config.model, vocab)
-    kwargs = prepare_kwargs(d, vocab, normalization, w2v_config)
+    kwargs = prepare_kwargs(d, vocab, normalization, functools.partial(feat_extract_output_lengths, w2v_config))
     make = ClipMaker(vocab=vocab, normalize=kwargs["normalize"], sampling_rate=SAMPLING_RATE,
                      frames_fn=kwargs["frames_fn"],
                      length_range=(d.min_duration_s * SAMPLING_RATE, d.max_duration_s * SAMPLING_RATE))
@@ -211,7 +196,7 @@ def _build_streaming(config: Config, output_dir: Path, batch_size: int, eval_bat
     reports, evaluation = {"train": report}, None
     if eval_examples:
         evaluation, reports["eval"] = eval_loader(eval_examples, data=d, vocab=vocab, normalization=normalization,
-                                                  model_config=w2v_config, batch_size=eval_batch_size)
+                                                  frames_fn=kwargs["frames_fn"], batch_size=eval_batch_size)
     return Data(vocab, normalization, train, evaluation, reports)
 
 
@@ -242,7 +227,7 @@ def build_state(config: Config, model: FlaxWav2Vec2ForCTC, host_params: dict | N
     shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
     if host_params is None:
         def init(rng):
-            params = model.init(rng, jnp.zeros((1, 16000), jnp.float32), deterministic=True)["params"]
+            params = model.init(rng, jnp.zeros((1, SAMPLING_RATE), jnp.float32), deterministic=True)["params"]
             return create_state(params, tx, seed)
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     else:

@@ -32,9 +32,9 @@ from xlsr_jax.config import Config, to_dict
 from xlsr_jax.errors import UserError
 from xlsr_jax.plots import plot_sweep, read_curves
 from xlsr_jax.rundir import RunDir, write_atomically
-from xlsr_jax.train.loop import train
+from xlsr_jax.recipe import train
 from xlsr_jax.train.signature import differences
-from xlsr_jax.train.sweep_space import Space, check_params, with_params
+from xlsr_jax.sweep.space import Space, check_params, with_params
 
 logger = logging.getLogger(__name__)
 

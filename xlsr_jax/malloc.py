@@ -62,6 +62,9 @@ def cpu_is_jax_backend() -> bool:
 def _jax_started() -> bool:
     if "jax" not in sys.modules:
         return False
+    # Private, on purpose: JAX has no public way to ask whether its backends have started without
+    # starting them (jax.devices() would, and take the arenas this setting must precede). Guarded by
+    # tests/test_malloc.py, which fails if the name moves.
     from jax._src import xla_bridge
 
     return xla_bridge.backends_are_initialized()

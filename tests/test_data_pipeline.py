@@ -1,12 +1,15 @@
-"""The evaluation data path shared by the trainer and `xlsr-jax evaluate`."""
+"""data/pipeline.py: the evaluation data path shared by the trainer and `xlsr-jax evaluate`."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from _models import tiny_config
 from xlsr_jax.config import DataConfig
-from xlsr_jax.infer.data import eval_loader, read_examples
+from xlsr_jax.data.pipeline import eval_loader, read_examples
+from xlsr_jax.model import feat_extract_output_lengths
 from xlsr_jax.text import TextNormalization, Vocab
 
 
@@ -19,7 +22,8 @@ def test_eval_loader_uses_loader_workers_and_keeps_the_batches(cv_dir, tmp_path)
         normalization = TextNormalization(language="tr")
         vocab = Vocab.build([normalization(e.text) for e in examples])
         loader, _ = eval_loader(examples, data=data, vocab=vocab, normalization=normalization,
-                                model_config=tiny_config(), batch_size=2)
+                                frames_fn=functools.partial(feat_extract_output_lengths, tiny_config()),
+                                batch_size=2)
         loaders.append(loader)
     assert [loader.workers for loader in loaders] == [1, 2]
     plain, threaded = (list(loader.iter_epoch()) for loader in loaders)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from xlsr_jax.data.atomic import partial_folder, remove_stale_partials, sigterm_raises
+from xlsr_jax.atomic import partial_folder, remove_stale_partials, sigterm_raises
 
 
 def test_partial_folder_is_removed_on_error_and_renamed_on_success(tmp_path):

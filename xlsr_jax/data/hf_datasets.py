@@ -22,8 +22,8 @@ import os
 import re
 from typing import Iterator, Sequence
 
-from xlsr_jax.data.atomic import partial_folder
-from xlsr_jax.data.sources import TEXT_COLUMNS, Example
+from xlsr_jax.atomic import partial_folder
+from xlsr_jax.data.example import TEXT_COLUMNS, Example
 from xlsr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def _folder_name(name: str, config: str | None, split: str, fingerprint: str) ->
 # ---------------------------------------------------------------- rows
 
 
-def _pick(columns: Sequence[str], given: str | None, candidates: Sequence[str], what: str, source: str) -> str:
+def pick_column(columns: Sequence[str], given: str | None, candidates: Sequence[str], what: str, source: str) -> str:
     if given is not None:
         if given not in columns:
             raise DataError(f"{source}: no {what} column {given!r}; columns found: {list(columns)}")
@@ -154,8 +154,8 @@ def _examples(table, base: str | None, *, source: str, audio_column: str | None,
               bytes_dir: str) -> list[Example]:
     """Rows -> examples; clips held as bytes are written to ``bytes_dir`` (once)."""
     columns = list(table.column_names)
-    audio = _pick(columns, audio_column, AUDIO_COLUMNS, "audio", source)
-    text = _pick(columns, text_column, TEXT_COLUMNS, "text", source)
+    audio = pick_column(columns, audio_column, AUDIO_COLUMNS, "audio", source)
+    text = pick_column(columns, text_column, TEXT_COLUMNS, "text", source)
     speaker = next((c for c in SPEAKER_COLUMNS if c in columns), None)
     language = next((c for c in LANGUAGE_COLUMNS if c in columns), None)
     wanted = [c for c in dict.fromkeys([audio, text, speaker, language]) if c]

@@ -14,7 +14,7 @@ from xlsr_jax.config import MeshConfig
 from xlsr_jax.data import BatchLoader, Example, PreparedDataset
 from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.text import Vocab
-from xlsr_jax.compile import StepToCompile, abstract_batch, abstract_like, batch_shape, compile_steps
+from xlsr_jax.aot import StepToCompile, abstract_batch, abstract_like, batch_shape, compile_steps
 
 
 def _step(scale, batch):

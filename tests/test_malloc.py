@@ -1,4 +1,4 @@
-"""xlsr_jax.host: glibc keeps the memory XLA:CPU frees, so the next step does not page-fault it in again."""
+"""xlsr_jax.malloc: glibc keeps the memory XLA:CPU frees, so the next step does not page-fault it in again."""
 
 import os
 import platform
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from xlsr_jax import host
+from xlsr_jax import malloc
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's malloc only")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # in the heap for the next round. (What this is worth to a real jitted step: scripts/bench_host.py.)
 PROBE = """
 import ctypes, resource
-from xlsr_jax.host import retain_freed_memory
+from xlsr_jax.malloc import retain_freed_memory
 print(retain_freed_memory())
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -38,12 +38,13 @@ print(size // resource.getpagesize(), *faults)
 
 def _probe(opt_out: str) -> tuple[str, int, list[int]]:
     """(whether the setting was applied, pages in the block, page faults of each round)."""
-    env = {**os.environ, host.OPT_OUT_ENV: opt_out, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, malloc.OPT_OUT_ENV: opt_out, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120,
                          check=True).stdout.split()
     return out[0], int(out[1]), [int(n) for n in out[2:]]
 
 
+@pytest.mark.slow  # a subprocess
 def test_freed_memory_is_reused_without_page_faults():
     applied, pages, faults = _probe("0")
     assert applied == "True"
@@ -52,6 +53,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert max(faults[1:]) <= pages // 100  # later rounds reuse it (a stray page of Python's own, at most)
 
 
+@pytest.mark.slow  # a subprocess
 def test_opt_out_keeps_glibc_defaults_and_their_page_faults():
     applied, pages, faults = _probe("1")
     assert applied == "False"
@@ -61,23 +63,23 @@ def test_opt_out_keeps_glibc_defaults_and_their_page_faults():
 def test_not_applied_once_jax_has_started(monkeypatch):
     import jax
 
-    monkeypatch.setenv(host.OPT_OUT_ENV, "0")
+    monkeypatch.setenv(malloc.OPT_OUT_ENV, "0")
     jax.devices()  # this process's threads hold their arenas now: the setting would bring no gain
-    assert host.retain_freed_memory() is False
+    assert malloc.retain_freed_memory() is False
 
 
 def test_cpu_backend_from_jax_platforms(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-    assert not host.cpu_is_jax_backend()
+    assert not malloc.cpu_is_jax_backend()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert host.cpu_is_jax_backend()
+    assert malloc.cpu_is_jax_backend()
 
 
 def test_an_installed_accelerator_plugin_means_no_cpu_backend(monkeypatch, tmp_path):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    assert host.cpu_is_jax_backend()  # this environment: jax and jaxlib only
+    assert malloc.cpu_is_jax_backend()  # this environment: jax and jaxlib only
     # What jax[cuda] installs: a PJRT plugin module in the `jax_plugins` namespace package.
     (tmp_path / "jax_plugins" / "xla_cuda13").mkdir(parents=True)
     (tmp_path / "jax_plugins" / "xla_cuda13" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert not host.cpu_is_jax_backend()
+    assert not malloc.cpu_is_jax_backend()

@@ -1,23 +1,27 @@
-"""Utterances to score -> a bucketed loader: shared by the trainer's periodic evaluation and by
-`xlsr-jax evaluate`, so both read, normalise and batch an eval set the same way."""
+"""From a `DataConfig` to examples and loaders: source specs -> utterances (with the test-split and
+weight refusals), the arguments every split's `prepare_dataset` shares, and the evaluation loader that
+the trainer's periodic evaluation and `xlsr-jax evaluate` both use, so both read, normalise and batch an
+eval set the same way.
+
+`frames_fn` (samples -> CTC frames) is passed in: it is the model's rule, and data/ does not import
+model/."""
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from transformers import Wav2Vec2Config
 
 from xlsr_jax.config import ConfigError, DataConfig
-from xlsr_jax.data import BatchLoader, Example, bucket_boundaries, load_sources, prepare_dataset
+from xlsr_jax.data.audio import SAMPLING_RATE
+from xlsr_jax.data.buckets import bucket_boundaries
+from xlsr_jax.data.loader import BatchLoader
+from xlsr_jax.data.prepare import prepare_dataset
 from xlsr_jax.data.shards import HostShard
-from xlsr_jax.data.sources import expand_specs, is_test_split, split_options
-from xlsr_jax.model import feat_extract_output_lengths
+from xlsr_jax.data.sources import Example, expand_specs, is_test_split, load_sources, split_options
 from xlsr_jax.text import TextNormalization, Vocab
-
-SAMPLING_RATE = 16000
 
 
 def cache_root(data: DataConfig) -> str:
@@ -66,20 +70,21 @@ def host_shard(data: DataConfig) -> HostShard | None:
 
 
 def prepare_kwargs(data: DataConfig, vocab: Vocab, normalization: TextNormalization,
-                   model_config: Wav2Vec2Config) -> dict:
-    """The arguments `prepare_dataset` takes that are the same for every split of a run."""
+                   frames_fn: Callable[[int], int]) -> dict:
+    """The arguments `prepare_dataset` takes that are the same for every split of a run; `frames_fn` maps
+    a clip's samples to the model's CTC frames."""
     return dict(vocab=vocab, normalize=lambda e: normalization(e.text, e.language), sampling_rate=SAMPLING_RATE,
                 cache_dir=os.path.join(cache_root(data), "audio"), num_workers=data.num_workers,
-                frames_fn=lambda n: feat_extract_output_lengths(model_config, n), shard=host_shard(data))
+                frames_fn=frames_fn, shard=host_shard(data))
 
 
 def eval_loader(examples: Sequence[Example], *, data: DataConfig, vocab: Vocab,
-                normalization: TextNormalization, model_config: Wav2Vec2Config, batch_size: int,
+                normalization: TextNormalization, frames_fn: Callable[[int], int], batch_size: int,
                 name: str = "eval") -> tuple[BatchLoader, dict]:
     """(loader over every decodable utterance, report of counts). Nothing is filtered by duration, and
     utterances too long for their frames are kept and counted: dropping them would flatter the WER."""
     dataset, report = prepare_dataset(examples, drop_infeasible=False, name=name,
-                                      **prepare_kwargs(data, vocab, normalization, model_config))
+                                      **prepare_kwargs(data, vocab, normalization, frames_fn))
     loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False,
                          boundaries=bucket_boundaries(dataset.lengths, data.eval_num_buckets),
                          process_index=jax.process_index(), process_count=jax.process_count(),

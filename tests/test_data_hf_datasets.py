@@ -11,7 +11,7 @@ import soundfile as sf
 
 datasets = pytest.importorskip("datasets")
 
-from xlsr_jax.data import hub  # noqa: E402
+from xlsr_jax.data import hf_datasets  # noqa: E402
 from xlsr_jax.data.audio import load_audio  # noqa: E402
 from xlsr_jax.data.sources import parse_source  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_parquet_audio_bytes_written_once_and_decoded_by_us(parquet_dir, tmp_pat
     # A second load reuses the clips without writing any (no partial folder is opened) and gives the same
     # examples.
     with monkeypatch.context() as patch:
-        patch.setattr(hub, "partial_folder", None)
+        patch.setattr(hf_datasets, "partial_folder", None)
         assert parse_source(spec, hub_cache_dir=hub_cache) == examples
     os.utime(examples[0].path, (1, 1))
     assert parse_source(spec, hub_cache_dir=hub_cache) == examples

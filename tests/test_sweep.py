@@ -24,10 +24,10 @@ from xlsr_jax import cli
 from xlsr_jax.config import ConfigError, load_config, save_config
 from xlsr_jax.errors import UserError
 from xlsr_jax.rundir import RunDir
-from xlsr_jax.train import sweep as sweep_module
+from xlsr_jax.sweep import search as sweep_module
 from xlsr_jax.train.summary import write_finished
-from xlsr_jax.train.sweep import SweepDir, format_results, median_rule, run_sweep
-from xlsr_jax.train.sweep_space import SpaceError, check_params, load_space
+from xlsr_jax.sweep.search import SweepDir, format_results, median_rule, run_sweep
+from xlsr_jax.sweep.space import SpaceError, check_params, load_space
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -282,15 +282,15 @@ def test_tpe_prunes_with_optuna_and_resumes_an_interrupted_trial_unchanged(base,
 
 
 def _sweep_process(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS, HOME and its compilation cache: conftest's
     return subprocess.Popen([sys.executable, "-m", "xlsr_jax.cli", "sweep", *args], stdout=log.open("ab"),
                             stderr=subprocess.STDOUT, env=env)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two trainings in a subprocess, twice
 def test_a_two_trial_sweep_killed_mid_trial_continues_and_writes_its_table_and_plot(cv_dir, tmp_path):
-    config = tiny_run_config(cv_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2,
-                             compilation_cache=str(tmp_path / "jax_cache"))
+    config = tiny_run_config(cv_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2)
     save_config(config, tmp_path / "base.yaml")
     space_file = _space(tmp_path, method="random", metric="eval/cer", seed=3, params={
         "optim.learning_rate": {"log_uniform": [3e-4, 3e-3]}, "model.mask_time_prob": {"uniform": [0.0, 0.1]}})

@@ -1,4 +1,4 @@
-"""Activations, LayerNorm and Dropout shared by the Flax modules (xlsr_jax/model/common.py)."""
+"""The kernels under the Flax modules (xlsr_jax/model/kernels.py) and the layers that use them (model/layers.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from xlsr_jax.model.common import Dropout, LayerNorm, activation, dense_dot_general, keep_mask, row_means
+from xlsr_jax.model.kernels import dense_dot_general, keep_mask, row_means
+from xlsr_jax.model.layers import Dropout, LayerNorm, activation
 
 
 def _reference_gelu(x):

@@ -1,17 +1,17 @@
-"""Activations and initialisers shared by the Flax modules, matching Hugging Face's `_init_weights`."""
+"""Backend-specific kernels under the Flax modules: custom VJPs that keep less for the backward pass
+(LayerNorm, dropout), exact GELU through erf, lane-wise row sums and a Dense whose weight gradient runs
+on XLA:CPU's fast matmul. Each equals its plain JAX counterpart (tests/test_model_kernels.py); the
+numbers that justify each are in its docstring. model/layers.py wraps them as Flax modules; the
+positional convolution's kernels are in model/pos_conv.py."""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from transformers import Wav2Vec2Config
-
-Dtype = Any
 
 
 def gelu_value(x: jax.Array) -> jax.Array:
@@ -133,20 +133,6 @@ def _layer_norm_bwd(epsilon, dtype, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-class LayerNorm(nn.Module):
-    """`nn.LayerNorm` (same parameters, `scale` and `bias`, and results) through `layer_norm`."""
-
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        return layer_norm(x, scale, bias, self.epsilon, self.dtype)
-
-
 def scale_kept(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
     """Inverted dropout with a given boolean mask: x / keep_prob where `keep`, else 0 (x's dtype). Also
     its own derivative (the same map of the cotangent)."""
@@ -154,19 +140,19 @@ def scale_kept(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _keep_scaled(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
+def keep_scaled(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
     return scale_kept(x, keep, keep_prob)
 
 
-def _keep_scaled_fwd(x, keep, keep_prob):
-    return _keep_scaled(x, keep, keep_prob), keep
+def keep_scaled_fwd(x, keep, keep_prob):
+    return keep_scaled(x, keep, keep_prob), keep
 
 
-def _keep_scaled_bwd(keep_prob, keep, g):
+def keep_scaled_bwd(keep_prob, keep, g):
     return scale_kept(g, keep, keep_prob), None
 
 
-_keep_scaled.defvjp(_keep_scaled_fwd, _keep_scaled_bwd)
+keep_scaled.defvjp(keep_scaled_fwd, keep_scaled_bwd)
 
 
 def keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
@@ -183,55 +169,6 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.A
         words = jax.random.bits(key, rows + ((columns + 1) // 2,), jnp.uint32)
         draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :columns]
         return (draws < jnp.uint32(round(keep_prob * 65536))).reshape(shape)
-
-
-class Dropout(nn.Module):
-    """`nn.Dropout` (a key from the "dropout" stream, inverted scaling, nothing in deterministic mode) with
-    its mask from `keep_mask`; its backward pass keeps only the boolean mask."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if self.rate == 0.0 or deterministic:
-            return x
-        if self.rate == 1.0:
-            return jnp.zeros_like(x)
-        keep_prob = 1.0 - self.rate
-        keep = keep_mask(self.make_rng("dropout"), keep_prob, x.shape)
-        return _keep_scaled(x, keep, keep_prob)
-
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": gelu,
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
-
-
-def dense_init(config: Wav2Vec2Config):
-    return nn.initializers.normal(stddev=config.initializer_range)
-
-
-def uniform(limit: float):
-    def init(rng, shape, dtype=jnp.float32):
-        return jax.random.uniform(rng, shape, dtype, -limit, limit)
-
-    return init
-
-
-# torch's kaiming_normal_ (fan_in, gain sqrt(2)), untruncated.
-kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 # --- Dense with a weight gradient XLA:CPU runs on its fast matmul ----------------------------------------

@@ -55,7 +55,7 @@ def run_model_config(run: RunDir, config: Config, vocab: Vocab) -> Wav2Vec2Confi
     """The Wav2Vec2Config a run trained (its model_config.json; runs older than that file rebuild it)."""
     if run.model_config.exists():
         return Wav2Vec2Config.from_json_file(str(run.model_config))
-    from xlsr_jax.train.setup import model_config  # only for runs written before model_config.json
+    from xlsr_jax.model.hf_config import model_config  # only for runs written before model_config.json
 
     return model_config(config.model, vocab)
 
