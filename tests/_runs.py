@@ -12,16 +12,17 @@ TINY_ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, int
                  do_stable_layer_norm=True, conv_bias=True)
 
 
-def tiny_run_config(cv_dir, output_dir, mesh: dict | None = None, **train) -> Config:
+def tiny_run_config(cv_dir, output_dir, mesh: dict | None = None, data: dict | None = None, **train) -> Config:
     """A tiny run of `cv_dir` into `output_dir`/run. The learning rate stays constant after its warm-up:
     the compiled train step then does not depend on train.max_steps, so runs of any length on the same
     data, mesh and model load it from the test run's compilation cache (tests/conftest.py) instead of
-    compiling it again (a 4-step run after a 6-step one: 76 -> 22 s on 2 busy cores)."""
+    compiling it again (a 4-step run after a 6-step one: 76 -> 22 s on 2 busy cores). `data` replaces data.*
+    keys (e.g. one bucket: half the shapes to compile)."""
     return from_dict({
         "model": {"pretrained": None, "architecture": TINY_ARCH},
         "data": {"train": [f"cv:{cv_dir}:train+dev"], "eval": [f"cv:{cv_dir}:dev+test"], "language": "tr",
                  "num_buckets": 2, "eval_num_buckets": 2, "cache_dir": str(output_dir / "cache"),
-                 "num_workers": 1},
+                 "num_workers": 1, **(data or {})},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 2, "schedule": "constant"},
         "train": {"output_dir": str(output_dir / "run"), "per_device_batch_size": 1, "logging_steps": 1,
                   **train},

@@ -23,8 +23,12 @@ os.environ.setdefault("XLSR_JAX_SYSTEM_MALLOC", "1")
 # archive caches under ~/.cache/xlsr_jax, Hugging Face datasets' cache, matplotlib's font list) goes to a
 # temporary HOME made for this run, which subprocesses inherit and which is deleted when the run ends.
 # One compilation cache per run: the suite's time no longer depends on what an earlier run left behind.
-RUN_HOME = tempfile.mkdtemp(prefix="xlsr-jax-tests-")
-atexit.register(shutil.rmtree, RUN_HOME, ignore_errors=True)
+# pytest-xdist's workers inherit the variable from the process that made the folder (and that deletes it), so
+# all of a run's workers share one HOME and one compilation cache.
+RUN_HOME = os.environ.get("XLSR_JAX_TEST_HOME", "")
+if not RUN_HOME:
+    RUN_HOME = os.environ["XLSR_JAX_TEST_HOME"] = tempfile.mkdtemp(prefix="xlsr-jax-tests-")
+    atexit.register(shutil.rmtree, RUN_HOME, ignore_errors=True)
 os.environ["HOME"] = RUN_HOME
 for _name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "HF_HOME", "HF_DATASETS_CACHE",
               "HF_HUB_CACHE", "MPLCONFIGDIR", "TORCH_HOME"):  # each would lead out of RUN_HOME
@@ -128,12 +132,23 @@ def cv_maker():
 _MEASURED: list[tuple[str, str]] = []
 
 
+_MEASURED_KEY = "measured: "
+
+
 @pytest.fixture
-def report():
-    """`report(name, value)`: a measured figure (parity error, loss...) printed in pytest's summary."""
+def report(request):
+    """`report(name, value)`: a measured figure (parity error, loss...) printed in pytest's summary. It travels
+    as a user property of the test's report, so the figures of xdist's workers reach the summary too."""
     def add(name: str, value) -> None:
-        _MEASURED.append((name, f"{value:.3e}" if isinstance(value, float) else str(value)))
+        request.node.user_properties.append(
+            (_MEASURED_KEY + name, f"{value:.3e}" if isinstance(value, float) else str(value)))
     return add
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _MEASURED.extend((key[len(_MEASURED_KEY):], value) for key, value in report.user_properties
+                         if key.startswith(_MEASURED_KEY))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -167,9 +182,19 @@ TRAINING_FIXTURES = frozenset({"trained_run"})
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by marker
 def pytest_collection_modifyitems(items):
+    """Marks the tests of a training fixture `slow`, and puts the longest files first: pytest-xdist hands whole
+    files to its workers in this order, and a long file that starts last is the run's tail. Longest: a test
+    with its own longer deadline (`pytest.mark.timeout`), then any slow test."""
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    weight: dict[str, tuple] = {}
+    for item in items:
+        deadline = item.get_closest_marker("timeout")
+        mine = (deadline.args[0] if deadline else 0, item.get_closest_marker("slow") is not None)
+        file = item.nodeid.split("::")[0]
+        weight[file] = max(weight.get(file, mine), mine)
+    items.sort(key=lambda item: weight[item.nodeid.split("::")[0]], reverse=True)  # stable: files keep their order
 
 
 # ---------------------------------------------------------------- a run with known transcripts (tests/_forced.py)

@@ -108,6 +108,7 @@ def test_op_census_counts_the_compiled_programs_instructions():
     assert "0 while" in census.split(", ") and "0 conditional" in census.split(", "), census
 
 
+@pytest.mark.slow  # compiles the benchmark's small model
 def test_ctc_probe_is_the_steps_loss_at_the_steps_shapes():
     """The CTC time the benchmark prints is the train step's loss on logits of the step's shape: the
     feature encoder's frames (its convs' kernels and strides), the vocabulary, the batch's labels."""

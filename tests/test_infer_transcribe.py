@@ -97,6 +97,7 @@ def test_geometry_rounds_to_the_logit_ratio_like_the_pipeline():
         chunk_geometry(2.0, 1.0, 320)
 
 
+@pytest.mark.slow  # runs the whole model (and transformers' pipeline) at several chunk shapes
 @pytest.mark.parametrize("kind, chunk_s, stride_s", [("stable", 4.03, (0.99, 0.61)), ("group", 3.35, None)])
 def test_chunked_text_and_word_times_equal_the_pipeline(exported, kind, chunk_s, stride_s):
     model, params, folder = exported(kind)
@@ -117,6 +118,7 @@ def test_chunked_text_and_word_times_equal_the_pipeline(exported, kind, chunk_s,
     assert ours.path == "long.wav" and ours.duration_s == audio.size / SR
 
 
+@pytest.mark.slow  # compiles the whole model
 @pytest.mark.parametrize("kind", ["stable", "group"])
 def test_a_chunk_longer_than_the_file_is_one_model_call(exported, kind):
     model, params, folder = exported(kind)
@@ -156,6 +158,7 @@ class RecordingDecoder:
         return "ab cd", [("ab", 3, 7), ("cd", 10, 12)]
 
 
+@pytest.mark.slow  # runs the whole model at several chunk shapes
 def test_a_decoder_gets_the_stitched_log_probs(exported):
     model, params, _ = exported("stable")
     audio = signal(9.1, seed=2)
@@ -173,6 +176,7 @@ def test_a_decoder_gets_the_stitched_log_probs(exported):
     assert our_words(ours) == [("ab", 0.06, 0.14), ("cd", 0.2, 0.24)]
 
 
+@pytest.mark.slow  # runs the whole model at several chunk shapes
 def test_files_are_batched_together_and_bad_files_named(exported, tmp_path):
     model, params, _ = exported("stable")
     paths = []
@@ -278,6 +282,7 @@ def test_a_long_file_is_read_in_blocks_as_its_chunks_run(exported, tmp_path, mon
     assert got == transcriber.transcribe_audio(whole, path=path) and len(got.text) > 300
 
 
+@pytest.mark.slow  # runs the whole model at several chunk shapes
 def test_cli_exit_status_names_the_unreadable_files(exported, tmp_path, capsys):
     *_, folder = exported("stable")
     good = str(tmp_path / "good.wav")

@@ -52,6 +52,7 @@ def batch():
     return padded_batch([4000, 3000, 1500], 4000)
 
 
+@pytest.mark.slow  # initialises the whole model, unrolled and scanned
 def test_scanned_layers_stack_and_convert_to_hugging_face_names():
     config = quiet_config(num_hidden_layers=3)
     unrolled, scanned = FlaxWav2Vec2ForCTC(config), FlaxWav2Vec2ForCTC(config, scan_layers=True)

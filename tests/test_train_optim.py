@@ -67,6 +67,7 @@ def test_tri_stage_schedule(total, warmup, hold, expected):
     np.testing.assert_allclose([float(lr(s)) for s in steps], [expected[s] for s in steps], rtol=1e-5)
 
 
+@pytest.mark.slow  # optimizer steps in a loop
 def test_freeze_transformer_steps_trains_the_head_alone_then_everything(params):
     """The first N updates move the CTC head only; update N + 1 moves the rest too, by AdamW's first step
     (|update| = lr, bias correction counted from there), never the frozen feature encoder."""

@@ -4,7 +4,9 @@ The Flax tree mirrors the PyTorch module names, so a parameter's PyTorch name is
 with dots, with Flax leaf names renamed (`kernel` -> `weight` transposed, `scale` -> `weight`). The
 positional conv's weight norm is kept in PyTorch layout; both spellings of it are read
 (`weight_g`/`weight_v` from older checkpoints, `parametrizations.weight.original0/1` from torch's newer
-weight-norm), and either can be written.
+weight-norm), and either can be written. The pretraining heads map the same way: `quantizer.codevectors`
+is a plain parameter in the same layout on both sides, `quantizer.weight_proj`, `project_hid` and
+`project_q` are Linear layers.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def canonical_torch_key(key: str) -> str:
 
 
 def flax_to_pytorch(params: Mapping[str, Any], weight_norm_style: str = "parametrizations") -> dict[str, np.ndarray]:
-    """Flax params (per-layer or stacked) -> Hugging Face `Wav2Vec2ForCTC` state dict (float32 numpy,
-    PyTorch layouts).
+    """Flax params (per-layer or stacked) -> Hugging Face `Wav2Vec2ForCTC` (or `Wav2Vec2ForPreTraining`)
+    state dict (float32 numpy, PyTorch layouts).
 
     weight_norm_style: "parametrizations" (what transformers 5 `save_pretrained` writes) or "legacy"
     (`weight_g`/`weight_v`, as in the Hub's original checkpoints).

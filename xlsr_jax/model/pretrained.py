@@ -3,8 +3,8 @@
 Reads `model.safetensors` (also sharded) with numpy, or `pytorch_model.bin` (also sharded) without torch
 through `torch_bin.load_torch_state_dict`, whose unpickler refuses anything but tensors: a downloaded
 pickle must never run code, and accelerator installs have no torch.
-Pretraining checkpoints (XLSR-53 is a `Wav2Vec2ForPreTraining`) lose their quantizer/projection heads and
-get a fresh CTC head of `vocab_size`.
+Pretraining checkpoints (XLSR-53 is a `Wav2Vec2ForPreTraining`) load whole into `FlaxWav2Vec2ForPreTraining`
+(`head="pretraining"`), or lose their quantizer/projection heads and get a fresh CTC head of `vocab_size`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flax import traverse_util
 from transformers import Wav2Vec2Config
 
 from xlsr_jax.model.convert import PRETRAINING_PREFIXES, flax_to_pytorch, pytorch_to_flax
+from xlsr_jax.model.pretraining import FlaxWav2Vec2ForPreTraining
 from xlsr_jax.model.torch_bin import load_torch_state_dict
 from xlsr_jax.model.wav2vec2 import FlaxWav2Vec2ForCTC
 
@@ -115,48 +116,71 @@ def _init_missing(missing: list[str], config: Wav2Vec2Config, target, seed: int)
     return traverse_util.unflatten_dict(out)
 
 
-def load_pretrained(
-    path_or_hub_id: str | os.PathLike,
-    vocab_size: int | None = None,
-    *,
-    dtype: Any = jnp.float32,
-    options: dict[str, Any] | None = None,
-    seed: int = 0,
-    **config_overrides: Any,
-) -> tuple[FlaxWav2Vec2ForCTC, dict]:
-    """(model, params) from a Hugging Face wav2vec2 folder or hub id.
+HEADS = ("ctc", "pretraining")
 
-    `options` are `FlaxWav2Vec2ForCTC`'s execution options (freeze_feature_encoder, remat_policy,
-    scan_layers, attention, pos_conv). `vocab_size` (and any `Wav2Vec2Config` field in `config_overrides`, e.g. `pad_token_id`,
-    `mask_time_prob`, `layerdrop`) replace the checkpoint's values. A head whose size differs from
-    `vocab_size`, or a missing head (pretraining checkpoints), is initialised fresh. Params are float32
-    numpy arrays in a nested dict in the model's layout (stacked layers with `scan_layers`), ready to be
-    sharded.
-    """
-    model_dir = resolve_model_dir(path_or_hub_id)
+
+def _read_config(model_dir: Path, vocab_size: int | None, overrides: Mapping[str, Any]) -> Wav2Vec2Config:
     config = Wav2Vec2Config.from_pretrained(model_dir)
     if vocab_size is not None:
         config.vocab_size = vocab_size
-    for key, value in config_overrides.items():
+    for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"{key!r} is not a Wav2Vec2Config field")
         setattr(config, key, value)
-    model = FlaxWav2Vec2ForCTC(config, dtype=dtype, **(options or {}))
-    target = model.to_hf_layout(model.abstract_params())
-    state = read_state_dict(model_dir)
+    return config
+
+
+def _without_mismatched_ctc_head(state: dict, config: Wav2Vec2Config, model_dir: Path) -> dict:
     head_shape = (config.hidden_size, config.vocab_size)
     if "lm_head.weight" in state and state["lm_head.weight"].T.shape != head_shape:
         logger.info("%s: CTC head has %d outputs, vocab_size is %d: initialising a new head",
                     model_dir, state["lm_head.weight"].shape[0], config.vocab_size)
         state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    return state
+
+
+def load_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    vocab_size: int | None = None,
+    *,
+    head: str = "ctc",
+    dtype: Any = jnp.float32,
+    options: dict[str, Any] | None = None,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> tuple[FlaxWav2Vec2ForCTC | FlaxWav2Vec2ForPreTraining, dict]:
+    """(model, params) from a Hugging Face wav2vec2 folder or hub id.
+
+    head: "ctc" (`FlaxWav2Vec2ForCTC`; a pretraining checkpoint's quantizer and projections are dropped) or
+    "pretraining" (`FlaxWav2Vec2ForPreTraining`; the checkpoint must hold the quantizer and projections,
+    as XLSR-53's does; a CTC head in it is dropped).
+    `options` are the model's execution options (freeze_feature_encoder, remat_policy, scan_layers,
+    attention, pos_conv). `vocab_size` (and any `Wav2Vec2Config` field in `config_overrides`, e.g. `pad_token_id`,
+    `mask_time_prob`, `layerdrop`) replace the checkpoint's values. A CTC head whose size differs from
+    `vocab_size`, or a missing head (pretraining checkpoints), is initialised fresh. Params are float32
+    numpy arrays in a nested dict in the model's layout (stacked layers with `scan_layers`), ready to be
+    sharded.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: use one of {', '.join(HEADS)}")
+    model_dir = resolve_model_dir(path_or_hub_id)
+    config = _read_config(model_dir, vocab_size, config_overrides)
+    model_class = FlaxWav2Vec2ForCTC if head == "ctc" else FlaxWav2Vec2ForPreTraining
+    model = model_class(config, dtype=dtype, **(options or {}))
+    target = model.to_hf_layout(model.abstract_params())
+    state = read_state_dict(model_dir)
+    if head == "ctc":
+        state = _without_mismatched_ctc_head(state, config, model_dir)
     params, missing, unexpected = pytorch_to_flax(state, target)
-    unexpected = [k for k in unexpected if not k.startswith(PRETRAINING_PREFIXES)]
+    other_heads = PRETRAINING_PREFIXES if head == "ctc" else ("lm_head.",)
+    unexpected = [k for k in unexpected if not k.startswith(other_heads)]
     if unexpected:
         raise ValueError(f"{model_dir}: checkpoint keys the model does not have: {unexpected[:10]}"
                          f"{' …' if len(unexpected) > 10 else ''}")
     fatal = [m for m in missing if not m.startswith(_MAY_BE_MISSING)]
     if fatal:
-        raise ValueError(f"{model_dir}: checkpoint lacks {len(fatal)} parameters, e.g. {fatal[:5]}")
+        hint = " (head='pretraining' needs a Wav2Vec2ForPreTraining checkpoint)" if head == "pretraining" else ""
+        raise ValueError(f"{model_dir}: checkpoint lacks {len(fatal)} parameters, e.g. {fatal[:5]}{hint}")
     if missing:
         logger.info("%s: initialising %s", model_dir, ", ".join(missing))
         params = _merge(params, _init_missing(missing, config, target, seed))
@@ -175,7 +199,8 @@ def save_pytorch_weights(
     out_dir: str | os.PathLike,
     weight_norm_style: str = "parametrizations",
 ) -> Path:
-    """Write `config.json` and `model.safetensors` that transformers' `Wav2Vec2ForCTC` loads."""
+    """Write `config.json` and `model.safetensors` that transformers' `Wav2Vec2ForCTC` loads, or its
+    `Wav2Vec2ForPreTraining` when `params` are `FlaxWav2Vec2ForPreTraining`'s (they hold a quantizer)."""
     from safetensors.numpy import save_file
 
     config = copy.deepcopy(config)  # the caller's (often the model's own) config stays as it was
@@ -184,7 +209,7 @@ def save_pytorch_weights(
     state = flax_to_pytorch(jax.device_get(params), weight_norm_style)
     if not (config.mask_time_prob > 0 or config.mask_feature_prob > 0):
         state.pop("wav2vec2.masked_spec_embed", None)  # the torch model would not have it
-    config.architectures = ["Wav2Vec2ForCTC"]
+    config.architectures = ["Wav2Vec2ForPreTraining" if "quantizer" in params else "Wav2Vec2ForCTC"]
     config.save_pretrained(out_dir)
     save_file(state, str(out_dir / SAFETENSORS), metadata={"format": "pt"})
     return out_dir

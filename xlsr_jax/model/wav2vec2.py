@@ -119,7 +119,9 @@ class Wav2Vec2Module(nn.Module):
 
     @nn.compact
     def __call__(self, input_values, attention_mask=None, deterministic: bool = True, mask_time_indices=None):
-        """input_values [batch, samples] -> (hidden [batch, frames, hidden], frame_mask bool [batch, frames])."""
+        """input_values [batch, samples] -> (hidden [batch, frames, hidden], features [batch, frames,
+        conv_dim[-1]], frame_mask bool [batch, frames]). `features` are the layer-normed conv features
+        (Hugging Face's `extract_features`), what the pretraining quantizer reads."""
         c = self.config
         remat_convs = self.remat_policy != "none" and not self.freeze_feature_encoder
         features = FeatureEncoder(c, self.dtype, remat_convs, name="feature_extractor")(input_values)
@@ -132,11 +134,11 @@ class Wav2Vec2Module(nn.Module):
             frame_mask = jnp.ones(features.shape[:2], dtype=bool)
         else:
             frame_mask = frame_mask_from_attention_mask(c, attention_mask, frames)
-        hidden, _ = FeatureProjection(c, self.dtype, name="feature_projection")(features, deterministic)
+        hidden, normed = FeatureProjection(c, self.dtype, name="feature_projection")(features, deterministic)
         hidden = self._mask_hidden_states(hidden, frame_mask, deterministic, mask_time_indices)
         hidden = Encoder(c, self.dtype, self.remat_policy, self.scan_layers, self.attention, self.pos_conv,
                          name="encoder")(hidden, frame_mask, deterministic)
-        return hidden, frame_mask
+        return hidden, normed, frame_mask
 
 
 class FlaxWav2Vec2ForCTC(nn.Module):
@@ -178,7 +180,7 @@ class FlaxWav2Vec2ForCTC(nn.Module):
         )
 
     def __call__(self, input_values, attention_mask=None, deterministic: bool = True, mask_time_indices=None):
-        hidden, _ = self.wav2vec2(input_values, attention_mask, deterministic, mask_time_indices)
+        hidden, *_ = self.wav2vec2(input_values, attention_mask, deterministic, mask_time_indices)
         hidden = self.final_dropout(hidden, deterministic=deterministic)
         return self.lm_head(hidden).astype(jnp.float32)
 
