@@ -31,14 +31,8 @@ from flax import struct
 from transformers import Wav2Vec2Config
 
 from xlsr_jax.model.layers import Dropout, Dtype, uniform
-from xlsr_jax.model.layout import to_layout, unstack_layers
 from xlsr_jax.model.masking import compute_span_mask
-from xlsr_jax.model.wav2vec2 import (
-    Wav2Vec2Module,
-    check_options,
-    frame_mask_from_attention_mask,
-    receptive_field,
-)
+from xlsr_jax.model.wav2vec2 import Wav2Vec2Model, Wav2Vec2Module, check_options, receptive_field
 
 
 def gumbel_temperature(step, max_gumbel_temperature: float = 2.0, min_gumbel_temperature: float = 0.5,
@@ -213,7 +207,7 @@ def _linear_init(fan_in: int) -> dict[str, Any]:
     return dict(kernel_init=uniform(limit), bias_init=uniform(limit))
 
 
-class FlaxWav2Vec2ForPreTraining(nn.Module):
+class FlaxWav2Vec2ForPreTraining(Wav2Vec2Model):
     """Wav2Vec2 with the quantizer and contrastive heads, equal to transformers' `Wav2Vec2ForPreTraining`.
 
     Call: `model.apply({"params": params}, input_values [batch, samples], mask_time_indices bool
@@ -222,14 +216,6 @@ class FlaxWav2Vec2ForPreTraining(nn.Module):
     `deterministic=False`, `gumbel_temperature=gumbel_temperature(step)` and
     `rngs={"dropout": key, "gumbel": key}`. The execution options are `FlaxWav2Vec2ForCTC`'s.
     """
-
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    freeze_feature_encoder: bool = False
-    scan_layers: bool = False
-    attention: str = "auto"
-    pos_conv: str = "auto"
 
     def setup(self):
         c = self.config
@@ -262,18 +248,6 @@ class FlaxWav2Vec2ForPreTraining(nn.Module):
             diversity_loss=diversity, codevector_perplexity=perplexity, num_masked=num_masked,
             projected_states=predicted, projected_quantized_states=quantized,
         )
-
-    def frame_mask(self, attention_mask, num_frames: int):
-        """bool [batch, frames] of real frames for an [batch, samples] attention mask."""
-        return frame_mask_from_attention_mask(self.config, attention_mask, num_frames)
-
-    def to_hf_layout(self, params):
-        """This model's parameters with Hugging Face's per-layer names (what convert.py maps)."""
-        return unstack_layers(params)
-
-    def from_hf_layout(self, params):
-        """Per-layer parameters (e.g. from `pytorch_to_flax`) in this model's own layout."""
-        return to_layout(params, stacked=self.scan_layers)
 
     def _init(self, rng, num_samples: int):
         dummy = jnp.zeros((1, num_samples), jnp.float32)

@@ -81,7 +81,10 @@ def has_masked_spec_embed(config: Wav2Vec2Config) -> bool:
     return config.mask_time_prob > 0.0 or config.mask_feature_prob > 0.0
 
 
-class Wav2Vec2Module(nn.Module):
+class Wav2Vec2Options(nn.Module):
+    """A config and the execution options (how the model runs, never what it computes; see
+    `FlaxWav2Vec2ForCTC`): the fields of the encoder and of the models around it."""
+
     config: Wav2Vec2Config
     dtype: Dtype = jnp.float32
     remat_policy: str = "none"
@@ -90,6 +93,8 @@ class Wav2Vec2Module(nn.Module):
     attention: str = "auto"
     pos_conv: str = "auto"
 
+
+class Wav2Vec2Module(Wav2Vec2Options):
     def _mask_hidden_states(self, x, frame_mask, deterministic: bool, mask_time_indices):
         """SpecAugment: time spans -> `masked_spec_embed`, feature spans -> 0. x [batch, frames, hidden]."""
         c = self.config
@@ -141,7 +146,28 @@ class Wav2Vec2Module(nn.Module):
         return hidden, normed, frame_mask
 
 
-class FlaxWav2Vec2ForCTC(nn.Module):
+class Wav2Vec2Model(Wav2Vec2Options):
+    """What the CTC and the pretraining model share around their heads: frame counts and masks, and
+    conversion to and from Hugging Face's per-layer parameter layout."""
+
+    def output_lengths(self, sample_lengths):
+        """Frames of logits for `sample_lengths` samples (numpy or jax ints)."""
+        return feat_extract_output_lengths(self.config, sample_lengths)
+
+    def frame_mask(self, attention_mask, num_frames: int):
+        """bool [batch, frames] of real (non-padding) logit frames for an [batch, samples] attention mask."""
+        return frame_mask_from_attention_mask(self.config, attention_mask, num_frames)
+
+    def to_hf_layout(self, params):
+        """This model's parameters with Hugging Face's per-layer names (what convert.py maps)."""
+        return unstack_layers(params)
+
+    def from_hf_layout(self, params):
+        """Per-layer parameters (e.g. from `pytorch_to_flax`) in this model's own layout."""
+        return to_layout(params, stacked=self.scan_layers)
+
+
+class FlaxWav2Vec2ForCTC(Wav2Vec2Model):
     """Wav2Vec2 with a CTC head, equal to transformers' `Wav2Vec2ForCTC`.
 
     Call: `model.apply({"params": params}, input_values [batch, samples], attention_mask=[batch, samples],
@@ -159,14 +185,6 @@ class FlaxWav2Vec2ForCTC(nn.Module):
       pos_conv: "auto" | "xla" | "tap_grad" | "isolated" | "fft": the positional conv's implementation (see pos_conv.py).
     """
 
-    config: Wav2Vec2Config
-    dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    freeze_feature_encoder: bool = False
-    scan_layers: bool = False
-    attention: str = "auto"
-    pos_conv: str = "auto"
-
     def setup(self):
         check_config(self.config)
         check_options(remat_policy=self.remat_policy, attention=self.attention, pos_conv=self.pos_conv)
@@ -183,22 +201,6 @@ class FlaxWav2Vec2ForCTC(nn.Module):
         hidden, *_ = self.wav2vec2(input_values, attention_mask, deterministic, mask_time_indices)
         hidden = self.final_dropout(hidden, deterministic=deterministic)
         return self.lm_head(hidden).astype(jnp.float32)
-
-    def output_lengths(self, sample_lengths):
-        """Frames of logits for `sample_lengths` samples (numpy or jax ints)."""
-        return feat_extract_output_lengths(self.config, sample_lengths)
-
-    def frame_mask(self, attention_mask, num_frames: int):
-        """bool [batch, frames] of real (non-padding) logit frames for an [batch, samples] attention mask."""
-        return frame_mask_from_attention_mask(self.config, attention_mask, num_frames)
-
-    def to_hf_layout(self, params):
-        """This model's parameters with Hugging Face's per-layer names (what convert.py maps)."""
-        return unstack_layers(params)
-
-    def from_hf_layout(self, params):
-        """Per-layer parameters (e.g. from `pytorch_to_flax`) in this model's own layout."""
-        return to_layout(params, stacked=self.scan_layers)
 
     def init_params(self, rng: jax.Array, num_samples: int | None = None) -> dict:
         """Random float32 parameters (Hugging Face's initialisation), as a nested dict of arrays."""
