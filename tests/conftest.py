@@ -109,10 +109,27 @@ def make_cv_folder(root, rows=CV_ROWS, *, sampling_rate: int = 48000, durations:
     return root
 
 
+def built_once(name: str, build) -> str:
+    """RUN_HOME/shared/`name`, made by `build(path)` in the first of the test run's processes that asks and
+    reused by the others: pytest-xdist's workers wait for it under a file lock instead of each building
+    their own. A build that fails leaves no completion mark, so the next process that asks builds it again."""
+    import fcntl
+
+    path = os.path.join(RUN_HOME, "shared", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not os.path.exists(path + ".done"):
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            open(path + ".done", "w").close()
+    return path
+
+
 @pytest.fixture(scope="session")
-def cv_dir(tmp_path_factory):
-    """A read-only tiny Common Voice Turkish folder shared by the data tests."""
-    return make_cv_folder(tmp_path_factory.mktemp("cv") / "tr")
+def cv_dir():
+    """A read-only tiny Common Voice Turkish folder shared by the data tests (and by the workers)."""
+    return os.path.join(built_once("cv", lambda path: make_cv_folder(os.path.join(path, "tr"))), "tr")
 
 
 @pytest.fixture
@@ -163,16 +180,20 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
-def trained_run(cv_dir, tmp_path_factory):
+def trained_run(cv_dir):
     """(config, run directory) of a finished 6-step tiny run: evaluated on dev+test at steps 3 and 6,
-    checkpoints kept by newest and best eval/wer. Read-only: copy it before changing it."""
+    checkpoints kept by newest and best eval/wer. Trained once per test run, whichever worker asks first.
+    Read-only: copy it before changing it."""
+    from pathlib import Path
+
     from _runs import tiny_run_config
     from xlsr_jax.recipe import train
 
-    out = tmp_path_factory.mktemp("trained")
-    config = tiny_run_config(cv_dir, out, max_steps=6, eval_steps=3, save_steps=3)
-    train(config)
-    return config, out / "run"
+    def config(out: str):
+        return tiny_run_config(cv_dir, Path(out), max_steps=6, eval_steps=3, save_steps=3)
+
+    out = built_once("trained", lambda path: train(config(path)))
+    return config(out), Path(out) / "run"
 
 
 # Session fixtures that train. A test that uses one (directly or through another fixture, as forced_run

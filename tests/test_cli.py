@@ -21,7 +21,7 @@ from xlsr_jax.config import Config, load_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = ["model.architecture.hidden_size=32", "model.architecture.num_hidden_layers=1",
         "model.architecture.intermediate_size=37", "model.architecture.conv_dim=[16,16,16]",
-        "model.architecture.conv_kernel=[10,3,3]", "model.architecture.conv_stride=[5,2,2]"]
+        "model.architecture.conv_kernel=[10,4,4]", "model.architecture.conv_stride=[5,4,4]"]  # as _runs.TINY_ARCH
 
 
 def _args(*items: str) -> list[str]:

@@ -290,9 +290,8 @@ def _sweep_process(args: list[str], log: Path) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two trainings in a subprocess, twice
 def test_a_two_trial_sweep_killed_mid_trial_continues_and_writes_its_table_and_plot(cv_dir, tmp_path):
-    # One bucket each: every trial compiles its own steps (its learning rate and mask are constants in them).
-    config = tiny_run_config(cv_dir, tmp_path, data={"num_buckets": 1, "eval_num_buckets": 1}, max_steps=4,
-                             eval_steps=2, save_steps=2)
+    # Every trial compiles its own steps (its learning rate and mask are constants in them): one bucket each.
+    config = tiny_run_config(cv_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2)
     save_config(config, tmp_path / "base.yaml")
     space_file = _space(tmp_path, method="random", metric="eval/cer", seed=3, params={
         "optim.learning_rate": {"log_uniform": [3e-4, 3e-3]}, "model.mask_time_prob": {"uniform": [0.0, 0.1]}})

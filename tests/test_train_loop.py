@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from _compiles import compile_events
 from _resumed import assert_resumed, tag_records
-from _runs import tiny_run_config
+from _runs import TWO_BUCKETS, tiny_run_config
 from xlsr_jax.config import load_config
 from xlsr_jax.recipe import train
 from xlsr_jax.train.loop import _Loop, _Progress
@@ -56,7 +56,7 @@ def _recording_loop(record: dict):
 @pytest.fixture(scope="module")
 def finished_run(cv_dir, tmp_path_factory, loop_record):
     out = tmp_path_factory.mktemp("loop")
-    config = tiny_run_config(cv_dir, out, max_steps=4, eval_steps=2, save_steps=2)
+    config = tiny_run_config(cv_dir, out, data=TWO_BUCKETS, max_steps=4, eval_steps=2, save_steps=2)
     with _recording_loop(loop_record):
         result = train(config)
     return config, out / "run", result
@@ -162,7 +162,7 @@ def test_resume_continues_exactly(finished_run, cv_dir, tmp_path, caplog):
     shutil.rmtree(resumed / "hf_model")
     tagged = tag_records(resumed)
     caplog.set_level(logging.INFO)
-    train(tiny_run_config(cv_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2))
+    train(tiny_run_config(cv_dir, tmp_path, data=TWO_BUCKETS, max_steps=4, eval_steps=2, save_steps=2))
     assert assert_resumed(resumed, 2, tagged, caplog.text) == [3, 4, 4], "steps 3-4 trained again, 4 evaluated"
     steps = [r["step"] for r in _records(resumed) if "train/loss" in r]
     assert steps == [1, 2, 3, 4], "resumed after the step-2 checkpoint, the first run's steps 3-4 replaced"
@@ -212,7 +212,7 @@ def test_token_budget_trains_each_bucket_with_its_own_batch_size(cv_maker, tmp_p
     rows = [("train", f"short_{k}", f"spk_{k % 3}", 0.6 + 0.005 * k, "bir iki") for k in range(16)]
     rows += [("train", f"long_{k}", "spk_l", 1.2 + 0.02 * k, "üç dört beş altı") for k in range(4)]
     cv = cv_maker(tmp_path / "tr", rows=rows)
-    config = tiny_run_config(cv, tmp_path, max_steps=2, eval_steps=100, save_steps=100,
+    config = tiny_run_config(cv, tmp_path, data=TWO_BUCKETS, max_steps=2, eval_steps=100, save_steps=100,
                              per_device_audio_seconds=1.4)
     config = dataclasses.replace(
         config, data=dataclasses.replace(config.data, train=(f"cv:{cv}:train",), eval=()),

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from _runs import tiny_run_config
+from _runs import TWO_BUCKETS, tiny_run_config
 from xlsr_jax.train.plan import GIB, BucketPlan, Plan, compiled_bytes, format_plan, largest_batch, plan
 
 
@@ -45,7 +45,7 @@ def test_compiled_bytes_reads_xla_memory_analysis():
 @pytest.mark.slow  # compiles the train step of every bucket
 def test_plan_of_a_tiny_run_compiles_each_bucket(cv_dir, tmp_path):
     """One compile per bucket (max_batch=1): XLA's memory of the real train step, longer clips needing more."""
-    config = tiny_run_config(cv_dir, tmp_path)
+    config = tiny_run_config(cv_dir, tmp_path, data=TWO_BUCKETS)
     result = plan(config, memory_gib=4.0, max_batch=1)
     assert [(b.bucket, b.batch) for b in result.buckets] == [(0, 1), (1, 1)]
     short, long = result.buckets

@@ -276,7 +276,7 @@ def test_sigkill_anywhere_and_a_damaged_checkpoint_still_give_the_uninterrupted_
     rng = np.random.default_rng(0)
 
     def config_file(name: str) -> Path:  # the runs load their compiled steps from the test run's cache (conftest)
-        config = tiny_run_config(cv_dir, tmp_path / name, data={"num_buckets": 1}, max_steps=8, save_steps=1,
+        config = tiny_run_config(cv_dir, tmp_path / name, max_steps=8, save_steps=1,
                                  eval_steps=100)
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, eval=()),
                                      checkpoint=dataclasses.replace(config.checkpoint, best_metric=None))
