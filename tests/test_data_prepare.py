@@ -69,13 +69,28 @@ def test_filters_and_report(tmp_path, audio_writer):
     assert [e.path for e in train.examples] == [examples[0].path]
     assert report == dict(total=6, kept=1, bad_path=0, missing_file=0, undecodable=1, empty_audio=0, silence=0,
                           too_short=1, too_long=1, empty_text=1, out_of_vocabulary=0, infeasible=1,
-                          hours=pytest.approx(1 / 3600))
+                          too_few_frames=0, hours=pytest.approx(1 / 3600))
     evaluation, report = prepare_dataset(examples, drop_infeasible=False, name="dev", **common)
     assert evaluation.texts == ["merhaba", "bu çok uzun bir cümle ama ses kısa"]
     assert report["infeasible"] == 1 and report["kept"] == 2
     np.testing.assert_array_equal(evaluation.lengths, [16000, 8000])
     assert evaluation.audio[1].shape == (8000,)
     np.testing.assert_array_equal(evaluation.audio[0], train.audio[0])
+
+
+def test_audio_only_keeps_clips_without_transcripts_and_drops_too_few_frames(tmp_path, audio_writer):
+    """Pretraining (vocab=None): empty, punctuation-only and long transcripts are kept as they are, with
+    empty labels; a clip under `min_frames` frames is dropped and counted; the other filters still act."""
+    examples = _examples(tmp_path, audio_writer) + [Example(str(tmp_path / "a.wav"), "")]
+    ds, report = prepare_dataset(examples, vocab=None, normalize=None, sampling_rate=16000, cache_dir=tmp_path / "c",
+                                 num_workers=0, min_duration_s=0.3, max_duration_s=1.2, frames_fn=frames_320,
+                                 min_frames=30)
+    assert [os.path.basename(e.path) for e in ds.examples] == ["a.wav", "d.wav", "a.wav"]
+    assert ds.texts == ["merhaba", "?!", ""] and all(len(label) == 0 for label in ds.labels)
+    assert [(os.path.basename(c.path), c.reason) for c in ds.bad] == [
+        ("b.wav", "too_short"), ("c.wav", "too_long"), ("e.mp3", "too_few_frames"), ("f.wav", "undecodable")]
+    assert "25 frames, fewer than the 30" in ds.bad[2].detail
+    assert report["kept"] == 3 and report["too_few_frames"] == 1 and report["empty_text"] == report["infeasible"] == 0
 
 
 def test_repeats_count_towards_feasibility(tmp_path, audio_writer):

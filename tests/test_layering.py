@@ -28,6 +28,7 @@ RANKS = {
     "data": 5, "model": 5,  # siblings: the CTC frame rule comes into data/ as a function (frames_fn)
     "train": 6, "infer": 6,  # siblings: the trainer gets evaluation and export as `Tasks`
     "hub": 7,  # exports and checks with infer/'s loader and LM decoder
+    "pretrain": 7,  # a road on the trainer: an Objective for train/'s loop (never imports infer/ or hub/)
     "recipe": 8,
     "sweep": 9,
     "cli": 10,

@@ -18,6 +18,7 @@ ROAD = """the road from data to a Hub model:
   xlsr-jax evaluate runs/demo --data cv:data/demo_tr:test       # WER/CER, predictions TSV, eval_results.json
   xlsr-jax export runs/demo exports/demo --best                 # PyTorch folder + model card, self-checked
   xlsr-jax push exports/demo --repo-id USER/NAME --dry-run      # check, then push without --dry-run
+  xlsr-jax pretrain --config configs/pretrain_demo.yaml         # optional first: wav2vec 2.0 on audio alone
 see `xlsr-jax COMMAND --help` for each, and `xlsr-jax config` for every training setting."""
 
 
@@ -35,6 +36,19 @@ def _train(args: argparse.Namespace) -> int:
               "train.num_train_epochs); for a new run, choose another train.output_dir")
     if run.finished.exists():
         print(format_run_summary(run))
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import load_config
+    from xlsr_jax.pretrain.objective import format_pretrain_summary, pretrain
+    from xlsr_jax.rundir import RunDir
+
+    config = load_config(args.config, args.set)
+    result = pretrain(config)
+    if result.get("run/already_finished"):
+        print(f"already finished: {config.train.output_dir} has trained its steps; raise train.max_steps to go on")
+    print(format_pretrain_summary(RunDir(config.train.output_dir), result))
     return 0
 
 
@@ -185,6 +199,17 @@ def _parse_train(commands) -> None:
                                         "setting, with its default and meaning: `xlsr-jax config [--config F]`.")
     _add_config_args(p)
     p.set_defaults(handler=_train)
+
+
+def _parse_pretrain(commands) -> None:
+    p = commands.add_parser("pretrain", help="continue wav2vec 2.0 self-supervised pretraining on audio alone",
+                            description="Train the masked contrastive task (Wav2Vec2ForPreTraining) on untranscribed "
+                                        "audio as configured (the pretrain: section; model.pretrained: a Hugging "
+                                        "Face pretraining folder, or null for a new model); the same command resumes "
+                                        "a stopped run. hf_model/ is then a folder `xlsr-jax train` fine-tunes "
+                                        "with model.pretrained.")
+    _add_config_args(p)
+    p.set_defaults(handler=_pretrain)
 
 
 def _parse_sweep(commands) -> None:
@@ -346,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_parse_train, _parse_sweep, _parse_plan, _parse_config, _parse_evaluate, _parse_export, _parse_push,
+    for add in (_parse_train, _parse_pretrain, _parse_sweep, _parse_plan, _parse_config, _parse_evaluate, _parse_export, _parse_push,
                 _parse_transcribe, _parse_build_lm, _parse_inventory, _parse_split):
         add(commands)
     return parser

@@ -350,6 +350,65 @@ class EvalConfig:
     at_end: bool = _key(True, "also evaluate after the last step")
 
 
+NEGATIVE_SOURCES = ("masked", "frames")
+PRETRAIN_EVAL_METRICS = ("eval/loss", "eval/contrastive_loss", "eval/diversity_loss", "eval/codevector_perplexity")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """`xlsr-jax pretrain`: wav2vec 2.0's masked contrastive task (Hugging Face's `Wav2Vec2ForPreTraining`
+    fields and its pretraining example's defaults). Read only by pretraining; `xlsr-jax train` ignores it."""
+
+    num_negatives: int = _key(100, "distractors per masked frame in the contrastive loss, >= 1")
+    negatives_from: str = _key("masked", "where distractors come from: masked (the masked frames of the same "
+                                         "clip, fairseq's wav2vec 2.0) | frames (every real frame of the clip, "
+                                         "Hugging Face's example)")
+    mask_time_prob: float = _key(0.65, "share of frames that start a masked span (the targets), in (0, 1]")
+    mask_time_length: int = _key(10, "length of each masked span, in frames, >= 1; shorter clips are dropped")
+    mask_time_min_masks: int = _key(2, "at least this many masked spans per clip, >= 0")
+    max_gumbel_temperature: float = _key(2.0, "Gumbel-softmax temperature at step 0, > 0")
+    min_gumbel_temperature: float = _key(0.5, "the temperature never falls below this, > 0")
+    gumbel_temperature_decay: float = _key(0.999995, "temperature = max(max * decay^step, min), in (0, 1]")
+    diversity_loss_weight: float = _key(0.1, "weight of the codebook diversity loss, >= 0")
+    contrastive_logits_temperature: float = _key(0.1, "temperature of the contrastive softmax, > 0")
+    feat_quantizer_dropout: float = _key(0.0, "dropout on the features before the quantizer, in [0, 1]")
+    codevector_dim: int = _key(256, "model.pretrained null: the quantizer's codevector size (a multiple of "
+                                    "pretrain.num_codevector_groups); a pretrained folder keeps its own")
+    proj_codevector_dim: int = _key(256, "model.pretrained null: size both sides are projected to for the "
+                                         "contrastive loss")
+    num_codevector_groups: int = _key(2, "model.pretrained null: codebooks (groups) of the product quantizer")
+    num_codevectors_per_group: int = _key(320, "model.pretrained null: entries of each codebook")
+    collapse_perplexity: float = _key(2.0, "collapse guard: a logged codevector perplexity below this many "
+                                           "codes per group counts as collapsed (1: every frame the same code); "
+                                           "0: off")
+    collapse_patience: int = _key(5, "collapse guard: stop the run (checkpoint kept) after this many logged "
+                                     "steps in a row counted as collapsed, >= 1")
+
+    def __post_init__(self):
+        _check(self.num_negatives >= 1, "pretrain.num_negatives", "must be >= 1")
+        _check(self.negatives_from in NEGATIVE_SOURCES, "pretrain.negatives_from",
+               f"must be one of {', '.join(NEGATIVE_SOURCES)}")
+        _check(0.0 < self.mask_time_prob <= 1.0, "pretrain.mask_time_prob", "must be in (0, 1]")
+        _check(self.mask_time_length >= 1, "pretrain.mask_time_length", "must be >= 1")
+        _check(self.mask_time_min_masks >= 0, "pretrain.mask_time_min_masks", "must be >= 0")
+        _check(0.0 < self.min_gumbel_temperature <= self.max_gumbel_temperature, "pretrain.min_gumbel_temperature",
+               "must be > 0 and <= pretrain.max_gumbel_temperature", related=["pretrain.max_gumbel_temperature"])
+        _check(0.0 < self.gumbel_temperature_decay <= 1.0, "pretrain.gumbel_temperature_decay", "must be in (0, 1]")
+        _check(self.diversity_loss_weight >= 0, "pretrain.diversity_loss_weight", "must be >= 0")
+        _check(self.contrastive_logits_temperature > 0, "pretrain.contrastive_logits_temperature", "must be > 0")
+        _check(0.0 <= self.feat_quantizer_dropout <= 1.0, "pretrain.feat_quantizer_dropout", "must be in [0, 1]")
+        for name in ("codevector_dim", "proj_codevector_dim", "num_codevector_groups", "num_codevectors_per_group"):
+            _check(getattr(self, name) >= 1, f"pretrain.{name}", "must be >= 1")
+        _check(self.codevector_dim % self.num_codevector_groups == 0, "pretrain.codevector_dim",
+               "must be a multiple of pretrain.num_codevector_groups", related=["pretrain.num_codevector_groups"])
+        _check(self.collapse_perplexity >= 0, "pretrain.collapse_perplexity", "must be >= 0 (0: off)")
+        _check(self.collapse_patience >= 1, "pretrain.collapse_patience", "must be >= 1")
+
+    def min_frames(self) -> int:
+        """Fewest model frames a clip needs: one whole masked span, and a distractor other than itself."""
+        return max(self.mask_time_length, 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = _key(meaning="the network; regularisation keys keep Hugging Face's Wav2Vec2Config "
@@ -367,6 +426,8 @@ class Config:
     checkpoint: CheckpointConfig = _key(meaning="which checkpoints are kept, and resuming",
                                         factory=CheckpointConfig)
     eval: EvalConfig = _key(meaning="evaluation during and after training", factory=EvalConfig)
+    pretrain: PretrainConfig = _key(meaning="xlsr-jax pretrain: masking, distractors, quantizer, losses, collapse "
+                                            "guard (xlsr-jax train ignores it)", factory=PretrainConfig)
 
     def __post_init__(self):
         _check(self.train.early_stopping_patience is None or bool(self.checkpoint.best_metric and self.data.eval),

@@ -39,21 +39,47 @@ def read_curves(
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
     """Write a two-panel PNG (losses; WER/CER in %) against the step. None, and no file, when the
     metrics file is missing or holds none of the plotted keys."""
+    return plot_panels(metrics_jsonl, out_png, [(LOSS_KEYS, 1.0, "CTC loss", "Loss"),
+                                                (RATE_KEYS, 100.0, "error rate (%)", "Eval WER / CER")])
+
+
+# xlsr-jax pretrain's curves: (keys, scale, y label, title) per panel.
+PRETRAIN_PANELS = (
+    (("pretrain/loss", "eval/loss", "pretrain/contrastive_loss", "eval/contrastive_loss"), 1.0,
+     "per masked frame", "Loss (contrastive + weighted diversity)"),
+    (("pretrain/diversity_loss", "eval/diversity_loss"), 1.0, "per masked frame", "Diversity loss"),
+    (("pretrain/codevector_perplexity", "eval/codevector_perplexity"), 1.0, "codes in use", "Codevector perplexity"),
+    (("pretrain/gumbel_temperature", "pretrain/masked_share"), 1.0, "", "Gumbel temperature, masked share"),
+    (("pretrain/learning_rate",), 1.0, "", "Learning rate"),
+    (("pretrain/grad_norm",), 1.0, "", "Gradient norm"),
+)
+
+
+def plot_pretraining_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
+    """`plot_training_curves` for `xlsr-jax pretrain`: the panels of PRETRAIN_PANELS, in two rows."""
+    return plot_panels(metrics_jsonl, out_png, PRETRAIN_PANELS, columns=3)
+
+
+def plot_panels(metrics_jsonl: str | Path, out_png: str | Path, panels, columns: int | None = None) -> Path | None:
+    """A PNG of one panel per (keys, scale, y label, title) of `panels` against the step, `columns` a row.
+    None, and no file, when the metrics file is missing or holds none of the plotted keys."""
     metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
     if not metrics_jsonl.is_file():
         return None
-    curves = read_curves(metrics_jsonl)
+    curves = read_curves(metrics_jsonl, tuple(k for keys, *_ in panels for k in keys))
     if not curves:
         return None
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no display, no figure leak.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(5.5 * columns, 4 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    losses, rates = fig.subplots(1, 2)
-    _panel(losses, curves, LOSS_KEYS, scale=1.0, ylabel="CTC loss", title="Loss")
-    _panel(rates, curves, RATE_KEYS, scale=100.0, ylabel="error rate (%)", title="Eval WER / CER")
+    axes = fig.subplots(rows, columns, squeeze=False).reshape(-1)
+    for ax, (keys, scale, ylabel, title) in zip(axes, panels):
+        _panel(ax, curves, keys, scale=scale, ylabel=ylabel, title=title)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
     return out_png

@@ -69,21 +69,23 @@ def host_shard(data: DataConfig) -> HostShard | None:
                      lambda x: np.asarray(multihost_utils.process_allgather(x)))
 
 
-def prepare_kwargs(data: DataConfig, vocab: Vocab, normalization: TextNormalization,
+def prepare_kwargs(data: DataConfig, vocab: Vocab | None, normalization: TextNormalization | None,
                    frames_fn: Callable[[int], int]) -> dict:
     """The arguments `prepare_dataset` takes that are the same for every split of a run; `frames_fn` maps
-    a clip's samples to the model's CTC frames."""
-    return dict(vocab=vocab, normalize=lambda e: normalization(e.text, e.language), sampling_rate=SAMPLING_RATE,
+    a clip's samples to the model's CTC frames. No vocabulary and normalisation: audio only (pretraining)."""
+    normalize = None if normalization is None else (lambda e: normalization(e.text, e.language))
+    return dict(vocab=vocab, normalize=normalize, sampling_rate=SAMPLING_RATE,
                 cache_dir=os.path.join(cache_root(data), "audio"), num_workers=data.num_workers,
                 frames_fn=frames_fn, shard=host_shard(data))
 
 
-def eval_loader(examples: Sequence[Example], *, data: DataConfig, vocab: Vocab,
-                normalization: TextNormalization, frames_fn: Callable[[int], int], batch_size: int,
-                name: str = "eval") -> tuple[BatchLoader, dict]:
+def eval_loader(examples: Sequence[Example], *, data: DataConfig, vocab: Vocab | None,
+                normalization: TextNormalization | None, frames_fn: Callable[[int], int], batch_size: int,
+                name: str = "eval", min_frames: int = 0) -> tuple[BatchLoader, dict]:
     """(loader over every decodable utterance, report of counts). Nothing is filtered by duration, and
-    utterances too long for their frames are kept and counted: dropping them would flatter the WER."""
-    dataset, report = prepare_dataset(examples, drop_infeasible=False, name=name,
+    utterances too long for their frames are kept and counted: dropping them would flatter the WER.
+    Without a vocabulary (pretraining), clips under `min_frames` frames are dropped."""
+    dataset, report = prepare_dataset(examples, drop_infeasible=False, name=name, min_frames=min_frames,
                                       **prepare_kwargs(data, vocab, normalization, frames_fn))
     loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False,
                          boundaries=bucket_boundaries(dataset.lengths, data.eval_num_buckets),

@@ -58,8 +58,8 @@ def ctc_min_frames(labels: Sequence[np.ndarray]) -> np.ndarray:
 def prepare_dataset(
     examples: Sequence[Example],
     *,
-    vocab: Vocab,
-    normalize: Callable[[Example], str],
+    vocab: Vocab | None,
+    normalize: Callable[[Example], str] | None,
     sampling_rate: int,
     cache_dir: str | os.PathLike,
     num_workers: int,
@@ -69,6 +69,7 @@ def prepare_dataset(
     drop_infeasible: bool = True,
     name: str = "train",
     shard: HostShard | None = None,
+    min_frames: int = 0,
 ) -> tuple[PreparedDataset, dict]:
     """Normalise, decode (via the cache), filter; return the dataset and a report of counts
     (``total``, ``kept``, ``hours`` and one count per reason of data/report.py's REASONS).
@@ -80,6 +81,10 @@ def prepare_dataset(
     ``name`` is the split the report rows name. With a ``shard`` of several hosts this host decodes only
     its part of the clips and the hosts exchange the results (data/shards.py): every host gets the same
     dataset, whose audio holds this host's rows (``owners``).
+
+    ``vocab=None`` (pretraining: audio without transcripts): texts are kept as written, never required
+    or checked, labels are empty; instead clips with fewer than ``min_frames`` frames are dropped
+    ("too_few_frames").
     """
     examples = list(examples)
     # Every clip goes into the cache, so it depends on the audio files only: changing the text
@@ -91,15 +96,20 @@ def prepare_dataset(
         cache, failures = build_audio_cache(
             examples, cache_dir, sampling_rate=sampling_rate, num_workers=num_workers
         )
-    texts = [normalize(ex) for ex in examples]
+    texts = [normalize(ex) if normalize is not None else ex.text for ex in examples]
     min_len = -np.inf if min_duration_s is None else min_duration_s * sampling_rate
     max_len = np.inf if max_duration_s is None else max_duration_s * sampling_rate
-    keep, bad = _select(examples, texts, cache, failures, (min_len, max_len), sampling_rate, name)
-    bad += _flag_out_of_vocabulary([(i, examples[i], texts[i]) for i, _ in keep], vocab, name)
+    keep, bad = _select(examples, texts, cache, failures, (min_len, max_len), sampling_rate, name,
+                        need_text=vocab is not None)
+    if vocab is None:
+        keep, more = _drop_too_few_frames(examples, keep, cache.lengths, frames_fn, min_frames, name)
+        bad += more
+    else:
+        bad += _flag_out_of_vocabulary([(i, examples[i], texts[i]) for i, _ in keep], vocab, name)
 
-    labels = [vocab.encode(texts[i]) for i, _ in keep]
+    labels = [vocab.encode(texts[i]) if vocab is not None else np.zeros(0, np.int32) for i, _ in keep]
     lengths = np.asarray([cache.lengths[r] for _, r in keep], dtype=np.int64)
-    if frames_fn is not None and keep:
+    if frames_fn is not None and keep and vocab is not None:
         frames = np.asarray(frames_fn(lengths)).reshape(-1)
         needed = ctc_min_frames(labels)
         feasible = frames >= needed
@@ -130,11 +140,25 @@ def prepare_dataset(
     return dataset, report
 
 
+def _drop_too_few_frames(examples: list[Example], keep: list, samples: np.ndarray, frames_fn, min_frames: int,
+                         split: str) -> tuple[list, list]:
+    """(the kept (example index, cache row) pairs whose audio gives at least `min_frames` frames, [(example
+    index, dropped BadClip)] of the others)."""
+    if not keep or not min_frames or frames_fn is None:
+        return keep, []
+    frames = np.asarray(frames_fn(np.asarray([samples[r] for _, r in keep], np.int64))).reshape(-1)
+    bad = [(i, BadClip(split, examples[i].source, examples[i].path, "too_few_frames",
+                       f"{f} frames, fewer than the {min_frames} a masked span needs"))
+           for (i, _), f in zip(keep, frames) if f < min_frames]
+    return [k for k, f in zip(keep, frames) if f >= min_frames], bad
+
+
 def _select(examples: list[Example], texts: list[str], cache, failures: list[DecodeFailure],
-            length_range: tuple[float, float], sampling_rate: int, split: str) -> tuple[list, list]:
-    """([(example index, cache row)] of examples with audio, text and a length in range, [(example
-    index, dropped BadClip)] of the others). One reason per clip: the audio's first, then the text's,
-    then the length's."""
+            length_range: tuple[float, float], sampling_rate: int, split: str, *,
+            need_text: bool = True) -> tuple[list, list]:
+    """([(example index, cache row)] of examples with audio, text (when `need_text`) and a length in
+    range, [(example index, dropped BadClip)] of the others). One reason per clip: the audio's first,
+    then the text's, then the length's."""
     row_of = np.full(len(texts), -1, dtype=np.int64)  # example index -> cache row
     row_of[cache.example_indices] = np.arange(len(cache))
     failed = {f.index: f for f in failures}
@@ -145,7 +169,8 @@ def _select(examples: list[Example], texts: list[str], cache, failures: list[Dec
             # The message starts with the path, which the report has in its own column.
             problem = failed[i].reason, failed[i].message.removeprefix(f"{ex.path}: ")
         else:
-            problem = clip_problem(ex, text, int(cache.lengths[row]), length_range, sampling_rate)
+            problem = clip_problem(ex, text if need_text else None, int(cache.lengths[row]), length_range,
+                                   sampling_rate)
         if problem is None:
             keep.append((i, row))
             continue
@@ -153,13 +178,14 @@ def _select(examples: list[Example], texts: list[str], cache, failures: list[Dec
     return keep, bad
 
 
-def clip_problem(example: Example, text: str, samples: int, length_range: tuple[float, float],
+def clip_problem(example: Example, text: str | None, samples: int, length_range: tuple[float, float],
                  sampling_rate: int) -> tuple[str, str] | None:
     """(reason, detail) that drops a decoded clip of ``samples`` with normalised ``text``, or None: the
-    text's reason first, then the length's (outside ``length_range``, in samples)."""
+    text's reason first, then the length's (outside ``length_range``, in samples). ``text=None``: no
+    transcript is needed (pretraining)."""
     min_len, max_len = length_range
     seconds = samples / sampling_rate
-    if not text:
+    if text is not None and not text:
         return "empty_text", f"transcript {example.text!r}"
     if samples < min_len:
         return "too_short", f"{seconds:.2f} s, shorter than {min_len / sampling_rate:g} s"

@@ -33,6 +33,7 @@ REASONS = {
     "empty_text": "no transcript left after normalisation (empty or punctuation only)",
     "out_of_vocabulary": "characters the vocabulary lacks (kept; they become [UNK])",
     "infeasible": "more labels than the audio has CTC frames",
+    "too_few_frames": "pretraining: fewer model frames than one masked span (pretrain.mask_time_length) needs",
 }
 
 

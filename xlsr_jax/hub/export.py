@@ -29,6 +29,7 @@ from xlsr_jax.data.audio import SAMPLING_RATE
 from xlsr_jax.errors import UserError
 from xlsr_jax.hub.verify import reference_clips, verify_folder
 from xlsr_jax.model import flax_to_pytorch, save_pytorch_weights
+from xlsr_jax.model.hf_config import feature_extractor
 from xlsr_jax.model.layout import unstack_layers
 from xlsr_jax.rundir import CURVES_FILE, EXPORT_FILES, EXPORT_INFO, RunDir, read_eval_results
 from xlsr_jax.text import NORMALIZATION_FILE, PAD, UNK, WORD_DELIMITER, TextNormalization, Vocab
@@ -38,17 +39,14 @@ logger = logging.getLogger(__name__)
 
 def processor_for(vocab: Vocab, config: Wav2Vec2Config, directory: Path):
     """transformers' Wav2Vec2Processor for our vocabulary (vocab.json is written into `directory`)."""
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
     vocab.save(directory / "vocab.json")
     # No <s>/</s>: the tokenizer would append ids the model never emits, making len(tokenizer) differ
     # from the head's size.
     tokenizer = Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token=UNK, pad_token=PAD,
                                      word_delimiter_token=WORD_DELIMITER, bos_token=None, eos_token=None)
-    # Layer-norm (XLSR / large) models are trained with padding masks; group-norm base models are not.
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLING_RATE, padding_value=0.0, do_normalize=True,
-                                         return_attention_mask=config.feat_extract_norm == "layer")
-    return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    return Wav2Vec2Processor(feature_extractor=feature_extractor(config, SAMPLING_RATE), tokenizer=tokenizer)
 
 
 def write_hf_folder(params: Any, config: Wav2Vec2Config, vocab: Vocab, out_dir: str | Path, *,

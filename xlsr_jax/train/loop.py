@@ -1,6 +1,7 @@
-"""`train(config, tasks)`: the whole run, cut into phases (output / mesh / data / model+state / steps /
-checkpoint / loop). Stops cleanly on SIGINT/SIGTERM (TPU preemption) with a checkpoint; an error leaves
-the last good checkpoint as it was.
+"""`run_training(config, objective)`: the whole run, cut into phases (output / mesh / data / model+state /
+steps / checkpoint / loop), for any `Objective` (train/objective.py): CTC fine-tuning (`train(config, tasks)`,
+train/ctc.py) or pretraining (xlsr_jax/pretrain/). Stops cleanly on SIGINT/SIGTERM (TPU preemption) with a
+checkpoint; an error leaves the last good checkpoint as it was.
 
 Evaluation and export come in as `Tasks` (as big_vision's trainers take their evaluators): train/ never
 imports infer/ or hub/. `xlsr_jax.recipe.train(config)` passes xlsr-jax's own."""
@@ -25,42 +26,28 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from xlsr_jax import parallel
+from xlsr_jax.aot import ShapeDispatch, batch_shape
 from xlsr_jax.checkpoint import Checkpointer, abstract_with_shardings
 from xlsr_jax.config import Config, save_config, to_dict
-from xlsr_jax.aot import ShapeDispatch, StepToCompile, batch_shape, compile_steps
 from xlsr_jax.data.audio import SAMPLING_RATE
 from xlsr_jax.data.batch import MODEL_INPUTS
 from xlsr_jax.data.stream import load_stream_state, save_stream_state
-from xlsr_jax.plots import plot_training_curves
+from xlsr_jax.errors import UserError
 from xlsr_jax.rundir import CONFIG_MARK, RunDir, write_atomically
+from xlsr_jax.train.ctc import CTC, Tasks, ctc_summary
 from xlsr_jax.train.metrics import MetricsWriter
+from xlsr_jax.train.objective import Evaluator, Guard, Objective
 from xlsr_jax.train.optim import check_consecutive_skips
-from xlsr_jax.train.resume import (check_output_dir, check_start, clear_output_dir, init_model, plan_start,
-                                   start_state, write_signature)
-from xlsr_jax.train.setup import Data, build_data, build_model, build_state
+from xlsr_jax.train.resume import (check_output_dir, check_start, clear_output_dir, plan_start, start_state,
+                                   write_signature)
+from xlsr_jax.train.setup import Data, build_state
 from xlsr_jax.train.signature import loader_plan_sha256, run_signature
-from xlsr_jax.train.step import jit_train_step
 from xlsr_jax.train.stopping import EarlyStopping, EvalCallback
 from xlsr_jax.train.summary import read_finished, write_finished
 
+__all__ = ["Tasks", "run_training", "total_steps", "train"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tasks:
-    """What a run does besides training steps; `xlsr_jax.recipe.tasks()` gives xlsr-jax's own.
-
-    eval_step(model, *, blank_id, reduction, params_shardings, mesh) -> a jitted step that `aot` compiles
-        for every eval bucket: (params, batch) -> per-utterance loss and greedy ids (infer/step.py).
-    predict(params, loader, eval_step, vocab, mesh) -> ({"loss", "wer", "cer", "examples", ...},
-        predictions with .reference and .hypothesis): one pass over the eval loader (infer/predict.py).
-    export(params, model_config, vocab, folder, *, normalization, run, run_config, step, clips, info)
-        -> {"check": None or the PyTorch self-check's report}: the hf_model/ folder (hub/export.py).
-    """
-
-    eval_step: Callable[..., Any]
-    predict: Callable[..., tuple[dict[str, float], list]]
-    export: Callable[..., dict[str, Any]]
 
 
 class _StopSignal:
@@ -116,9 +103,13 @@ def total_steps(config: Config, batches_per_epoch: int) -> int:
 
 
 class _TrainMetrics:
-    """Accumulates device metrics between log lines without forcing a device sync every step."""
+    """Accumulates device metrics between log lines without forcing a device sync every step.
 
-    def __init__(self):
+    `summarize(fetched)` turns the steps' metrics (a list of dicts of numbers) into the logged ones; the
+    throughput is added under `namespace`."""
+
+    def __init__(self, summarize: Callable[[list[dict]], dict[str, float]], namespace: str = "train"):
+        self.summarize, self.namespace = summarize, namespace
         self.pending, self.audio_seconds, self.start = [], 0.0, time.perf_counter()
 
     def add(self, metrics, local_batch) -> None:
@@ -129,13 +120,9 @@ class _TrainMetrics:
         fetched = jax.device_get(self.pending)
         elapsed = time.perf_counter() - self.start
         out = {
-            "train/loss": float(np.mean([m["loss"] for m in fetched])),
-            "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-            "train/learning_rate": float(fetched[-1]["learning_rate"]),
-            "train/infeasible": float(sum(m["infeasible"] for m in fetched)),
-            "train/skipped_steps": float(sum(m["skipped"] for m in fetched)),
-            "train/audio_seconds_per_second": self.audio_seconds / max(elapsed, 1e-9),
-            "train/padding_fraction": padding,
+            **self.summarize(fetched),
+            f"{self.namespace}/audio_seconds_per_second": self.audio_seconds / max(elapsed, 1e-9),
+            f"{self.namespace}/padding_fraction": padding,
         }
         self.pending, self.audio_seconds, self.start = [], 0.0, time.perf_counter()
         return out
@@ -173,13 +160,20 @@ class _Progress:
 
 
 def train(config: Config, tasks: Tasks, *, on_eval: EvalCallback | None = None) -> dict[str, float]:
-    """Run training as configured, evaluating and exporting with `tasks`; returns the last eval metrics
-    (or the last train metrics).
+    """Fine-tune with CTC as configured, evaluating and exporting with `tasks`: `run_training` of the CTC
+    objective (train/ctc.py)."""
+    return run_training(config, CTC(tasks), on_eval=on_eval)
+
+
+def run_training(config: Config, objective: Objective, *, on_eval: EvalCallback | None = None) -> dict[str, float]:
+    """Run training of `objective` as configured; returns the last eval metrics (or the last train metrics).
 
     A run that already finished (same step budget) returns its stored summary with
     "run/already_finished" set instead of training again. `on_eval(step, eval metrics)` returning True
     ends the run after that evaluation, as `train.early_stopping_patience` does ("run/stopped_early").
+    The objective's guard stopping the run saves a checkpoint, then raises its UserError.
     """
+    objective.check(config)
     check_output_dir(config.train.output_dir)
     run = RunDir(config.train.output_dir)
     finished = None if config.train.overwrite_output_dir else read_finished(run, config)
@@ -202,36 +196,26 @@ def train(config: Config, tasks: Tasks, *, on_eval: EvalCallback | None = None) 
         clear_output_dir(run, is_main)
 
     # --- data (before the run's files are written: a bad source leaves only data_report.tsv behind)
-    data = build_data(config, run.path, batch_size, eval_batch_size, data_parallel=dp)
+    data = objective.build_data(config, run.path, batch_size, eval_batch_size, data_parallel=dp)
     data.report_bad_clips(run.data_report, config.data.max_skip_fraction, write=is_main)  # may stop the run
     # Each host built its data alone: one host's transient decode failure would give it another plan (a
     # hang, or other batches). Compared before the first collective that depends on it.
     parallel.assert_hosts_agree(_host_fields(config, data))
     streaming = getattr(data.train, "streaming", False)
     steps = total_steps(config, data.train.batches_per_epoch)
-    sizes = data.train.batch_sizes  # one per bucket: differ under train.per_device_audio_seconds
-    clips = data.clips or data.train.dataset  # speed perturbation makes several rows of one clip
-    rows = "" if clips is data.train.dataset else f" ({len(data.train.dataset)} rows, one per speed)"
-    logger.info("train: %d utterances%s, %s batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
-                len(clips), " in the stream's probe" if streaming else rows,
-                "(streaming: unknown)" if streaming else data.train.batches_per_epoch,
-                sizes[0] if len(set(sizes)) == 1 else f"{list(sizes)} (by bucket)", data.train.shapes,
-                100 * data.train.padding_fraction, steps)
+    _log_data(data, steps)
 
     # --- model, optimizer and state, built sharded
-    if begin.kind == "init":
-        model, host_params = init_model(begin.source, config, data.vocab)
-    else:
-        model, host_params = build_model(config, data.vocab)
+    model, host_params = objective.build_model(config, data, begin)
     state, shardings, tx, schedule = build_state(config, model, host_params, mesh, steps)
     del host_params
-    signature = run_signature(config, data, model.config)
+    signature = run_signature(config, data, model.config, objective=objective.name)
     check_start(begin, run, signature)  # before any file of the run is rewritten
     run.path.mkdir(parents=True, exist_ok=True)
     if is_main:  # each written whole or not at all: a kill here must not spoil the next resume
         write_atomically(run.config, lambda tmp: save_config(config, tmp, header=CONFIG_MARK))
-        write_atomically(run.vocab, data.vocab.save)
-        write_atomically(run.normalization, data.normalization.save)
+        for path, save in objective.run_files(run, data):
+            write_atomically(path, save)
         write_atomically(run.model_config, model.config.to_json_file)
         write_signature(run, signature)
     c = config.checkpoint
@@ -244,15 +228,17 @@ def train(config: Config, tasks: Tasks, *, on_eval: EvalCallback | None = None) 
         data.train.restore(load_stream_state(run.stream_state, start))
 
     # --- compiled steps: every train and eval bucket shape, ahead of time (nothing compiles mid-run)
-    step_fn, eval_fn = _compile(config, data, model, tx, schedule, state, shardings, mesh, tasks.eval_step)
+    step_fn, eval_fn = objective.compile(config, data, model, tx, schedule, state, shardings, mesh)
 
     writer = MetricsWriter(run.path, enabled=is_main)
     stopping = None
     if config.train.early_stopping_patience:
         stopping = EarlyStopping.resumed(c.best_metric, c.best_mode, config.train.early_stopping_patience,
                                          checkpoints, start)
+    evaluator = objective.evaluator(config, data, eval_fn, mesh) if eval_fn is not None else None
     loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer, stopping, on_eval, run_dir=run,
-                 predict=tasks.predict)
+                 evaluator=evaluator, summarize=objective.summarize, namespace=objective.namespace,
+                 guard=objective.guard(config, model.config))
     try:
         with _StopSignal().installed() as stop:
             state, last = loop.run(state, start, steps, stop)
@@ -260,6 +246,8 @@ def train(config: Config, tasks: Tasks, *, on_eval: EvalCallback | None = None) 
         if checkpoints.latest_step() != final_step:
             loop.save(final_step, state, loop.eval_metrics_at(final_step))
         checkpoints.wait()
+        if loop.stopped_by_guard:  # checkpoint kept, nothing exported: the run did not finish
+            raise UserError(loop.stopped_by_guard)
         if not stop.requested:
             params, step, selected = state.params, final_step, "final"
             best = checkpoints.best_step()
@@ -271,15 +259,27 @@ def train(config: Config, tasks: Tasks, *, on_eval: EvalCallback | None = None) 
                 kept.close()
                 step, selected = best, "best"
                 logger.info("hf_model: the best checkpoint (step %d by %s) is exported", best, c.best_metric)
-            _export(tasks.export, run, config, model, params, data, step, is_main, selected)
+            objective.export(run, config, model, params, data, step, is_main=is_main, selected=selected)
             if is_main:
                 write_finished(run, config, final_step, steps, last, best_step=checkpoints.best_step())
     finally:
         checkpoints.close()
         writer.close()
         if is_main:
-            plot_training_curves(run.metrics, run.curves)
+            objective.plot(run.metrics, run.curves)
     return last
+
+
+def _log_data(data: Data, steps: int) -> None:
+    streaming = getattr(data.train, "streaming", False)
+    sizes = data.train.batch_sizes  # one per bucket: differ under train.per_device_audio_seconds
+    clips = data.clips or data.train.dataset  # speed perturbation makes several rows of one clip
+    rows = "" if clips is data.train.dataset else f" ({len(data.train.dataset)} rows, one per speed)"
+    logger.info("train: %d utterances%s, %s batches of %s per epoch, buckets %s, padding %.1f%%; %d steps",
+                len(clips), " in the stream's probe" if streaming else rows,
+                "(streaming: unknown)" if streaming else data.train.batches_per_epoch,
+                sizes[0] if len(set(sizes)) == 1 else f"{list(sizes)} (by bucket)", data.train.shapes,
+                100 * data.train.padding_fraction, steps)
 
 
 def _host_fields(config: Config, data: Data) -> dict[str, Any]:
@@ -287,7 +287,8 @@ def _host_fields(config: Config, data: Data) -> dict[str, Any]:
     data plans (examples, lengths, labels and the first epoch's batches)."""
     tree = to_dict(config)
     tree["mesh"].pop("process_id")  # the one key that differs by design
-    fields = {"config": tree, "vocab": list(data.vocab.tokens), "normalization": dataclasses.asdict(data.normalization)}
+    fields = {"config": tree, "vocab": list(data.vocab.tokens) if data.vocab is not None else None,
+              "normalization": dataclasses.asdict(data.normalization) if data.normalization is not None else None}
     for name, loader in (("train", data.train), ("eval", data.eval)):
         if loader is None:
             continue
@@ -296,46 +297,6 @@ def _host_fields(config: Config, data: Data) -> dict[str, Any]:
         fields[f"{name}.labels"] = np.concatenate([np.asarray([len(x) for x in d.labels]), *d.labels])
         fields[f"{name}.plan"] = loader_plan_sha256(loader)
     return fields
-
-
-def _compile(config: Config, data: Data, model, tx, schedule, state, shardings, mesh: Mesh,
-             jit_eval_step: Callable) -> tuple[ShapeDispatch, ShapeDispatch | None]:
-    """(train step, eval step or None without eval data), each compiled for every batch shape its
-    loader announces (`batch_shapes`), with the shardings they run with: the state and its
-    parameters as `shardings` says, batches split over the batch axes. Lands in (or comes from) the
-    persistent compilation cache when `train.compilation_cache` is set."""
-    blank, reduction = data.vocab.pad_id, config.model.ctc_loss_reduction
-    train_jit = jit_train_step(model, tx, schedule, blank_id=blank, reduction=reduction,
-                               accum=config.optim.gradient_accumulation_steps, state_shardings=shardings, mesh=mesh)
-    steps = [StepToCompile("train", train_jit, abstract_with_shardings(state, shardings),
-                           data.train.batch_shapes.values())]
-    if data.eval is not None:
-        eval_jit = jit_eval_step(model, blank_id=blank, reduction=reduction, params_shardings=shardings.params,
-                                 mesh=mesh)
-        steps.append(StepToCompile("eval", eval_jit, abstract_with_shardings(state.params, shardings.params),
-                                   data.eval.batch_shapes.values()))
-    compiled = compile_steps(steps, parallel.batch_sharding(mesh))
-    return compiled["train"], compiled.get("eval")
-
-
-def _export(export_params: Callable, run: RunDir, config: Config, model, params, data: Data, step: int,
-            is_main: bool, selected: str = "final") -> None:
-    """hf_model/: the same converter, card and (with torch) check as `xlsr-jax export`."""
-    params = parallel.host_params(params)  # a collective when parameters are sharded across processes
-    if not is_main:
-        return
-    dataset = (data.eval or data.train).dataset
-    held = range(len(dataset)) if dataset.owners is None else np.flatnonzero(dataset.owners == jax.process_index())
-    clips = [np.asarray(dataset.audio[int(i)]) for i in held[:3]]  # clips whose audio this host decoded
-    out = export_params(params, model.config, data.vocab, run.hf_model, normalization=data.normalization, run=run,
-                        run_config=config, step=step, clips=clips, info={"run": str(run.path if "://" in str(run.path) else run.path.absolute()),
-                                                                          "selected": selected})
-    if out["check"] is None:
-        logger.info("hf_model: torch is not installed, so the PyTorch self-check was skipped "
-                    "(pip install 'xlsr-jax[torch]' to have it)")
-    else:
-        logger.info("hf_model: PyTorch self-check on %d clips: max |dlogits| %.2e, greedy transcripts identical: %s",
-                    out["check"]["clips"], out["check"]["max_abs_diff"], out["check"]["transcripts_identical"])
 
 
 @dataclasses.dataclass
@@ -352,12 +313,16 @@ class _Loop:
     early_stopping: EarlyStopping | None = None
     on_eval: EvalCallback | None = None
     run_dir: RunDir | None = None  # where a streaming loader's state is saved with each checkpoint
-    predict: Callable | None = None  # Tasks.predict: needed when there is eval data
+    evaluator: Evaluator | None = None  # needed when there is eval data
+    summarize: Callable[[list[dict]], dict[str, float]] = ctc_summary  # the step metrics -> logged ones
+    namespace: str = "train"  # of the logged training metrics
+    guard: Guard | None = None  # (step, logged metrics) -> a reason to stop the run, or None
+    stopped_by_guard: str | None = None  # the guard's reason, once it stopped the run
     _evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def run(self, state, start: int, steps: int, stop: _StopSignal):
-        t = self.config.train
-        tracker, last, shapes = _TrainMetrics(), {}, set()
+        t, ns = self.config.train, self.namespace
+        tracker, last, shapes = _TrainMetrics(self.summarize, ns), {}, set()
         # The next batch's host-to-device copy overlaps this step; resuming starts at batch `start`.
         batches = parallel.device_batches(self.data.train.iter_from_step(start), self.mesh, MODEL_INPUTS)
         progress = _Progress(tqdm(total=steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True,
@@ -378,9 +343,12 @@ class _Loop:
                 self.writer.write(step, last)
                 # Read with the metrics: no extra wait. Every process holds the same count, so all stop.
                 check_consecutive_skips(state.opt_state, self.config.optim.max_consecutive_skips, step)
-                progress.finished(step, loss=f"{last['train/loss']:.3f}", lr=f"{last['train/learning_rate']:.2e}",
-                                  audio_s_per_s=f"{last['train/audio_seconds_per_second']:.0f}")
-            if stopping:  # no evaluation: a preempted machine's grace period is for the checkpoint
+                progress.finished(step, loss=f"{last[f'{ns}/loss']:.3f}", lr=f"{last[f'{ns}/learning_rate']:.2e}",
+                                  audio_s_per_s=f"{last[f'{ns}/audio_seconds_per_second']:.0f}")
+                # The logged metrics are the same on every process: all stop at the same step.
+                self.stopped_by_guard = self.guard(step, last) if self.guard is not None else None
+            # No evaluation: a preempted machine's grace period is for the checkpoint.
+            if stopping or self.stopped_by_guard:
                 break
             ending = False
             if self.data.eval is not None and (step % t.eval_steps == 0 or (step == steps and self.config.eval.at_end)):
@@ -394,11 +362,11 @@ class _Loop:
                 last = {**last, "run/stopped_early": float(step)}
                 break
         progress.close(step)
-        last["train/compiled_shapes"] = len(self.step_fn)
-        last["train/buckets_used"] = len(shapes)
+        last[f"{ns}/compiled_shapes"] = len(self.step_fn)
+        last[f"{ns}/buckets_used"] = len(shapes)
         logger.info("stopped at step %d of %d; %d updates skipped for non-finite values; %d step shapes "
                     "compiled ahead of time, %d used", step, steps, int(jax.device_get(state.skipped)),
-                    last["train/compiled_shapes"], len(shapes))
+                    last[f"{ns}/compiled_shapes"], len(shapes))
         return state, last
 
     def _ends_after(self, step: int, scores: dict[str, float]) -> bool:
@@ -428,13 +396,10 @@ class _Loop:
         return self._evaluated.get(step)
 
     def evaluate(self, state, step: int) -> dict[str, float]:
-        scores, predictions = self.predict(state.params, self.data.eval, self.eval_fn, self.data.vocab, self.mesh)
-        scores = {f"eval/{k}": v for k, v in scores.items()}
+        scores, summary, examples = self.evaluator(state.params)
         self._evaluated = {step: scores}
         self.writer.write(step, scores)
-        shown = "\n".join(f"  ref: {p.reference}\n  hyp: {p.hypothesis}"
-                          for p in predictions[: self.config.eval.num_examples_to_print])
-        logger.info("step %d eval: loss %.3f  WER %.2f%%  CER %.2f%% (%d utterances)\n%s", step, scores["eval/loss"],
-                    100 * scores["eval/wer"], 100 * scores["eval/cer"], scores["eval/examples"], shown)
-        self.writer.text(step, "eval/examples", shown)
+        logger.info("step %d eval: %s%s", step, summary, f"\n{examples}" if examples else "")
+        if examples:
+            self.writer.text(step, "eval/examples", examples)
         return scores

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from transformers import Wav2Vec2Config
 
 from xlsr_jax import parallel
 from xlsr_jax.config import Config, ConfigError, DataConfig
@@ -28,7 +29,7 @@ from xlsr_jax.data.stream import ClipMaker, StreamingLoader, probe_dataset, stre
 from xlsr_jax.data.stream_sources import ElementStream, open_sources
 from xlsr_jax.data.audio import SAMPLING_RATE
 from xlsr_jax.data.pipeline import cache_root, check_specs, eval_loader, prepare_kwargs, read_examples
-from xlsr_jax.model import FlaxWav2Vec2ForCTC, feat_extract_output_lengths, load_pretrained
+from xlsr_jax.model import FlaxWav2Vec2ForCTC, FlaxWav2Vec2ForPreTraining, feat_extract_output_lengths, load_pretrained
 from xlsr_jax.model.hf_config import model_config, model_overrides
 from xlsr_jax.text import TextNormalization, Vocab
 from xlsr_jax.train.optim import build_optimizer
@@ -40,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Data:
-    vocab: Vocab
-    normalization: TextNormalization
+    vocab: Vocab | None  # None: audio only (pretraining)
+    normalization: TextNormalization | None
     train: BatchLoader | StreamingLoader
     eval: BatchLoader | None
     reports: dict[str, dict]
@@ -101,15 +102,19 @@ def train_batch_sizes(config: Config, boundaries: np.ndarray, batch_size: int,
 
 
 def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_size: int, *,
-               data_parallel: int) -> Data:
+               data_parallel: int, audio_only: Wav2Vec2Config | None = None) -> Data:
     """Sources -> vocab -> decoded, filtered datasets -> bucketed loaders for this process's rows.
 
     `batch_size` is the global training batch (`eval_batch_size` the evaluation one); with
     `train.per_device_audio_seconds` set, each training bucket gets its own size instead, for
-    `data_parallel` devices."""
+    `data_parallel` devices. `audio_only` (pretraining: the model trained, for its frame counts): no
+    transcripts and no vocabulary; clips under `config.pretrain.min_frames()` frames are dropped."""
     d = config.data
     if not d.train:
         raise ConfigError("data.train is empty: give a source, e.g. --set data.train=cv:/path/to/tr:train")
+    if d.streaming and audio_only is not None:
+        raise ConfigError("data.streaming=true is not supported by xlsr-jax pretrain yet: set it to false",
+                          ("data.streaming",))
     if d.streaming and (config.augment.speed_factors or config.augment.active):
         raise ConfigError("augment.* is not supported with data.streaming=true yet; train from the cache "
                           "(data.streaming=false) to augment", ("augment", "data.streaming"))
@@ -118,14 +123,18 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     train_examples = _subset(read_examples(d.train, d, purpose="train"), d.max_train_examples, config.train.seed)
     eval_examples = (_subset(read_examples(d.eval, d, purpose="eval"), d.max_eval_examples, config.train.seed)
                      if d.eval else [])
-    normalization = choose_normalization(d, train_examples)
-    texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
-    vocab = resolve_vocab(config, texts, output_dir)
-    w2v_config = model_config(config.model, vocab)
+    if audio_only is None:
+        normalization = choose_normalization(d, train_examples)
+        texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
+        vocab = resolve_vocab(config, texts, output_dir)
+        w2v_config, min_frames = model_config(config.model, vocab), 0
+    else:
+        normalization = vocab = None
+        w2v_config, min_frames = audio_only, config.pretrain.min_frames()
     kwargs = prepare_kwargs(d, vocab, normalization, functools.partial(feat_extract_output_lengths, w2v_config))
     train_set, train_report = prepare_dataset(
         train_examples, min_duration_s=d.min_duration_s, max_duration_s=d.max_duration_s, name="train",
-        **kwargs)
+        min_frames=min_frames, **kwargs)
     clips, weights = train_set, [source_weight(e.source) for e in train_set.examples]
     a = config.augment
     if a.speed_factors:  # one row per (clip, factor); each epoch draws about one of a clip's rows
@@ -143,7 +152,8 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
     reports, evaluation = {"train": train_report}, None
     if eval_examples:
         evaluation, reports["eval"] = eval_loader(eval_examples, data=d, vocab=vocab, normalization=normalization,
-                                                  frames_fn=kwargs["frames_fn"], batch_size=eval_batch_size)
+                                                  frames_fn=kwargs["frames_fn"], batch_size=eval_batch_size,
+                                                  min_frames=min_frames)
     return Data(vocab, normalization, train, evaluation, reports, clips)
 
 
@@ -216,7 +226,8 @@ def _put(host_params: dict, shardings: Any) -> Any:
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host_params, shardings)
 
 
-def build_state(config: Config, model: FlaxWav2Vec2ForCTC, host_params: dict | None, mesh: Mesh,
+def build_state(config: Config, model: FlaxWav2Vec2ForCTC | FlaxWav2Vec2ForPreTraining, host_params: dict | None,
+                mesh: Mesh,
                 total_steps: int) -> tuple[TrainState, Any, optax.GradientTransformation, optax.Schedule]:
     """(state built already sharded, its shardings, optimizer, lr schedule)."""
     abstract_params = model.abstract_params()
@@ -227,8 +238,7 @@ def build_state(config: Config, model: FlaxWav2Vec2ForCTC, host_params: dict | N
     shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
     if host_params is None:
         def init(rng):
-            params = model.init(rng, jnp.zeros((1, SAMPLING_RATE), jnp.float32), deterministic=True)["params"]
-            return create_state(params, tx, seed)
+            return create_state(model.init_params(rng), tx, seed)
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     else:
         params = _put(host_params, shardings.params)

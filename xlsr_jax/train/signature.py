@@ -26,7 +26,7 @@ MODEL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "inte
                 "adapter_kernel_size", "adapter_stride", "num_adapter_layers", "output_hidden_size")
 
 # What a checkpoint's weights and its place in the batch order depend on.
-RESUME_KEYS = ("vocab.size", "vocab.sha256", *(f"model.{f}" for f in MODEL_FIELDS), "model.scan_layers",
+RESUME_KEYS = ("objective", "vocab.size", "vocab.sha256", *(f"model.{f}" for f in MODEL_FIELDS), "model.scan_layers",
                "train.global_batch_sizes", "train.utterances", "train.plan_sha256", "train.seed")
 # What another run's parameters must match to start from them (train.init_from).
 PARAMETER_KEYS = tuple(k for k in RESUME_KEYS if k.startswith(("vocab.", "model.")))
@@ -66,12 +66,15 @@ def loader_plan_sha256(loader) -> str:
     return plan_sha256(loader.epoch_batches(0), loader.dataset.lengths)
 
 
-def run_signature(config: Config, data, model_config: Wav2Vec2Config) -> dict[str, Any]:
-    """The signature of a run about to train `model_config` on `data` (train/setup.py's `Data`)."""
+def run_signature(config: Config, data, model_config: Wav2Vec2Config, objective: str = "ctc") -> dict[str, Any]:
+    """The signature of a run about to train `model_config` on `data` (train/setup.py's `Data`) for
+    `objective` (noted unless "ctc", which runs written before pretraining existed had)."""
     train = data.train
+    tokens = list(data.vocab.tokens) if data.vocab is not None else []
     signature = {
-        "vocab.size": len(data.vocab),
-        "vocab.sha256": _sha256(_json_bytes(list(data.vocab.tokens))),
+        **({"objective": objective} if objective != "ctc" else {}),
+        "vocab.size": len(tokens),
+        "vocab.sha256": _sha256(_json_bytes(tokens)),
         "model.scan_layers": config.model.scan_layers,
         "train.global_batch_sizes": [int(b) for b in train.batch_sizes],
         "train.utterances": len(train.dataset),
