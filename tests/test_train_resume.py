@@ -75,7 +75,7 @@ def test_the_signature_is_deterministic_and_ignores_what_a_resume_may_change(sta
 @pytest.mark.parametrize("change, expected", [
     ({"model": {"architecture": {**TINY_ARCH, "hidden_size": 48}}},
      ["model.hidden_size: 32 -> 48", "model.output_hidden_size: 32 -> 48"]),
-    ({"train": {"per_device_batch_size": 2}}, ["train.global_batch_sizes: [4, 4] -> [8, 8]", "train.plan_sha256: "]),
+    ({"train": {"per_device_batch_size": 2}}, ["train.global_batch_sizes: [4] -> [8]", "train.plan_sha256: "]),
     ({"data": {"max_train_examples": 4}}, ["train.utterances: 6 -> 4", "train.plan_sha256: "]),
     ("vocab", ["vocab.size: 29 -> 30", "vocab.sha256: ", "model.vocab_size: 29 -> 30"]),
 ], ids=["model-shape", "global-batch", "dataset-size", "vocab"])

@@ -62,14 +62,15 @@ def test_patience_needs_an_eval_metric(cv_dir, tmp_path):
 
 @pytest.mark.slow  # trains
 def test_early_stopping_ends_a_run_as_finished_and_keeps_its_last_state(cv_dir, tmp_path):
-    # The tiny model's WER stays at 1.0 for its first steps: no evaluation after the first is better.
+    # The tiny model's WER stays at or above 1.0 for its first steps: no evaluation after the first is better.
     config = to_dict(tiny_run_config(cv_dir, tmp_path, max_steps=40, eval_steps=1, save_steps=100))
     config["train"]["early_stopping_patience"] = 2
     config["checkpoint"] = {"best_metric": "eval/wer"}
     result = train(from_dict(config))
     run = tmp_path / "run"
     evals = _evals(run)
-    assert [r["eval/wer"] for r in evals] == [1.0, 1.0, 1.0]
+    wers = [r["eval/wer"] for r in evals]
+    assert len(wers) == 3 and min(wers[1:]) >= wers[0], wers  # the first best, two evaluations without a better one
     assert result["run/stopped_early"] == 3.0
     finished = json.loads((run / "finished.json").read_text())
     assert finished["step"] == 3

@@ -193,59 +193,58 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
 
 
-def _parse_train(commands) -> None:
-    p = commands.add_parser("train", help="fine-tune XLSR-53 (or train from scratch) on speech + transcripts",
-                            description="Train as configured; the same command resumes a stopped run. Every "
-                                        "setting, with its default and meaning: `xlsr-jax config [--config F]`.")
+def _config_command(commands, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+    """A command that reads the config tree (--config, --set), for the caller to add its own arguments to."""
+    p = commands.add_parser(name, help=help, description=description)
     _add_config_args(p)
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _parse_train(commands) -> None:
+    _config_command(commands, "train", _train, help="fine-tune XLSR-53 (or train from scratch) on speech + transcripts",
+                    description="Train as configured; the same command resumes a stopped run. Every setting, with "
+                                "its default and meaning: `xlsr-jax config [--config F]`.")
 
 
 def _parse_pretrain(commands) -> None:
-    p = commands.add_parser("pretrain", help="continue wav2vec 2.0 self-supervised pretraining on audio alone",
-                            description="Train the masked contrastive task (Wav2Vec2ForPreTraining) on untranscribed "
-                                        "audio as configured (the pretrain: section; model.pretrained: a Hugging "
-                                        "Face pretraining folder, or null for a new model); the same command resumes "
-                                        "a stopped run. hf_model/ is then a folder `xlsr-jax train` fine-tunes "
-                                        "with model.pretrained.")
-    _add_config_args(p)
-    p.set_defaults(handler=_pretrain)
+    _config_command(commands, "pretrain", _pretrain,
+                    help="continue wav2vec 2.0 self-supervised pretraining on audio alone",
+                    description="Train the masked contrastive task (Wav2Vec2ForPreTraining) on untranscribed audio as "
+                                "configured (the pretrain: section; model.pretrained: a Hugging Face pretraining "
+                                "folder, or null for a new model); the same command resumes a stopped run. "
+                                "hf_model/ is then a folder `xlsr-jax train` fine-tunes with model.pretrained.")
 
 
 def _parse_sweep(commands) -> None:
-    p = commands.add_parser("sweep", help="hyperparameter search: grid, random or optuna's TPE, each trial a run",
-                            description="Train one trial after another with the config keys of --space set "
-                                        "to each trial's values; results.tsv and sweep.png in the sweep folder. "
-                                        "The same command continues a killed sweep (see README, "
-                                        "Hyperparameter search).")
-    _add_config_args(p)
+    p = _config_command(commands, "sweep", _sweep,
+                        help="hyperparameter search: grid, random or optuna's TPE, each trial a run",
+                        description="Train one trial after another with the config keys of --space set to each "
+                                    "trial's values; results.tsv and sweep.png in the sweep folder. The same command "
+                                    "continues a killed sweep (see README, Hyperparameter search).")
     p.add_argument("--space", required=True, help="search space YAML (method, metric, mode, prune, seed, params)")
     p.add_argument("--trials", type=int,
                    help="trials in the sweep, counting those already run (default for grid: every point); "
                         "0: only print the results so far")
     p.add_argument("--sweep-dir", help="folder of the sweep (default: <train.output_dir>-sweep)")
-    p.set_defaults(handler=_sweep)
 
 
 def _parse_plan(commands) -> None:
-    p = commands.add_parser("plan", help="largest per-device batch of each length bucket that fits in memory",
-                            description="Build the training data as `train` would, then for each length bucket "
-                                        "find the largest per-device batch whose compiled train step fits "
-                                        "--memory-gib (XLA's memory estimate, on the backend this runs on), and "
-                                        "suggest a per-device audio-seconds budget for token-budget batching.")
-    _add_config_args(p)
+    p = _config_command(commands, "plan", _plan,
+                        help="largest per-device batch of each length bucket that fits in memory",
+                        description="Build the training data as `train` would, then for each length bucket find the "
+                                    "largest per-device batch whose compiled train step fits --memory-gib (XLA's "
+                                    "memory estimate, on the backend this runs on), and suggest a per-device "
+                                    "audio-seconds budget for token-budget batching.")
     p.add_argument("--memory-gib", type=float,
                    help="memory per device in GiB (default: this device's, where it reports one; CPUs do not)")
     p.add_argument("--max-batch", type=int, default=1024, help="largest per-device batch to try (default 1024)")
-    p.set_defaults(handler=_plan)
 
 
 def _parse_config(commands) -> None:
-    p = commands.add_parser("config", help="print every training setting: resolved value, meaning, default",
-                            description="Print the resolved config tree as YAML, each key with its meaning "
-                                        "and default; the output is a valid --config file.")
-    _add_config_args(p)
-    p.set_defaults(handler=_config)
+    _config_command(commands, "config", _config, help="print every training setting: resolved value, meaning, default",
+                    description="Print the resolved config tree as YAML, each key with its meaning and default; the "
+                                "output is a valid --config file.")
 
 
 def _parse_evaluate(commands) -> None:
@@ -371,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_parse_train, _parse_pretrain, _parse_sweep, _parse_plan, _parse_config, _parse_evaluate, _parse_export, _parse_push,
-                _parse_transcribe, _parse_build_lm, _parse_inventory, _parse_split):
+    for add in (_parse_train, _parse_pretrain, _parse_sweep, _parse_plan, _parse_config, _parse_evaluate, _parse_export,
+                _parse_push, _parse_transcribe, _parse_build_lm, _parse_inventory, _parse_split):
         add(commands)
     return parser
 
