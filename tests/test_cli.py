@@ -35,8 +35,8 @@ def test_help_describes_the_tool_and_lists_every_command(capsys):
     text = capsys.readouterr().out
     assert "fine-tune XLSR-Wav2Vec2 speech recognition" in text
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"train", "pretrain", "sweep", "plan", "config", "evaluate", "export", "push",
-                                     "transcribe", "build-lm", "inventory", "split"}
+    assert set(commands.choices) == {"train", "pretrain", "sweep", "plan", "config", "evaluate", "pseudo-label",
+                                     "export", "push", "transcribe", "build-lm", "inventory", "split"}
     for action in commands._choices_actions:  # each command with its one-line help
         assert action.dest in text and action.help.split()[0] in text, action.dest
     assert "xlsr-jax config" in text and "xlsr-jax evaluate" in text

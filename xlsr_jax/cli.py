@@ -19,6 +19,7 @@ ROAD = """the road from data to a Hub model:
   xlsr-jax export runs/demo exports/demo --best                 # PyTorch folder + model card, self-checked
   xlsr-jax push exports/demo --repo-id USER/NAME --dry-run      # check, then push without --dry-run
   xlsr-jax pretrain --config configs/pretrain_demo.yaml         # optional first: wav2vec 2.0 on audio alone
+  xlsr-jax pseudo-label runs/demo --data SPEC --out labels.tsv  # transcripts of unlabelled audio, to train on
 see `xlsr-jax COMMAND --help` for each, and `xlsr-jax config` for every training setting."""
 
 
@@ -85,6 +86,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.source, args.data, step=args.step, best=args.best, out=args.out, lm=args.lm,
                       alpha=args.alpha, beta=args.beta, beam_width=args.beam_width, batch_size=args.batch_size,
                       fsdp=args.fsdp, language=args.language, cache_dir=args.cache_dir)
+    print(format_summary(result))
+    return 0
+
+
+def _pseudo_label(args: argparse.Namespace) -> int:
+    from xlsr_jax.infer.pseudo_label import format_summary, pseudo_label
+
+    result = pseudo_label(args.source, args.data, args.out, step=args.step, best=args.best, lm=args.lm,
+                          alpha=args.alpha, beta=args.beta, beam_width=args.beam_width,
+                          min_confidence=args.min_confidence, top_fraction=args.top_fraction,
+                          batch_size=args.batch_size, fsdp=args.fsdp, cache_dir=args.cache_dir)
     print(format_summary(result))
     return 0
 
@@ -265,6 +277,28 @@ def _parse_evaluate(commands) -> None:
     p.set_defaults(handler=_evaluate)
 
 
+def _parse_pseudo_label(commands) -> None:
+    p = commands.add_parser("pseudo-label", help="transcribe untranscribed audio into a manifest train can mix in",
+                            description="Transcribe the audio of --data with SOURCE (greedy, or with --lm) and "
+                                        "write the transcripts it is surest of to --out, a manifest for "
+                                        "`train` (data.train: manifest:OUT?weight=W), and every row with its "
+                                        "confidence (mean frame log-prob of the greedy path) to OUT's .all.tsv. "
+                                        "Test splits are refused.")
+    p.add_argument("source", help="run directory, exported model folder, or hub id")
+    p.add_argument("--data", action="append", required=True, metavar="SPEC",
+                   help="audio to transcribe (repeatable; any transcripts it has are ignored), e.g. "
+                        "cv:/data/cv-corpus/tr:other+invalidated or a manifest with only a path column")
+    p.add_argument("--out", required=True, help="the manifest of kept rows (.tsv)")
+    _add_checkpoint_choice(p)
+    p.add_argument("--min-confidence", type=float, help="keep rows whose confidence is at least this (<= 0)")
+    p.add_argument("--top-fraction", type=float, help="keep the surest fraction of rows, in (0, 1]")
+    p.add_argument("--batch-size", type=int, help="utterances per device per batch")
+    p.add_argument("--fsdp", type=int, default=1, help="shard parameters over this many devices")
+    p.add_argument("--cache-dir", help="decoded-audio cache (default: the run's, or ~/.cache/xlsr_jax)")
+    _add_lm(p)
+    p.set_defaults(handler=_pseudo_label)
+
+
 def _parse_export(commands) -> None:
     p = commands.add_parser("export", help="convert a run's checkpoint to a Hugging Face PyTorch folder + card",
                             description="Any kept checkpoint of RUN_DIR -> OUT_DIR with config.json, "
@@ -370,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__, epilog=ROAD,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_parse_train, _parse_pretrain, _parse_sweep, _parse_plan, _parse_config, _parse_evaluate, _parse_export,
-                _parse_push, _parse_transcribe, _parse_build_lm, _parse_inventory, _parse_split):
+    for add in (_parse_train, _parse_pretrain, _parse_sweep, _parse_plan, _parse_config, _parse_evaluate,
+                _parse_pseudo_label, _parse_export, _parse_push, _parse_transcribe, _parse_build_lm, _parse_inventory,
+                _parse_split):
         add(commands)
     return parser
 

@@ -320,12 +320,17 @@ def load_manifest(path: str, *, source: str = "", audio_column: str | None = Non
                   text_column: str | None = None) -> list[Example]:
     """A ``.tsv`` / ``.csv`` / ``.jsonl`` manifest -> examples; relative audio paths resolve
     against the manifest's folder. ``audio_column`` / ``text_column`` name the columns to use instead
-    of the first of PATH_COLUMNS / TEXT_COLUMNS present."""
+    of the first of PATH_COLUMNS / TEXT_COLUMNS present. A manifest without a text column lists audio
+    alone (pretraining, pseudo-labelling): its texts are empty, which training drops as `empty_text`;
+    a `text_column` named must be there."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such manifest")
-    required = {"path": (audio_column,) if audio_column else PATH_COLUMNS,
-                "text": (text_column,) if text_column else TEXT_COLUMNS}
+    required = {"path": (audio_column,) if audio_column else PATH_COLUMNS}
     optional = {"duration": DURATION_COLUMNS, "speaker": SPEAKER_COLUMNS, "language": LANGUAGE_COLUMNS}
+    if text_column:
+        required["text"] = (text_column,)
+    else:
+        optional["text"] = TEXT_COLUMNS
     if path.endswith(".jsonl"):
         rows = _read_jsonl(path, required, optional)
     elif path.endswith((".tsv", ".csv")):
@@ -342,7 +347,7 @@ def load_manifest(path: str, *, source: str = "", audio_column: str | None = Non
         duration = row.get("duration")
         examples.append(Example(
             path=os.path.join(base, os.path.expanduser(row["path"])),  # join keeps absolute paths
-            text=row["text"],
+            text=row.get("text", ""),
             speaker=str(row.get("speaker") or row.get("client_id") or ""),
             duration_s=float(duration) if duration not in (None, "") else None,
             source=source or f"manifest:{path}",

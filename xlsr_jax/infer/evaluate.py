@@ -114,7 +114,7 @@ def _outputs(loaded: LoadedModel, result: dict[str, Any], out: str | None) -> tu
     return Path(out), folder / "eval_results.json"
 
 
-def _eval_step(loaded: LoadedModel, loader, mesh, *, with_log_probs: bool) -> ShapeDispatch:
+def compiled_eval_step(loaded: LoadedModel, loader, mesh, *, with_log_probs: bool) -> ShapeDispatch:
     """The eval step compiled for every bucket shape of `loader` before the first batch (in parallel),
     so none compiles in the middle of the pass."""
     jitted = jit_eval_step(loaded.model, blank_id=loaded.vocab.pad_id, reduction=loaded.model.config.ctc_loss_reduction,
@@ -156,7 +156,7 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
                                  normalization=loaded.normalization,
                                  frames_fn=functools.partial(feat_extract_output_lengths, loaded.model.config),
                                  batch_size=per_device * parallel.data_parallel_size(mesh))
-    eval_fn = _eval_step(loaded, loader, mesh, with_log_probs=decoder is not None)
+    eval_fn = compiled_eval_step(loaded, loader, mesh, with_log_probs=decoder is not None)
     metrics, predictions = predict(loaded.params, loader, eval_fn, loaded.vocab, mesh, decoder)
     language = loaded.normalization.language
     result = eval_result(data, loaded.step, metrics, language=language, headline=headline_metric(language),

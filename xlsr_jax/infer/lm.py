@@ -164,18 +164,19 @@ class LMDecoder:
     def beta(self) -> float:
         return self.language_model.beta
 
-    def _best_beam(self, log_probs: np.ndarray) -> tuple[str, list[WordFrames]]:
-        """Top beam of one utterance ``[frames, vocab]``: (text, [(word, start, end)])."""
+    def _best_beam(self, log_probs: np.ndarray) -> tuple[str, list[WordFrames], float]:
+        """Top beam of one utterance ``[frames, vocab]``: (text, [(word, start, end)], its score: the
+        acoustic log-prob plus alpha x the LM's and beta per word, as pyctcdecode ranks beams)."""
         log_probs = np.asarray(log_probs, dtype=np.float32)
         if log_probs.ndim != 2 or log_probs.shape[1] != len(self.vocab):
             raise ValueError(f"log_probs must be [frames, {len(self.vocab)}], got {log_probs.shape}")
         if log_probs.shape[0] == 0:
-            return "", []  # pyctcdecode's softmax fails on an empty matrix
+            return "", [], 0.0  # pyctcdecode's softmax fails on an empty matrix
         # decode_beams (prune_history off) is what pyctcdecode's decode, Wav2Vec2ProcessorWithLM.decode
         # and the ASR pipeline call, so the same logits give the same text through an exported folder.
-        text, _, word_frames, _, _ = self.decoder.decode_beams(log_probs, beam_width=self.beam_width)[0]
+        text, _, word_frames, _, score = self.decoder.decode_beams(log_probs, beam_width=self.beam_width)[0]
         words = [(self.tidy(w), int(start), int(end)) for w, (start, end) in word_frames]
-        return self.tidy(text), words
+        return self.tidy(text), words, float(score)
 
     def tidy(self, text: str) -> str:
         """pyctcdecode's text as greedy decoding writes it: single spaces, stripped, ``[UNK]`` for ⁇."""
@@ -188,13 +189,17 @@ class LMDecoder:
         """
         return [self._best_beam(lp)[0] for lp in log_probs]
 
+    def decode_scored(self, log_probs: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        """As `decode_batch`, each transcript with its beam's score (`_best_beam`)."""
+        return [(text, score) for text, _, score in map(self._best_beam, log_probs)]
+
     def decode_words(self, log_probs: np.ndarray) -> tuple[str, list[WordFrames]]:
         """Transcript of one utterance ``[frames, vocab]`` and its words as (word, start, end).
 
         Frames are half-open, ``0 <= start < end <= frames`` (pyctcdecode's and HF's word_offsets
         convention); seconds = frame * model.config.inputs_to_logits_ratio / sampling_rate.
         """
-        return self._best_beam(log_probs)
+        return self._best_beam(log_probs)[:2]
 
     def save_for_processor(self, out_dir: str | os.PathLike) -> None:
         """Add the LM to a Hugging Face model folder, for pyctcdecode's ``load_from_dir``.

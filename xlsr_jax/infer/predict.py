@@ -25,11 +25,14 @@ from xlsr_jax.text import Vocab
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """One scored utterance (`index` is its row in the loader's dataset)."""
+    """One scored utterance (`index` is its row in the loader's dataset). `confidence`: the eval step's mean
+    frame log-prob of the greedy path (infer/step.py); `lm_score`: the LM beam's score, with a decoder."""
 
     index: int
     reference: str
     hypothesis: str
+    confidence: float | None = None
+    lm_score: float | None = None
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
@@ -56,21 +59,26 @@ def _gather(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _fetch(index: jax.Array, out: dict[str, jax.Array], vocab: Vocab, decoder) -> tuple[float, float, dict[int, str]]:
-    """(loss sum, examples, {dataset index: hypothesis}) of one evaluated batch, fetched from the
-    device (filler rows, index -1, left out)."""
+def _fetch(index: jax.Array, out: dict[str, jax.Array], loader: BatchLoader, vocab: Vocab,
+           decoder) -> tuple[float, float, list[Prediction]]:
+    """(loss sum, examples, predictions) of one evaluated batch, fetched from the device (filler rows,
+    index -1, left out)."""
     index = _gather(index)
     real = index >= 0  # filler rows of the last batch
     frames = _gather(out["frames"])[real]
     if decoder is None:
-        texts = vocab.decode_ctc_batch(_gather(out["pred_ids"])[real], frames)
+        texts, lm_scores = vocab.decode_ctc_batch(_gather(out["pred_ids"])[real], frames), [None] * len(frames)
     else:
-        texts = decoder.decode_batch([lp[:n] for lp, n in zip(_gather(out["log_probs"])[real], frames)])
-    return float(out["loss_sum"]), float(out["examples"]), dict(zip(index[real].tolist(), texts))
+        scored = decoder.decode_scored([lp[:n] for lp, n in zip(_gather(out["log_probs"])[real], frames)])
+        texts, lm_scores = [text for text, _ in scored], [score for _, score in scored]
+    confidence = _gather(out["confidence"])[real].tolist() if "confidence" in out else [None] * len(frames)
+    predictions = [Prediction(i, loader.dataset.texts[i], text, c, s)
+                   for i, text, c, s in zip(index[real].tolist(), texts, confidence, lm_scores)]
+    return float(out["loss_sum"]), float(out["examples"]), predictions
 
 
-def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, mesh: Mesh,
-            decoder=None) -> tuple[dict[str, float], list[Prediction]]:
+def run_predictions(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, mesh: Mesh,
+                    decoder=None) -> tuple[float, list[Prediction]]:
     """One pass of `eval_fn` over `loader`: the jitted `infer.step.eval_step`, or the
     `compile.ShapeDispatch` of its executables compiled ahead of time for the loader's shapes.
 
@@ -78,7 +86,7 @@ def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, m
     batch while the host decodes this one (two batches in flight at most).
     With `decoder` (an `infer.lm.LMDecoder`), `eval_fn` must return log_probs, which the decoder's
     beam search turns into text instead of the greedy decode.
-    Returns ({"loss", "wer", "cer", "examples"}, predictions in dataset order).
+    Returns (mean loss per example, predictions in dataset order).
     """
     fetched = []
     in_flight = None  # (index, outputs) of the batch dispatched last
@@ -86,14 +94,20 @@ def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, m
         index = arrays.pop("index")
         dispatched = (index, eval_fn(params, arrays))
         if in_flight is not None:
-            fetched.append(_fetch(*in_flight, vocab, decoder))
+            fetched.append(_fetch(*in_flight, loader, vocab, decoder))
         in_flight = dispatched
     if in_flight is not None:
-        fetched.append(_fetch(*in_flight, vocab, decoder))
-    hypotheses = {i: text for _, _, texts in fetched for i, text in texts.items()}
-    predictions = [Prediction(i, loader.dataset.texts[i], hypotheses[i]) for i in sorted(hypotheses)]
+        fetched.append(_fetch(*in_flight, loader, vocab, decoder))
+    predictions = sorted((p for _, _, batch in fetched for p in batch), key=lambda p: p.index)
     loss_sum, count = sum(f[0] for f in fetched), sum(f[1] for f in fetched)
-    metrics = {"loss": loss_sum / max(count, 1.0),
-               **error_rates([p.reference for p in predictions], [p.hypothesis for p in predictions]),
+    return loss_sum / max(count, 1.0), predictions
+
+
+def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, mesh: Mesh,
+            decoder=None) -> tuple[dict[str, float], list[Prediction]]:
+    """`run_predictions` scored against the loader's transcripts: ({"loss", "wer", "cer", "examples"},
+    predictions in dataset order)."""
+    loss, predictions = run_predictions(params, loader, eval_fn, vocab, mesh, decoder)
+    metrics = {"loss": loss, **error_rates([p.reference for p in predictions], [p.hypothesis for p in predictions]),
                "examples": float(len(predictions))}
     return metrics, predictions
