@@ -189,6 +189,18 @@ def _add_checkpoint_choice(parser: argparse.ArgumentParser) -> None:
                         help="use the run's best checkpoint by checkpoint.best_metric (default eval/wer)")
 
 
+def _add_model_pass(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """The arguments of a pass of a model over data (evaluate, pseudo-label): the model, its checkpoint,
+    the data, how it is batched and cached, and the decoder."""
+    parser.add_argument("source", help="run directory, exported model folder, or hub id")
+    parser.add_argument("--data", action="append", required=True, metavar="SPEC", help=data_help)
+    _add_checkpoint_choice(parser)
+    parser.add_argument("--batch-size", type=int, help="utterances per device per batch")
+    parser.add_argument("--fsdp", type=int, default=1, help="shard parameters over this many devices")
+    parser.add_argument("--cache-dir", help="decoded-audio cache (default: the run's, or ~/.cache/xlsr_jax)")
+    _add_lm(parser)
+
+
 def _add_lm(parser: argparse.ArgumentParser, beam: bool = True) -> None:
     lm = parser.add_argument_group("n-gram language model (needs the `lm` extra, see README)")
     lm.add_argument("--lm", metavar="PATH",
@@ -264,16 +276,9 @@ def _parse_evaluate(commands) -> None:
                             description="Score SOURCE on --data with the text normalisation it trained with. "
                                         "Writes a predictions TSV and records the result in eval_results.json "
                                         "(the model card's numbers). The last two lines are `wer: X`, `cer: X`.")
-    p.add_argument("source", help="run directory, exported model folder, or hub id")
-    p.add_argument("--data", action="append", required=True, metavar="SPEC",
-                   help="cv:DIR[:SPLITS] or manifest:FILE (repeatable), e.g. cv:/data/cv-corpus/tr:test")
-    _add_checkpoint_choice(p)
+    _add_model_pass(p, "cv:DIR[:SPLITS] or manifest:FILE (repeatable), e.g. cv:/data/cv-corpus/tr:test")
     p.add_argument("--out", help="predictions TSV (default: in the run / model folder)")
-    p.add_argument("--batch-size", type=int, help="utterances per device per batch")
-    p.add_argument("--fsdp", type=int, default=1, help="shard parameters over this many devices")
     p.add_argument("--language", help="normalise references as this language (default: the model's own)")
-    p.add_argument("--cache-dir", help="decoded-audio cache (default: the run's, or ~/.cache/xlsr_jax)")
-    _add_lm(p)
     p.set_defaults(handler=_evaluate)
 
 
@@ -284,18 +289,11 @@ def _parse_pseudo_label(commands) -> None:
                                         "`train` (data.train: manifest:OUT?weight=W), and every row with its "
                                         "confidence (mean frame log-prob of the greedy path) to OUT's .all.tsv. "
                                         "Test splits are refused.")
-    p.add_argument("source", help="run directory, exported model folder, or hub id")
-    p.add_argument("--data", action="append", required=True, metavar="SPEC",
-                   help="audio to transcribe (repeatable; any transcripts it has are ignored), e.g. "
-                        "cv:/data/cv-corpus/tr:other+invalidated or a manifest with only a path column")
+    _add_model_pass(p, "audio to transcribe (repeatable; any transcripts it has are ignored), e.g. "
+                       "cv:/data/cv-corpus/tr:other+invalidated or a manifest with only a path column")
     p.add_argument("--out", required=True, help="the manifest of kept rows (.tsv)")
-    _add_checkpoint_choice(p)
     p.add_argument("--min-confidence", type=float, help="keep rows whose confidence is at least this (<= 0)")
     p.add_argument("--top-fraction", type=float, help="keep the surest fraction of rows, in (0, 1]")
-    p.add_argument("--batch-size", type=int, help="utterances per device per batch")
-    p.add_argument("--fsdp", type=int, default=1, help="shard parameters over this many devices")
-    p.add_argument("--cache-dir", help="decoded-audio cache (default: the run's, or ~/.cache/xlsr_jax)")
-    _add_lm(p)
     p.set_defaults(handler=_pseudo_label)
 
 
