@@ -270,3 +270,31 @@ def test_weighted_train_sources_set_the_epoch_and_step_count(cv_dir, tmp_path):
     assert (sources.count("train?weight=3"), sources.count("dev")) == (12, 2)
     from _runs import tiny_run_config
     assert total_steps(tiny_run_config(cv_dir, tmp_path, num_train_epochs=2.0), mixed.batches_per_epoch) == 8
+
+
+def test_an_audio_folder_lists_its_audio_files_as_untranscribed_examples(tmp_path, audio_writer):
+    """audio:DIR: every audio file below DIR, sorted, a file's folder as its speaker; other files and hidden
+    names left out. They prepare without transcripts (as pretraining and pseudo-labelling read them)."""
+    from xlsr_jax.data.prepare import prepare_dataset
+
+    root = tmp_path / "radio"
+    for name, seconds in (("b.wav", 0.5), ("a.flac", 0.4), ("show1/x.mp3", 0.6), ("show1/deep/y.ogg", 0.3)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        audio_writer(root / name, seconds, 16000)
+    (root / "notes.txt").write_text("not audio")
+    (root / ".hidden.wav").write_bytes(b"")
+    (root / ".cache").mkdir()
+    audio_writer(root / ".cache" / "z.wav", 0.2, 16000)
+    examples = parse_source(f"audio:{root}?weight=2")
+    assert [(os.path.relpath(e.path, root), e.speaker, e.text) for e in examples] == [
+        ("a.flac", "", ""), ("b.wav", "", ""), ("show1/deep/y.ogg", "show1/deep", ""), ("show1/x.mp3", "show1", "")]
+    assert {e.source for e in examples} == {f"audio:{root}?weight=2"} and source_weight(examples[0].source) == 2.0
+    dataset, report = prepare_dataset(examples, vocab=None, normalize=None, sampling_rate=16000,
+                                      cache_dir=tmp_path / "cache", num_workers=1)
+    assert report["kept"] == 4 and dataset.lengths.tolist() == [6400, 8000, 4800, 9600]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("no audio here")
+    with pytest.raises(ValueError, match="no audio files"):
+        parse_source(f"audio:{tmp_path / 'empty'}")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        parse_source(f"audio:{tmp_path / 'missing'}")

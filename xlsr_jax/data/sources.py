@@ -7,6 +7,8 @@ Specs:
   ``hf:NAME[:CONFIG][:SPLITS]`` a Hugging Face dataset, on the Hub or in a local folder (hub.py);
                               one suffix is SPLITS if it is made of split names (``train+validation``),
                               else CONFIG; ``hf:NAME::SPLITS`` names splits without a config.
+  ``audio:DIR``               every audio file under DIR, without transcripts (pretraining,
+                              pseudo-labelling); a file's folder under DIR is its speaker.
 
 Any spec may end in options, ``?key=value&key=value`` (the same in YAML and ``--set``):
   ``weight``    training share: each example is drawn ``weight`` times per epoch on average (loader.py);
@@ -28,19 +30,20 @@ import zlib
 from typing import Iterable, Sequence
 
 from xlsr_jax.atomic import partial_folder
+from xlsr_jax.data.audio import SOUNDFILE_EXTENSIONS
 from xlsr_jax.data.example import (DURATION_COLUMNS, LANGUAGE_COLUMNS, PATH_COLUMNS, SPEAKER_COLUMNS, TEXT_COLUMNS,
                                     Example)
 from xlsr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("cv", "manifest", "hf")
+SCHEMES = ("cv", "manifest", "hf", "audio")
 _SPLITS_RE = re.compile(r"^[A-Za-z0-9_+]+$")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 # Per-source options each scheme takes (see the module docstring).
 SOURCE_OPTIONS = {"cv": ("weight", "language"), "manifest": ("weight", "language", "audio", "text"),
-                  "hf": ("weight", "language", "audio", "text")}
+                  "hf": ("weight", "language", "audio", "text"), "audio": ("weight", "language")}
 # A suffix of an hf: spec made only of these (joined by +) names splits, not a config.
 HF_SPLIT_NAMES = frozenset({"train", "validation", "valid", "dev", "test", "other", "validated", "invalidated"})
 # A Common Voice language folder is named by its locale: tr, de, zh-CN, sv-SE, ...
@@ -121,6 +124,8 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
     elif scheme == "manifest":
         examples = load_manifest(os.path.expanduser(rest), source=spec, audio_column=options.get("audio"),
                                  text_column=options.get("text"))
+    elif scheme == "audio":
+        examples = load_audio_folder(os.path.expanduser(rest), source=spec)
     elif scheme == "hf":
         from xlsr_jax.data.hf_datasets import load_hub_source  # imports `datasets`: only when used
 
@@ -131,7 +136,7 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
     else:
         raise DataError(
             f"{spec!r}: unknown data source scheme {scheme!r}; valid schemes: "
-            "cv:PATH[:SPLITS], manifest:PATH, hf:NAME[:CONFIG][:SPLITS]"
+            "cv:PATH[:SPLITS], manifest:PATH, hf:NAME[:CONFIG][:SPLITS], audio:DIR"
         )
     if "language" in options:
         examples = [dataclasses.replace(e, language=options["language"]) for e in examples]
@@ -311,6 +316,31 @@ def _rows(reader: Iterable[list[str]], required: dict, optional: dict | None, pa
             row = row + [""] * (len(header) - len(row))
         out.append({key: row[i] for key, i in index.items()})
     return out
+
+
+# ---------------------------------------------------------------- audio folders
+
+
+def load_audio_folder(folder: str, *, source: str = "") -> list[Example]:
+    """Every file under `folder` (recursively, hidden names skipped, sorted) whose suffix is an audio format
+    the decoder reads, as examples without text; a file's folder relative to `folder` is its speaker (""
+    at the top). Symlinks are followed as the folder lists them."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder (audio:DIR lists the audio files under DIR)")
+    paths = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        paths += [os.path.join(root, f) for f in sorted(files)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in SOUNDFILE_EXTENSIONS]
+    paths.sort()
+    if not paths:
+        raise DataError(f"{folder}: no audio files (looked for {', '.join(sorted(SOUNDFILE_EXTENSIONS))})")
+    examples = []
+    for path in paths:
+        speaker = os.path.relpath(os.path.dirname(path), folder)
+        examples.append(Example(path=os.path.abspath(path), text="", speaker="" if speaker == "." else speaker,
+                                source=source or f"audio:{folder}"))
+    return examples
 
 
 # ---------------------------------------------------------------- manifests
