@@ -133,6 +133,9 @@ def test_errors_name_the_source_and_the_columns(parquet_dir, tmp_path):
     with pytest.raises(ValueError, match=r"odd: no text column \(looked for \['sentence', .*name one with "
                                          r"\?text=COLUMN\); columns found: \['file', 'words'\]"):
         parse_source(f"hf:{tmp_path / 'odd'}")
+    # Audio alone (pretraining, pseudo-labelling): the same dataset, texts empty.
+    (e,) = parse_source(f"hf:{tmp_path / 'odd'}", need_text=False)
+    assert os.path.basename(e.path) == "x.wav" and e.text == ""
     with pytest.raises(ValueError, match=r"hf:nobody/no_such_dataset:tr:train: cannot load hub dataset "
                                          r"'nobody/no_such_dataset' \(config 'tr', split 'train'\)"):
         parse_source("hf:nobody/no_such_dataset:tr:train")

@@ -193,13 +193,15 @@ def test_options_parse_and_apply_to_every_scheme(cv_dir, tmp_path):
     assert (e.path, e.text) == (str(tmp_path / "x.wav"), "hi")
     with pytest.raises(ValueError, match=r"no text column \(looked for \['nope'\]\); columns found: "):
         parse_source(f"manifest:{tmp_path / 'm.tsv'}?audio=wav&text=nope")
-    # Audio alone (pretraining, pseudo-labelling): no text column named, none there, texts empty.
+    # Audio alone (pretraining, pseudo-labelling): no text column, texts empty; training still asks for one.
     (tmp_path / "audio.tsv").write_text("path\tspeaker\na.wav\ts1\n")
     (tmp_path / "audio.jsonl").write_text('{"audio": {"path": "b.wav"}}\n')
-    assert [(e.path, e.text, e.speaker) for e in parse_source(f"manifest:{tmp_path / 'audio.tsv'}")] == \
-        [(str(tmp_path / "a.wav"), "", "s1")]
-    assert [(e.path, e.text) for e in parse_source(f"manifest:{tmp_path / 'audio.jsonl'}")] == \
+    assert [(e.path, e.text, e.speaker) for e in parse_source(f"manifest:{tmp_path / 'audio.tsv'}",
+                                                              need_text=False)] == [(str(tmp_path / "a.wav"), "", "s1")]
+    assert [(e.path, e.text) for e in parse_source(f"manifest:{tmp_path / 'audio.jsonl'}", need_text=False)] == \
         [(str(tmp_path / "b.wav"), "")]
+    with pytest.raises(ValueError, match=r"audio.tsv: no text column \(looked for \['sentence'"):
+        parse_source(f"manifest:{tmp_path / 'audio.tsv'}")
     with pytest.raises(ValueError, match=r"unknown option 'text' for a cv: source; valid options: weight, "
                                          r"language$"):
         parse_source(f"cv:{cv_dir}?text=sentence")

@@ -39,13 +39,15 @@ _EXTENSION = re.compile(r"\.[a-z0-9]{1,5}")
 
 
 def load_hub_source(name: str, config: str | None, splits: Sequence[str], *, source: str, cache_dir: str,
-                    audio_column: str | None = None, text_column: str | None = None) -> list[Example]:
-    """The examples of ``splits`` of dataset ``name`` (``config``); see the module docstring."""
+                    audio_column: str | None = None, text_column: str | None = None,
+                    need_text: bool = True) -> list[Example]:
+    """The examples of ``splits`` of dataset ``name`` (``config``); see the module docstring. With
+    ``need_text=False`` a dataset without a transcript column gives empty texts."""
     examples = []
     for split in splits:
         table, base = _load_split(name, config, split, source)
         examples.extend(_examples(table, base, source=source, audio_column=audio_column,
-                                  text_column=text_column, bytes_dir=os.path.join(
+                                  text_column=text_column, need_text=need_text, bytes_dir=os.path.join(
                                       cache_dir, _folder_name(name, config, split, table._fingerprint))))
     log.info("%s: %d examples (%s)", source, len(examples), "+".join(splits))
     return examples
@@ -151,11 +153,12 @@ def pick_column(columns: Sequence[str], given: str | None, candidates: Sequence[
 
 
 def _examples(table, base: str | None, *, source: str, audio_column: str | None, text_column: str | None,
-              bytes_dir: str) -> list[Example]:
+              bytes_dir: str, need_text: bool = True) -> list[Example]:
     """Rows -> examples; clips held as bytes are written to ``bytes_dir`` (once)."""
     columns = list(table.column_names)
     audio = pick_column(columns, audio_column, AUDIO_COLUMNS, "audio", source)
-    text = pick_column(columns, text_column, TEXT_COLUMNS, "text", source)
+    text = (pick_column(columns, text_column, TEXT_COLUMNS, "text", source)
+            if text_column or need_text or any(c in columns for c in TEXT_COLUMNS) else None)
     speaker = next((c for c in SPEAKER_COLUMNS if c in columns), None)
     language = next((c for c in LANGUAGE_COLUMNS if c in columns), None)
     wanted = [c for c in dict.fromkeys([audio, text, speaker, language]) if c]
@@ -214,7 +217,7 @@ def _rows(rows, audio: str, text: str, speaker: str | None, language: str | None
             raise DataError(f"{source}: audio column {audio!r} holds {column.type}; expected file paths or "
                             "an Audio feature (bytes and path)")
         blobs = (pc.struct_field(column, "bytes") if writer is not None and any(has_bytes) else None)
-        texts = batch.column(text).to_pylist()
+        texts = batch.column(text).to_pylist() if text else [""] * n
         speakers = batch.column(speaker).to_pylist() if speaker else [None] * n
         languages = batch.column(language).to_pylist() if language else [None] * n
         for k in range(n):

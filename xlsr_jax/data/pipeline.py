@@ -29,16 +29,17 @@ def cache_root(data: DataConfig) -> str:
     return data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xlsr_jax")
 
 
-def read_examples(specs: Sequence[str], data: DataConfig, *, purpose: str | None = None) -> list[Example]:
+def read_examples(specs: Sequence[str], data: DataConfig, *, purpose: str | None = None,
+                  need_text: bool = True) -> list[Example]:
     """The utterances of every source spec (Common Voice archives are extracted once into the cache, hub
-    clips stored as bytes written once into it).
+    clips stored as bytes written once into it). ``need_text=False``: audio alone (`parse_source`).
 
     ``purpose="train"`` refuses a Common Voice test split (the benchmark) unless
     ``data.allow_test_split_in_train``; ``purpose="eval"`` refuses a ``weight`` (every utterance is scored
     once)."""
     specs = check_specs(specs, data, purpose=purpose)
     return load_sources(specs, cache_dir=os.path.join(cache_root(data), "cv"),
-                        hub_cache_dir=os.path.join(cache_root(data), "hf"))
+                        hub_cache_dir=os.path.join(cache_root(data), "hf"), need_text=need_text)
 
 
 def check_specs(specs: Sequence[str], data: DataConfig, *, purpose: str | None = None) -> list[str]:

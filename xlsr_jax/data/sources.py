@@ -109,11 +109,13 @@ def source_weight(spec: str, options: dict[str, str] | None = None) -> float:
 
 
 def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
-                 hub_cache_dir: str | os.PathLike | None = None) -> list[Example]:
+                 hub_cache_dir: str | os.PathLike | None = None, need_text: bool = True) -> list[Example]:
     """One spec string -> its examples (see the module docstring for the syntax).
 
     ``cache_dir``: where Common Voice archives are extracted; ``hub_cache_dir``: where hub clips stored as
-    bytes are written (default ``~/.cache/xlsr_jax/cv`` and ``.../hf``).
+    bytes are written (default ``~/.cache/xlsr_jax/cv`` and ``.../hf``). ``need_text=False`` (pretraining,
+    pseudo-labelling): a manifest or dataset without a transcript column gives examples with empty texts
+    instead of an error.
     """
     base, options = split_options(spec)
     scheme = _scheme_of(base)
@@ -123,7 +125,7 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
         examples = _load_common_voice(path, splits, source=spec, cache_dir=cache_dir)
     elif scheme == "manifest":
         examples = load_manifest(os.path.expanduser(rest), source=spec, audio_column=options.get("audio"),
-                                 text_column=options.get("text"))
+                                 text_column=options.get("text"), need_text=need_text)
     elif scheme == "audio":
         examples = load_audio_folder(os.path.expanduser(rest), source=spec)
     elif scheme == "hf":
@@ -132,7 +134,8 @@ def parse_source(spec: str, *, cache_dir: str | os.PathLike | None = None,
         name, config, splits = split_hf_spec(rest)
         examples = load_hub_source(name, config, splits, source=spec,
                                    cache_dir=os.fspath(hub_cache_dir or default_cache("hf")),
-                                   audio_column=options.get("audio"), text_column=options.get("text"))
+                                   audio_column=options.get("audio"), text_column=options.get("text"),
+                                   need_text=need_text)
     else:
         raise DataError(
             f"{spec!r}: unknown data source scheme {scheme!r}; valid schemes: "
@@ -347,18 +350,17 @@ def load_audio_folder(folder: str, *, source: str = "") -> list[Example]:
 
 
 def load_manifest(path: str, *, source: str = "", audio_column: str | None = None,
-                  text_column: str | None = None) -> list[Example]:
+                  text_column: str | None = None, need_text: bool = True) -> list[Example]:
     """A ``.tsv`` / ``.csv`` / ``.jsonl`` manifest -> examples; relative audio paths resolve
     against the manifest's folder. ``audio_column`` / ``text_column`` name the columns to use instead
-    of the first of PATH_COLUMNS / TEXT_COLUMNS present. A manifest without a text column lists audio
-    alone (pretraining, pseudo-labelling): its texts are empty, which training drops as `empty_text`;
-    a `text_column` named must be there."""
+    of the first of PATH_COLUMNS / TEXT_COLUMNS present. With ``need_text=False`` a manifest may list audio
+    alone (pretraining, pseudo-labelling: texts empty); a ``text_column`` named must be there."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such manifest")
     required = {"path": (audio_column,) if audio_column else PATH_COLUMNS}
     optional = {"duration": DURATION_COLUMNS, "speaker": SPEAKER_COLUMNS, "language": LANGUAGE_COLUMNS}
-    if text_column:
-        required["text"] = (text_column,)
+    if text_column or need_text:
+        required["text"] = (text_column,) if text_column else TEXT_COLUMNS
     else:
         optional["text"] = TEXT_COLUMNS
     if path.endswith(".jsonl"):

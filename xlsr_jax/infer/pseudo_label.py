@@ -139,7 +139,7 @@ def pseudo_label(source: str, data: Sequence[str], out: str | os.PathLike, *, st
     per_device = batch_size or (loaded.config.eval.per_device_batch_size or loaded.config.train.per_device_batch_size
                                 if loaded.config is not None else 8)
     # Audio alone (no vocabulary: transcripts neither needed nor checked); a clip the model gives no frame is dropped.
-    loader, report = eval_loader(read_examples(data, data_config), data=data_config, vocab=None, normalization=None,
+    loader, report = eval_loader(read_examples(data, data_config, need_text=False), data=data_config, vocab=None, normalization=None,
                                  frames_fn=functools.partial(feat_extract_output_lengths, loaded.model.config),
                                  batch_size=per_device * parallel.data_parallel_size(mesh), name="pseudo-label",
                                  min_frames=1)

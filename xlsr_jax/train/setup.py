@@ -120,9 +120,11 @@ def build_data(config: Config, output_dir: Path, batch_size: int, eval_batch_siz
                           "(data.streaming=false) to augment", ("augment", "data.streaming"))
     if d.streaming:
         return _build_streaming(config, output_dir, batch_size, eval_batch_size, data_parallel=data_parallel)
-    train_examples = _subset(read_examples(d.train, d, purpose="train"), d.max_train_examples, config.train.seed)
-    eval_examples = (_subset(read_examples(d.eval, d, purpose="eval"), d.max_eval_examples, config.train.seed)
-                     if d.eval else [])
+    need_text = audio_only is None
+    train_examples = _subset(read_examples(d.train, d, purpose="train", need_text=need_text), d.max_train_examples,
+                             config.train.seed)
+    eval_examples = (_subset(read_examples(d.eval, d, purpose="eval", need_text=need_text), d.max_eval_examples,
+                             config.train.seed) if d.eval else [])
     if audio_only is None:
         normalization = choose_normalization(d, train_examples)
         texts = [normalization(e.text, e.language) for e in train_examples + eval_examples]
