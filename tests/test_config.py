@@ -16,11 +16,16 @@ from xlsr_jax.errors import UserError
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "common_voice_tr.yaml"])
+# Every shipped run config (sweep_demo.yaml is a search space, read by `xlsr-jax sweep --space`).
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "sweep_demo.yaml"))
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert isinstance(config, Config)
     assert config.data.train and config.data.eval
+    if name.startswith("pretrain"):  # and pass `xlsr-jax pretrain`'s refusals
+        from xlsr_jax.pretrain.objective import Pretraining
+
+        Pretraining().check(config)
 
 
 def test_common_voice_recipe_matches_the_seed_script():
