@@ -157,8 +157,8 @@ def _examples(table, base: str | None, *, source: str, audio_column: str | None,
     """Rows -> examples; clips held as bytes are written to ``bytes_dir`` (once)."""
     columns = list(table.column_names)
     audio = pick_column(columns, audio_column, AUDIO_COLUMNS, "audio", source)
-    text = (pick_column(columns, text_column, TEXT_COLUMNS, "text", source)
-            if text_column or need_text or any(c in columns for c in TEXT_COLUMNS) else None)
+    text = (pick_column(columns, text_column, TEXT_COLUMNS, "text", source) if text_column or need_text
+            else next((c for c in TEXT_COLUMNS if c in columns), None))
     speaker = next((c for c in SPEAKER_COLUMNS if c in columns), None)
     language = next((c for c in LANGUAGE_COLUMNS if c in columns), None)
     wanted = [c for c in dict.fromkeys([audio, text, speaker, language]) if c]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from xlsr_jax import parallel
 from xlsr_jax.aot import ShapeDispatch, StepToCompile, abstract_like, compile_steps
@@ -124,6 +125,27 @@ def compiled_eval_step(loaded: LoadedModel, loader, mesh, *, with_log_probs: boo
     return compile_steps([step], parallel.batch_sharding(mesh))["eval"]
 
 
+def model_pass(source: str, *, step: int | None, best: bool, fsdp: int, cache_dir: str | None, lm: str | None,
+               alpha: float | None, beta: float | None, beam_width: int, batch_size: int | None,
+               language: str | None = None) -> tuple[Mesh, LoadedModel, DataConfig, Any, int]:
+    """What a pass of a model over data needs (evaluate, pseudo-label): (mesh with `fsdp`, the loaded model,
+    its data settings with `cache_dir`, the LM decoder or None for greedy, the global batch size: `batch_size`
+    or the run's eval / train per-device batch, else 8, times the data-parallel devices)."""
+    mesh = parallel.make_mesh(MeshConfig(fsdp=fsdp))
+    loaded = load_model(source, step=step, best=best, mesh=mesh, language=language)
+    data_config = loaded.config.data if loaded.config is not None else DataConfig()
+    if cache_dir:
+        data_config = dataclasses.replace(data_config, cache_dir=cache_dir)
+    decoder = None
+    if lm is not None:
+        from xlsr_jax.infer.lm import LMDecoder  # needs the `lm` extra
+
+        decoder = LMDecoder.from_path(lm, loaded.vocab, alpha=alpha, beta=beta, beam_width=beam_width)
+    per_device = batch_size or (loaded.config.eval.per_device_batch_size or loaded.config.train.per_device_batch_size
+                                if loaded.config is not None else 8)
+    return mesh, loaded, data_config, decoder, per_device * parallel.data_parallel_size(mesh)
+
+
 def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best: bool = False,
              out: str | None = None, lm: str | None = None, alpha: float | None = None,
              beta: float | None = None, beam_width: int = 100, batch_size: int | None = None, fsdp: int = 1,
@@ -133,11 +155,9 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
     paths written under "predictions" and "results_file", and the data report under "report"."""
     if not data:
         raise UserError("evaluate: give the data to score, e.g. --data cv:/path/to/tr:test")
-    mesh = parallel.make_mesh(MeshConfig(fsdp=fsdp))
-    loaded = load_model(source, step=step, best=best, mesh=mesh, language=language)
-    data_config = loaded.config.data if loaded.config is not None else DataConfig()
-    if cache_dir:
-        data_config = dataclasses.replace(data_config, cache_dir=cache_dir)
+    mesh, loaded, data_config, decoder, global_batch = model_pass(
+        source, step=step, best=best, fsdp=fsdp, cache_dir=cache_dir, lm=lm, alpha=alpha, beta=beta,
+        beam_width=beam_width, batch_size=batch_size, language=language)
     if loaded.config is not None and set(data) & set(loaded.config.data.train):
         logger.warning("%s: this run trained on %s; its score there says nothing about new speakers",
                        source, sorted(set(data) & set(loaded.config.data.train)))
@@ -145,17 +165,10 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
         logger.warning("%s is a group-norm (base-style) model: its conv features see the padding of a batch, "
                        "so, as with transformers' Trainer, scores can differ a little from unpadded inference",
                        source)
-    decoder = None
-    if lm is not None:
-        from xlsr_jax.infer.lm import LMDecoder  # needs the `lm` extra
-
-        decoder = LMDecoder.from_path(lm, loaded.vocab, alpha=alpha, beta=beta, beam_width=beam_width)
-    per_device = batch_size or (loaded.config.eval.per_device_batch_size or loaded.config.train.per_device_batch_size
-                                if loaded.config is not None else 8)
     loader, report = eval_loader(read_examples(data, data_config), data=data_config, vocab=loaded.vocab,
                                  normalization=loaded.normalization,
                                  frames_fn=functools.partial(feat_extract_output_lengths, loaded.model.config),
-                                 batch_size=per_device * parallel.data_parallel_size(mesh))
+                                 batch_size=global_batch)
     eval_fn = compiled_eval_step(loaded, loader, mesh, with_log_probs=decoder is not None)
     metrics, predictions = predict(loaded.params, loader, eval_fn, loaded.vocab, mesh, decoder)
     language = loaded.normalization.language

@@ -21,14 +21,11 @@ from typing import Any, Sequence
 
 import jax
 
-from xlsr_jax import parallel
-from xlsr_jax.config import DataConfig, MeshConfig
 from xlsr_jax.data.audio import SAMPLING_RATE
 from xlsr_jax.data.pipeline import eval_loader, read_examples
 from xlsr_jax.data.sources import cv_path_and_splits, is_test_split, split_options
 from xlsr_jax.errors import UserError
-from xlsr_jax.infer.evaluate import compiled_eval_step
-from xlsr_jax.infer.load import load_model
+from xlsr_jax.infer.evaluate import compiled_eval_step, model_pass
 from xlsr_jax.infer.predict import Prediction, run_predictions
 from xlsr_jax.model import feat_extract_output_lengths
 from xlsr_jax.rundir import write_atomically
@@ -126,23 +123,14 @@ def pseudo_label(source: str, data: Sequence[str], out: str | os.PathLike, *, st
     """
     _check_data(data)
     _check_fraction(top_fraction)  # before the pass, not after it
-    mesh = parallel.make_mesh(MeshConfig(fsdp=fsdp))
-    loaded = load_model(source, step=step, best=best, mesh=mesh)
-    data_config = loaded.config.data if loaded.config is not None else DataConfig()
-    if cache_dir:
-        data_config = dataclasses.replace(data_config, cache_dir=cache_dir)
-    decoder = None
-    if lm is not None:
-        from xlsr_jax.infer.lm import LMDecoder  # needs the `lm` extra
-
-        decoder = LMDecoder.from_path(lm, loaded.vocab, alpha=alpha, beta=beta, beam_width=beam_width)
-    per_device = batch_size or (loaded.config.eval.per_device_batch_size or loaded.config.train.per_device_batch_size
-                                if loaded.config is not None else 8)
+    mesh, loaded, data_config, decoder, global_batch = model_pass(
+        source, step=step, best=best, fsdp=fsdp, cache_dir=cache_dir, lm=lm, alpha=alpha, beta=beta,
+        beam_width=beam_width, batch_size=batch_size)
     # Audio alone (no vocabulary: transcripts neither needed nor checked); a clip the model gives no frame is dropped.
-    loader, report = eval_loader(read_examples(data, data_config, need_text=False), data=data_config, vocab=None, normalization=None,
+    loader, report = eval_loader(read_examples(data, data_config, need_text=False), data=data_config, vocab=None,
+                                 normalization=None,
                                  frames_fn=functools.partial(feat_extract_output_lengths, loaded.model.config),
-                                 batch_size=per_device * parallel.data_parallel_size(mesh), name="pseudo-label",
-                                 min_frames=1)
+                                 batch_size=global_batch, name="pseudo-label", min_frames=1)
     if not len(loader.dataset):
         raise UserError(f"pseudo-label: no usable audio in {list(data)} (see the data report above)")
     eval_fn = compiled_eval_step(loaded, loader, mesh, with_log_probs=decoder is not None)
