@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"  # as conftest
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + os.environ["XLSR_JAX_TEST_XLA_FLAGS"]
 
 
 def _record_loaded_rows(path: str) -> None:

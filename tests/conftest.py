@@ -7,11 +7,32 @@ import os
 import shutil
 import tempfile
 
+
+def _jaxlib_knows(flag: str) -> bool:
+    """Whether the installed jaxlib parses XLA flag `flag`: XLA aborts the process on a flag it does not know,
+    and a later jaxlib may drop an experimental one. Each flag's name stands in jaxlib's library."""
+    import glob
+    import importlib.util
+    import mmap
+
+    folder = os.path.dirname(importlib.util.find_spec("jaxlib").origin)
+    for path in glob.glob(os.path.join(folder, "*.so")):
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as library:
+            if library.find(flag.encode()) >= 0:
+                return True
+    return False
+
+
 # Four fake CPU devices for the mesh tests; must be set before jax is first imported. The tests spend most
 # of their time compiling tiny programs, not running them: without LLVM's optimisation passes XLA:CPU
 # compiles them in about half the time (a 6-step tiny run: 355 -> 185 s on 2 busy cores), and matmuls and
-# convolutions still run in the same precompiled library kernels.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+# convolutions still run in the same precompiled library kernels. XLA:CPU's older elemental fusion emitters
+# compile in about two thirds of the time of its default MLIR ones (the tiny model's gradient: 3.1-4.6 ->
+# 2.2-2.4 s; tests/test_model_encoder.py alone 143 -> 101 s; 2026-12-07, jax 0.10.2) and run its steps as fast.
+TEST_XLA_FLAGS = " ".join(["--xla_backend_optimization_level=0"] + [
+    f"--{flag}=false" for flag in ["xla_cpu_use_fusion_emitters"] if _jaxlib_knows(flag)])
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 " + TEST_XLA_FLAGS)
+os.environ.setdefault("XLSR_JAX_TEST_XLA_FLAGS", TEST_XLA_FLAGS)  # tests/_multiprocess_worker.py's, with 2 devices
 # glibc's malloc defaults for the test process, whichever test first calls `xlsr_jax.cli.main`: the
 # training-step setting (xlsr_jax/malloc.py) slowed the model test files 358 -> 420 s; tests/test_malloc.py
 # sets this variable itself where it tests the setting.

@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from _models import padded_batch, perturbed, quiet_config
+from _models import forward, padded_batch, perturbed, quiet_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC
 from xlsr_jax.model.kernels import keep_mask
 from xlsr_jax.model.encoder import Attention, dropout_attend, fused_attention, softmax_as
 
 
 def _logits(model, params, x, mask, deterministic=True, seed=0):
-    return np.asarray(model.apply({"params": params}, x, attention_mask=mask, deterministic=deterministic,
-                                  rngs={"dropout": jax.random.key(seed)}))
+    return np.asarray(forward(model, params, x, mask, deterministic=deterministic, seed=seed))
 
 
 def _grads(model, params, x, mask, seed=3):

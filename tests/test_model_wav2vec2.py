@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Wav2Vec2ForCTC
 
-from _models import padded_batch, quiet_config, tiny_config, xlsr53_config
+from _models import forward, padded_batch, quiet_config, tiny_config, xlsr53_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, pytorch_to_flax
 from xlsr_jax.model.wav2vec2 import frame_mask_from_attention_mask
 
@@ -69,17 +69,12 @@ def test_logits_equal_pytorch_with_perturbed_weights(kind, options, report):
     assert error <= 1e-5
 
 
-def _apply(model, params, x, mask, deterministic, seed=0, mutable=False):
-    return model.apply({"params": params}, x, attention_mask=mask, deterministic=deterministic,
-                       rngs={"dropout": jax.random.key(seed)}, mutable=["intermediates"] if mutable else False)
-
-
 @pytest.mark.slow  # compiles the whole model in training mode
 def test_train_mode_without_noise_equals_eval():
     model = FlaxWav2Vec2ForCTC(quiet_config())
     params = model.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 3000], 4000)
-    np.testing.assert_array_equal(_apply(model, params, x, mask, False), _apply(model, params, x, mask, True))
+    np.testing.assert_array_equal(forward(model, params, x, mask, False), forward(model, params, x, mask, True))
 
 
 @pytest.mark.slow  # compiles the whole model in training mode
@@ -93,13 +88,13 @@ def test_each_noise_source_applies_in_train_mode(knob, scan):
     model = FlaxWav2Vec2ForCTC(quiet_config(**{knob: 0.5}, **extra), scan_layers=scan)
     params = model.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 3000], 4000)
-    evaluated = _apply(model, params, x, mask, True)
-    trained = [_apply(model, params, x, mask, False, seed=s) for s in range(4)]
+    evaluated = forward(model, params, x, mask, True)
+    trained = [forward(model, params, x, mask, False, seed=s) for s in range(4)]
     differs = [not np.allclose(t, evaluated, atol=1e-5) for t in trained]
     # layerdrop 0.5 over two layers keeps both a quarter of the time; every other knob always acts.
     assert sum(differs) >= (2 if knob == "layerdrop" else 4)
     assert len({np.asarray(t).tobytes() for t in trained}) >= 2, "the noise does not depend on the rng"
-    np.testing.assert_array_equal(_apply(model, params, x, mask, True, seed=7), evaluated)
+    np.testing.assert_array_equal(forward(model, params, x, mask, True, seed=7), evaluated)
 
 
 @pytest.mark.slow  # compiles the whole model in training mode
@@ -111,8 +106,8 @@ def test_layerdrop_one_skips_every_layer():
     params_no_layers = jax.tree.map(lambda a: a, params)
     del params_no_layers["wav2vec2"]["encoder"]["layers"]
     x, mask = padded_batch([4000, 3000], 4000)
-    np.testing.assert_allclose(_apply(model, params, x, mask, False),
-                               _apply(no_layers, params_no_layers, x, mask, True), atol=1e-6)
+    np.testing.assert_allclose(forward(model, params, x, mask, False),
+                               forward(no_layers, params_no_layers, x, mask, True), atol=1e-6)
 
 
 @pytest.mark.slow  # compiles the whole model in training mode
@@ -121,7 +116,7 @@ def test_time_mask_frames_equal_masked_spec_embed_and_stay_in_valid_frames():
     model = FlaxWav2Vec2ForCTC(config)
     params = model.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 1500], 4000)
-    _, state = _apply(model, params, x, mask, False, mutable=True)
+    _, state = forward(model, params, x, mask, False, mutable=True)
     inter = state["intermediates"]["wav2vec2"]
     time_mask = np.asarray(inter["mask_time_indices"][0])
     hidden = np.asarray(inter["masked_hidden_states"][0])
@@ -138,7 +133,7 @@ def test_feature_mask_zeroes_whole_channels():
     model = FlaxWav2Vec2ForCTC(quiet_config(mask_feature_prob=0.5, mask_feature_length=4))
     params = model.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 3000], 4000)
-    _, state = _apply(model, params, x, mask, False, mutable=True)
+    _, state = forward(model, params, x, mask, False, mutable=True)
     inter = state["intermediates"]["wav2vec2"]
     feature_mask = np.asarray(inter["mask_feature_indices"][0])  # [batch, hidden]
     hidden = np.asarray(inter["masked_hidden_states"][0])
@@ -153,17 +148,17 @@ def test_clip_shorter_than_a_mask_span_trains_without_mask():
     model = FlaxWav2Vec2ForCTC(config)
     params = model.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 200], 4000)  # row 1: 9 frames < mask_time_length
-    logits, state = _apply(model, params, x, mask, False, mutable=True)
+    logits, state = forward(model, params, x, mask, False, mutable=True)
     time_mask = np.asarray(state["intermediates"]["wav2vec2"]["mask_time_indices"][0])
     assert np.isfinite(np.asarray(logits)).all()
     assert time_mask[0].any() and not time_mask[1].any()
     short_x, short_mask = padded_batch([200], 200)  # 9 frames in all: the static axis is shorter than a span
-    assert np.isfinite(np.asarray(_apply(model, params, short_x, short_mask, False))).all()
+    assert np.isfinite(np.asarray(forward(model, params, short_x, short_mask, False))).all()
 
 
 def _grads(model, params, x, mask):
     def loss(p):
-        return jnp.sum(_apply(model, p, x, mask, False, seed=3) ** 2)
+        return jnp.sum(forward(model, p, x, mask, False, seed=3) ** 2)
     return jax.jit(jax.grad(loss))(params)
 
 
@@ -179,7 +174,7 @@ def test_remat_gives_same_logits_and_grads(scan):
     remat = FlaxWav2Vec2ForCTC(config, remat_policy="full", scan_layers=scan, pos_conv="tap_grad")
     params = plain.init_params(jax.random.key(0))
     x, mask = padded_batch([4000, 3000], 4000)
-    np.testing.assert_allclose(_apply(remat, params, x, mask, False), _apply(plain, params, x, mask, False),
+    np.testing.assert_allclose(forward(remat, params, x, mask, False), forward(plain, params, x, mask, False),
                                atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  _grads(remat, params, x, mask), _grads(plain, params, x, mask))
@@ -205,12 +200,13 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(report):
     bf16 = FlaxWav2Vec2ForCTC(config, dtype=jnp.bfloat16)
     assert {p.dtype for p in jax.tree.leaves(bf16.init_params(jax.random.key(0)))} == {jnp.dtype("float32")}
     # The program really computes in bfloat16 (closeness to float32 alone would pass if dtype were ignored).
-    program = jax.jit(lambda p: _apply(bf16, p, x, mask, True)).lower(params).as_text()
+    program = jax.jit(lambda p: forward(bf16, p, x, mask, True)).lower(params).as_text()
     dots = [line for line in program.splitlines() if "dot_general" in line or "convolution" in line]
     assert dots and all("bf16" in line for line in dots)
-    assert "bf16" not in jax.jit(lambda p: _apply(FlaxWav2Vec2ForCTC(config), p, x, mask, True)).lower(params).as_text()
-    low = np.asarray(_apply(bf16, params, x, mask, True))
-    high = np.asarray(_apply(FlaxWav2Vec2ForCTC(config), params, x, mask, True))
+    fp32 = FlaxWav2Vec2ForCTC(config)
+    assert "bf16" not in jax.jit(lambda p: forward(fp32, p, x, mask, True)).lower(params).as_text()
+    low = np.asarray(forward(bf16, params, x, mask, True))
+    high = np.asarray(forward(fp32, params, x, mask, True))
     assert low.dtype == np.float32
     error = float(np.abs(low - high).max() / np.abs(high).max())
     report("bf16 vs fp32 logits, max error / max |logit|", error)

@@ -1,10 +1,10 @@
 """Two processes × two fake CPU devices on localhost, started as a user starts a cluster JAX cannot detect
 (`--set mesh.coordinator_address/num_processes/process_id`), against one process with four devices:
 same losses, scores and final weights (with every process decoding every clip, so that the batch plan is
-the one-process plan; with each decoding its half, against one process on that plan), every example once,
-a SIGTERM to one process stopping both at the same step, resume, export from parameters sharded across the
-processes, hosts that disagree stopping, and each process decoding and loading only its half of the clips
-(`data.shard_cache_by_host`, the default)."""
+the one-process plan; with each decoding its half, `data.shard_cache_by_host`, the default, against one
+process on that plan), every example once, export from parameters sharded across the processes, a SIGTERM
+to one process stopping both at the same step and the rerun resuming to the uninterrupted numbers, and
+hosts that disagree stopping."""
 
 from __future__ import annotations
 
@@ -114,11 +114,11 @@ def _max_weight_difference(run: Path, reference: Path) -> float:
     return max(float(np.abs(got[k] - want[k]).max()) for k in want)
 
 
-@pytest.fixture(scope="module")
-def sharded_reference(setup):
-    """One process, 4 devices, 2 steps on the plan of `data.shard_cache_by_host` over two processes: each
-    host's half of every global batch comes from its own clips (example k on process k % 2), so that plan
-    is not the one-process plan; this run follows it (the loader's plan is swapped, nothing else)."""
+def _sharded_reference(setup, steps: int) -> Path:
+    """One process, 4 devices, `steps` steps on the plan of `data.shard_cache_by_host` over two processes:
+    each host's half of every global batch comes from its own clips (example k on process k % 2), so that
+    plan is not the one-process plan; this run follows it (the loader's plan is swapped, nothing else).
+    Evaluated once, at its end."""
     from xlsr_jax.config import load_config
     from xlsr_jax.data.loader import BatchLoader
     from xlsr_jax.recipe import train
@@ -134,11 +134,13 @@ def sharded_reference(setup):
                                    "owners": np.arange(len(dataset)) % 2})
             self.epoch_batches, self.batches_per_epoch = twin.epoch_batches, twin.batches_per_epoch
 
-    config = load_config(config_file, [f"train.output_dir={work / 'sharded_reference'}", "train.max_steps=2"])
+    out = work / "sharded_reference"
+    config = load_config(config_file, [f"train.output_dir={out}", f"train.max_steps={steps}",
+                                       "train.eval_steps=100000", "train.save_steps=100000"])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(BatchLoader, "__init__", two_host_plan)
         train(config)
-    return work / "sharded_reference"
+    return out
 
 
 def test_two_processes_train_like_one_with_four_devices(setup, report):
@@ -164,34 +166,6 @@ def test_two_processes_train_like_one_with_four_devices(setup, report):
     assert difference <= WEIGHT_TOLERANCE
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_rerun_resumes(setup):
-    config_file, work, _ = setup
-    run = work / "preempted"
-    long = (f"train.output_dir={run}", "train.max_steps=100000", "train.eval_steps=100000",
-            "train.save_steps=100000")
-    cluster = _Cluster(config_file, work / "preempted_logs", *long)
-    deadline = time.monotonic() + 300
-    while len(_train_losses(run) if (run / "metrics.jsonl").exists() else []) < 3:
-        assert time.monotonic() < deadline and all(p.poll() is None for p in cluster.procs), cluster.log(0)[-3000:]
-        time.sleep(0.2)
-    cluster.procs[1].send_signal(signal.SIGTERM)  # a maintenance event on one host only
-    assert cluster.wait(timeout=120) == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
-    stopped = [int(line.split("stopped at step ")[1].split()[0]) for i in (0, 1)
-               for line in cluster.log(i).splitlines() if "stopped at step" in line]
-    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(stopped) == 2 and stopped[0] == stopped[1] == saved[-1] == len(_train_losses(run)), (stopped, saved)
-    assert saved == [stopped[0]] and not (run / "hf_model").exists()
-
-    final = stopped[0] + 2
-    rerun = _Cluster(config_file, work / "resumed_logs", *long[:1], f"train.max_steps={final}",
-                     "train.eval_steps=100000", "train.save_steps=100000")
-    assert rerun.wait() == [0, 0], rerun.log(0)[-3000:] + rerun.log(1)[-3000:]
-    for i in (0, 1):
-        assert f"checkpoints/{stopped[0]}" in rerun.log(i), "both processes resume from the saved step"
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r][-2:] == [final - 1, final]
-    assert (run / "hf_model" / "model.safetensors").exists()
-
-
 def test_processes_that_build_different_data_stop_naming_the_difference(setup):
     config_file, work, _ = setup
     # Unsharded, the hosts meet first in this check; sharded, they stop earlier, exchanging their decode
@@ -205,12 +179,27 @@ def test_processes_that_build_different_data_stop_naming_the_difference(setup):
     assert not (work / "disagree" / "checkpoints").exists(), "stopped before anything was written"
 
 
-def test_each_process_decodes_and_loads_only_its_half_of_the_clips(setup, sharded_reference, report):
+def test_each_process_decodes_its_half_a_sigterm_to_one_stops_both_and_the_rerun_ends_as_one_process(setup, report):
+    """With `data.shard_cache_by_host` (the default) each process decodes and loads only its half of the
+    clips. A SIGTERM to one process (a maintenance event on one host) stops both at the same step with one
+    checkpoint; the same command resumes both from it, and the run ends with the losses, scores and weights
+    of one uninterrupted process on the same plan."""
     config_file, work, _ = setup
-    run, cache, logs = work / "sharded", work / "sharded_cache", work / "sharded_logs"
-    cluster = _Cluster(config_file, logs, f"train.output_dir={run}", f"data.cache_dir={cache}", "train.max_steps=2",
-                       record=True)
-    assert cluster.wait() == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    run, cache, logs = work / "preempted", work / "preempted_cache", work / "preempted_logs"
+    long = (f"train.output_dir={run}", f"data.cache_dir={cache}", "train.max_steps=100000",
+            "train.eval_steps=100000", "train.save_steps=100000")
+    cluster = _Cluster(config_file, logs, *long, record=True)
+    deadline = time.monotonic() + 300
+    while len(_train_losses(run) if (run / "metrics.jsonl").exists() else []) < 3:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in cluster.procs), cluster.log(0)[-3000:]
+        time.sleep(0.2)
+    cluster.procs[1].send_signal(signal.SIGTERM)
+    assert cluster.wait(timeout=120) == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    stopped = [int(line.split("stopped at step ")[1].split()[0]) for i in (0, 1)
+               for line in cluster.log(i).splitlines() if "stopped at step" in line]
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(stopped) == 2 and stopped[0] == stopped[1] == saved[-1] == len(_train_losses(run)), (stopped, saved)
+    assert saved == [stopped[0]] and not (run / "hf_model").exists()
     # 6 training clips (examples 0, 2, 4 on process 0) and 3 evaluation clips (0, 2 on process 0), one cache
     # folder per split and process
     parts = sorted((meta.parent.name.rsplit("-", 1)[1], json.loads(meta.read_text())["num_kept"])
@@ -218,20 +207,32 @@ def test_each_process_decodes_and_loads_only_its_half_of_the_clips(setup, sharde
     assert parts == [("host0of2", 2), ("host0of2", 3), ("host1of2", 1), ("host1of2", 3)], parts
     for i in (0, 1):
         assert f"train: decoded 3 of 6 clips (host {i} of 2)" in cluster.log(i)
-        loaded = [json.loads(line) for line in (logs / f"rows{i}.jsonl").read_text().splitlines()]
+
+    final = stopped[0] + 2
+    rerun = _Cluster(config_file, work / "resumed_logs", *long[:2], f"train.max_steps={final}",
+                     *long[3:], record=True)
+    assert rerun.wait() == [0, 0], rerun.log(0)[-3000:] + rerun.log(1)[-3000:]
+    for i in (0, 1):
+        assert f"checkpoints/{stopped[0]}" in rerun.log(i), "both processes resume from the saved step"
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r] == list(range(1, final + 1))
+    for i in (0, 1):
+        loaded = [json.loads(line) for f in (logs, work / "resumed_logs")
+                  for line in (f / f"rows{i}.jsonl").read_text().splitlines()]
         # every clip is kept, so dataset row k is example k, decoded by process k % 2
         assert all(k % 2 == i for rows in loaded for k in rows if k >= 0), loaded
     # every clip once in the first epoch (2 batches of 4), each process loading its own
     first_epoch = [k for i in (0, 1) for rows in
                    [json.loads(line) for line in (logs / f"rows{i}.jsonl").read_text().splitlines()][:2] for k in rows]
     assert sorted(k for k in first_epoch if k >= 0) == list(range(6))
-    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval/wer" in r]
-    assert [(r["step"], r["eval/examples"]) for r in evals] == [(2, 3.0)], "every eval clip scored once"
-    assert "greedy transcripts identical: True" in cluster.log(0), "the export checks clips process 0 decoded"
+    assert [(r["step"], r["eval/examples"]) for r in read_metrics(run / "metrics.jsonl") if "eval/wer" in r] \
+        == [(final, 3.0)], "every eval clip scored once"
+    assert "greedy transcripts identical: True" in rerun.log(0), "the export checks clips process 0 decoded"
+
     # The numbers of one process following the same plan (not the one-process plan: other losses).
-    assert _train_losses(sharded_reference) != _train_losses(setup[2])[:2]
-    np.testing.assert_allclose(_train_losses(run), _train_losses(sharded_reference), rtol=1e-5)
-    assert len(_train_losses(run)) == 2 and _evals(run) == _evals(sharded_reference)
-    difference = _max_weight_difference(run, sharded_reference)
-    report("two processes vs one, sharded cache: max |final weight difference|", difference)
+    reference = _sharded_reference(setup, final)
+    assert _train_losses(reference)[:4] != _train_losses(setup[2])
+    np.testing.assert_allclose(_train_losses(run), _train_losses(reference), rtol=1e-5)
+    assert _evals(run) == _evals(reference)
+    difference = _max_weight_difference(run, reference)
+    report("two processes, sharded cache, preempted and resumed, vs one: max |final weight difference|", difference)
     assert difference <= WEIGHT_TOLERANCE

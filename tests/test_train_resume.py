@@ -267,7 +267,7 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 300.0) -> bool
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # four trainings in subprocesses
+@pytest.mark.timeout(1200)  # three trainings in subprocesses, one here
 def test_sigkill_anywhere_and_a_damaged_checkpoint_still_give_the_uninterrupted_weights(cv_dir, tmp_path):
     """8 steps, a checkpoint every step. Killed once a random moment after step 2's checkpoint (at the
     latest while step 6's is held unfinished), once while a checkpoint is being written (held in orbax's
@@ -275,18 +275,17 @@ def test_sigkill_anywhere_and_a_damaged_checkpoint_still_give_the_uninterrupted_
     the one before it and end with the uninterrupted run's parameters, bit for bit."""
     rng = np.random.default_rng(0)
 
-    def config_file(name: str) -> Path:  # the runs load their compiled steps from the test run's cache (conftest)
+    def run_config(name: str):  # the runs load their compiled steps from the test run's cache (conftest)
         config = tiny_run_config(cv_dir, tmp_path / name, max_steps=8, save_steps=1,
                                  eval_steps=100)
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, eval=()),
-                                     checkpoint=dataclasses.replace(config.checkpoint, best_metric=None))
-        path = tmp_path / f"{name}.yaml"
-        save_config(config, path)
-        return path
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, eval=()),
+                                   checkpoint=dataclasses.replace(config.checkpoint, best_metric=None))
 
     reference = tmp_path / "reference" / "run"
-    assert _train_process(config_file("reference"), tmp_path / "reference.log").wait(timeout=300) == 0
-    killed_config, run, log = config_file("killed"), tmp_path / "killed" / "run", tmp_path / "killed.log"
+    train(run_config("reference"))  # uninterrupted, here: the program of the processes, from the same cache
+    killed_config = tmp_path / "killed.yaml"
+    save_config(run_config("killed"), killed_config)
+    run, log = tmp_path / "killed" / "run", tmp_path / "killed.log"
     checkpoints = run / "checkpoints"
 
     def temporary() -> set[str]:  # orbax's temporary folders: a checkpoint being written (or left by a kill)
