@@ -19,7 +19,7 @@ def _reference_gelu(x):
 
 def _torch_gelu(x: jax.Array) -> np.ndarray:
     """PyTorch's exact GELU (what Hugging Face's model runs) at x, in x's dtype, as float32."""
-    t = torch.from_numpy(np.asarray(x.astype(jnp.float32)))
+    t = torch.from_numpy(np.array(x.astype(jnp.float32)))  # a writable copy: torch warns on a read-only one
     if x.dtype == jnp.bfloat16:
         t = t.to(torch.bfloat16)
     return torch.nn.functional.gelu(t).float().numpy()

@@ -98,7 +98,7 @@ def test_the_folder_loads_in_pytorch_with_equal_losses(finished):
     with torch.no_grad():
         theirs = reference(torch.from_numpy(x), attention_mask=torch.from_numpy(attention_mask),
                            mask_time_indices=torch.from_numpy(np.array(mask)),
-                           sampled_negative_indices=torch.from_numpy(negatives).long())
+                           sampled_negative_indices=torch.from_numpy(np.array(negatives)).long())
     for name in ("loss", "contrastive_loss", "diversity_loss", "codevector_perplexity"):
         np.testing.assert_allclose(float(getattr(ours, name)), float(getattr(theirs, name)), rtol=1e-4, err_msg=name)
 
