@@ -21,7 +21,6 @@ condition, its shared steps counted where they are made) into --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -67,23 +66,24 @@ class Runner:
 
 
 def split_train(corpus: Path, fraction: float, seed: int, out: Path) -> tuple[Path, Path]:
-    """labelled.tsv (path, sentence) and unlabelled.tsv (path): a seeded `fraction` of train.tsv's rows."""
+    """labelled.tsv (path, sentence) and unlabelled.tsv (path): a seeded `fraction` of the corpus's train
+    clips, read as `train` reads `cv:CORPUS:train`."""
     import numpy as np
 
-    with open(corpus / "train.tsv", encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    order = np.random.default_rng(seed).permutation(len(rows))
-    keep = set(order[: max(1, round(fraction * len(rows)))].tolist())
+    from xlsr_jax.data.sources import load_sources
+
+    examples = load_sources(f"cv:{corpus}:train")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    keep = set(order[: max(1, round(fraction * len(examples)))].tolist())
     labelled, unlabelled = out / "labelled.tsv", out / "unlabelled.tsv"
     with open(labelled, "w", encoding="utf-8") as a, open(unlabelled, "w", encoding="utf-8") as b:
         a.write("path\tsentence\n")
         b.write("path\n")
-        for k, row in enumerate(rows):
-            clip = (corpus / "clips" / row["path"]).resolve()
+        for k, example in enumerate(examples):
             if k in keep:
-                a.write(f"{clip}\t{row['sentence']}\n")
+                a.write(f"{example.path}\t{example.text}\n")
             else:
-                b.write(f"{clip}\n")
+                b.write(f"{example.path}\n")
     return labelled, unlabelled
 
 
@@ -143,8 +143,8 @@ def main() -> None:
         row = {"condition": c}
         for split, spec in (("dev", dev), ("test", test)):
             result = out / f"{c}_{split}.json"
-            if not result.exists():
-                text = run(c, result, "evaluate", str(out / c), "--data", spec)
+            text = run(c, result, "evaluate", str(out / c), "--data", spec)
+            if text:  # "" when an earlier run of this script scored it
                 result.write_text(json.dumps(scores(text)))
             row.update({f"{split}_{k}": v for k, v in json.loads(result.read_text()).items()})
         results.append(row)

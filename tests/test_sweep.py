@@ -292,7 +292,7 @@ def _sweep_process(args: list[str], log: Path) -> subprocess.Popen:
 def test_a_two_trial_sweep_killed_mid_trial_continues_and_writes_its_table_and_plot(cv_dir, tmp_path):
     # The seed is searched, not a learning rate: it is not a constant in the compiled steps, so every trial
     # and the rerun load them from the test run's compilation cache (any tiny run's; a learning rate per trial
-    # compiled both steps of each trial again). What trials search is the same to the sweep itself.
+    # compiled both steps of each trial again). The sweep's machinery is the same whatever a trial searches.
     config = tiny_run_config(cv_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2)
     save_config(config, tmp_path / "base.yaml")
     space_file = _space(tmp_path, method="random", metric="eval/cer", seed=3, params={
