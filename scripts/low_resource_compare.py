@@ -8,7 +8,8 @@ rest is used as audio only (`unlabelled.tsv`). Every condition fine-tunes config
 `--steps` steps on the labelled part and is scored on `dev` and `test` (unseen voices) at its last step:
 
   a  from scratch
-  b  from a model pretrained (`xlsr-jax pretrain`, configs/pretrain_demo.yaml) on all of train's audio
+  b  from a model pretrained (`xlsr-jax pretrain`, configs/pretrain_demo.yaml) on all of train's audio, or
+     on more (`--pretrained`)
   c  a's start, on labelled + a's surest `--top-fraction` pseudo-labels of the rest (one round)
   d  b's start, on labelled + b's pseudo-labels
   e  from `--transfer-from` (a model trained on other languages' transcripts; its head is replaced)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -56,10 +58,12 @@ class Runner:
         with open(log, "w") as f:
             code = subprocess.run([sys.executable, "-m", "xlsr_jax.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                                   cwd=REPO).returncode
+        # Read again before adding: another run of this script (other conditions) may share the folder.
+        self.cost = json.loads(self.ledger.read_text()) if self.ledger.exists() else {}
         spent = self.cost.setdefault(charge, [0.0, 0.0])
         spent[0] += _cpu_seconds() - cpu
         spent[1] += time.monotonic() - wall
-        self.ledger.write_text(json.dumps(self.cost))
+        _replace(self.ledger, json.dumps(self.cost))
         if code != 0:
             sys.exit(f"xlsr-jax {args[0]} failed (exit {code}); log: {log}")
         return log.read_text()
@@ -76,21 +80,47 @@ def split_train(corpus: Path, fraction: float, seed: int, out: Path) -> tuple[Pa
     order = np.random.default_rng(seed).permutation(len(examples))
     keep = set(order[: max(1, round(fraction * len(examples)))].tolist())
     labelled, unlabelled = out / "labelled.tsv", out / "unlabelled.tsv"
-    with open(labelled, "w", encoding="utf-8") as a, open(unlabelled, "w", encoding="utf-8") as b:
-        a.write("path\tsentence\n")
-        b.write("path\n")
-        for k, example in enumerate(examples):
-            if k in keep:
-                a.write(f"{example.path}\t{example.text}\n")
-            else:
-                b.write(f"{example.path}\n")
+    _replace(labelled, "path\tsentence\n" + "".join(
+        f"{e.path}\t{e.text}\n" for k, e in enumerate(examples) if k in keep))
+    _replace(unlabelled, "path\n" + "".join(f"{e.path}\n" for k, e in enumerate(examples) if k not in keep))
     return labelled, unlabelled
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a run of this script beside this one may be reading it)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def scores(text: str) -> dict[str, float]:
     """The `wer: X` and `cer: X` lines `xlsr-jax evaluate` ends with."""
     found = dict(line.split(": ", 1) for line in text.splitlines() if line.startswith(("wer: ", "cer: ")))
     return {k: float(v) for k, v in found.items()}
+
+
+def plot_conditions(out: Path, conditions: list[str], png: Path) -> None:
+    """Dev CER and dev loss against the fine-tuning step, one line per condition (its run's metrics.jsonl)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from xlsr_jax.plots import read_curves
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for c in conditions:
+        curves = read_curves(out / c / "metrics.jsonl", ("eval/cer", "eval/loss"))
+        for ax, key, scale in ((axes[0], "eval/cer", 100.0), (axes[1], "eval/loss", 1.0)):
+            if key in curves:
+                steps, values = zip(*curves[key])
+                ax.plot(steps, [scale * v for v in values], marker="o", markersize=3, label=c)
+    for ax, title in zip(axes, ("dev CER (%)", "dev CTC loss")):
+        ax.set_title(f"{out.name}: {title}")
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(png, dpi=100)
 
 
 def main() -> None:
@@ -101,8 +131,13 @@ def main() -> None:
     parser.add_argument("--labelled-fraction", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=1000, help="fine-tuning steps of every condition")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--pretrained", type=Path,
+                        help="b and d start from this pretraining folder (an `xlsr-jax pretrain` run's hf_model/, e.g. "
+                             "one pretrained on several corpora's audio) instead of pretraining on this corpus's train")
     parser.add_argument("--head-only-steps", type=int, default=100,
                         help="model.freeze_transformer_steps when starting from a pretrained model")
+    parser.add_argument("--freeze-feature-encoder", choices=("true", "false"), default="true",
+                        help="model.freeze_feature_encoder when starting from a pretrained model")
     parser.add_argument("--top-fraction", type=float, default=0.5, help="of the pseudo-labels, the surest kept")
     parser.add_argument("--transfer-from", help="condition e: a model (hf folder) trained on other languages")
     parser.add_argument("--conditions", default="abcde")
@@ -119,18 +154,18 @@ def main() -> None:
               "--set", f"train.max_steps={args.steps}", "--set", f"train.seed={args.seed}"]
     conditions = [c for c in "abcde" if c in args.conditions and (c != "e" or args.transfer_from)]
 
-    pretrained = out / "pretrain" / "hf_model"
-    if {"b", "d"} & set(conditions):
+    pretrained = args.pretrained.resolve() if args.pretrained else out / "pretrain" / "hf_model"
+    if {"b", "d"} & set(conditions) and not args.pretrained:
         run("b", pretrained, "pretrain", "--config", str(PRETRAIN), "--set", f"data.train=[cv:{corpus}:train]",
             "--set", f"data.eval=[{dev}]", "--set", f"train.max_steps={args.pretrain_steps}",
             "--set", f"train.output_dir={out / 'pretrain'}", "--set", f"train.seed={args.seed}")
-    from_pretrained = ["--set", f"model.pretrained={pretrained}", "--set", "model.freeze_feature_encoder=true",
+    from_pretrained = ["--set", f"model.pretrained={pretrained}",
+                       "--set", f"model.freeze_feature_encoder={args.freeze_feature_encoder}",
                        "--set", f"model.freeze_transformer_steps={args.head_only_steps}"]
     starts = {"a": [], "b": from_pretrained, "c": [], "d": from_pretrained,
               "e": ["--set", f"model.pretrained={args.transfer_from}"]}
     teachers = {"c": "a", "d": "b"}
 
-    results = []
     for c in conditions:
         train_data = [f"manifest:{labelled}"]
         if c in teachers:
@@ -140,16 +175,25 @@ def main() -> None:
             train_data.append(f"manifest:{labels}")
         run(c, out / c / "finished.json", "train", "--config", str(FINETUNE), *common, *starts[c],
             "--set", f"data.train=[{', '.join(train_data)}]", "--set", f"train.output_dir={out / c}")
-        row = {"condition": c}
         for split, spec in (("dev", dev), ("test", test)):
             result = out / f"{c}_{split}.json"
             text = run(c, result, "evaluate", str(out / c), "--data", spec)
             if text:  # "" when an earlier run of this script scored it
-                result.write_text(json.dumps(scores(text)))
-            row.update({f"{split}_{k}": v for k, v in json.loads(result.read_text()).items()})
-        results.append(row)
+                _replace(result, json.dumps(scores(text)))
 
-    cost = run.cost
+    # The table and curves hold every condition scored in --out, by this run of the script or an earlier one.
+    results = []
+    for c in "abcde":
+        row = {"condition": c}
+        for split in ("dev", "test"):
+            result = out / f"{c}_{split}.json"
+            if result.exists():
+                row.update({f"{split}_{k}": v for k, v in json.loads(result.read_text()).items()})
+        if len(row) > 1:
+            results.append(row)
+    plot_conditions(out, [row["condition"] for row in results], out / "curves.png")
+
+    cost = json.loads(run.ledger.read_text()) if run.ledger.exists() else {}
     columns = ["condition", "dev_cer", "test_cer", "dev_wer", "test_wer", "cpu_min", "wall_min"]
     with open(out / "results.tsv", "w") as f:
         f.write("\t".join(columns) + "\n")
