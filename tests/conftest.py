@@ -32,7 +32,12 @@ def _jaxlib_knows(flag: str) -> bool:
 TEST_XLA_FLAGS = " ".join(["--xla_backend_optimization_level=0"] + [
     f"--{flag}=false" for flag in ["xla_cpu_use_fusion_emitters"] if _jaxlib_knows(flag)])
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 " + TEST_XLA_FLAGS)
-os.environ.setdefault("XLSR_JAX_TEST_XLA_FLAGS", TEST_XLA_FLAGS)  # tests/_multiprocess_worker.py's, with 2 devices
+os.environ.setdefault("XLSR_JAX_TEST_XLA_FLAGS", TEST_XLA_FLAGS)
+# The tests run on the CPU, also where libtpu is installed (it compiles the TPU plans' steps, with no TPU):
+# without this JAX would first look for a TPU. Each pytest-xdist worker may load libtpu for a TPU plan;
+# libtpu otherwise allows one process per machine (a lock file in /tmp).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # tests/_multiprocess_worker.py's, with 2 devices
 # glibc's malloc defaults for the test process, whichever test first calls `xlsr_jax.cli.main`: the
 # training-step setting (xlsr_jax/malloc.py) slowed the model test files 358 -> 420 s; tests/test_malloc.py
 # sets this variable itself where it tests the setting.

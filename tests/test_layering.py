@@ -24,7 +24,7 @@ RANKS = {
     "text": 1,
     "config": 2,
     "rundir": 3, "atomic": 3,
-    "plots": 4, "parallel": 4, "checkpoint": 4, "aot": 4, "malloc": 4,
+    "plots": 4, "parallel": 4, "checkpoint": 4, "aot": 4, "malloc": 4, "backend": 4,
     "data": 5, "model": 5,  # siblings: the CTC frame rule comes into data/ as a function (frames_fn)
     "train": 6, "infer": 6,  # siblings: the trainer gets evaluation and export as `Tasks`
     "hub": 7,  # exports and checks with infer/'s loader and LM decoder

@@ -69,7 +69,7 @@ def _plan(args: argparse.Namespace) -> int:
     from xlsr_jax.train.plan import format_plan, plan
 
     config = load_config(args.config, args.set)
-    print(format_plan(plan(config, memory_gib=args.memory_gib, max_batch=args.max_batch)))
+    print(format_plan(plan(config, memory_gib=args.memory_gib, max_batch=args.max_batch, topology=args.topology)))
     return 0
 
 
@@ -263,6 +263,9 @@ def _parse_plan(commands) -> None:
     p.add_argument("--memory-gib", type=float,
                    help="memory per device in GiB (default: this device's, where it reports one; CPUs do not)")
     p.add_argument("--max-batch", type=int, default=1024, help="largest per-device batch to try (default 1024)")
+    p.add_argument("--topology", help="compile for this TPU slice instead, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, "
+                                      "v6e:2x4, v5e:4x4 (4 hosts): on any machine, no TPU needed (libtpu: "
+                                      "pip install 'xlsr-jax[tpu]'); budget: the chip's HBM")
 
 
 def _parse_config(commands) -> None:

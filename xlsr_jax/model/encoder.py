@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from transformers import Wav2Vec2Config
 
+from xlsr_jax.backend import target_backend
 from xlsr_jax.config import REMAT_POLICIES
 from xlsr_jax.model.kernels import dense_dot_general, keep_mask, scale_kept
 from xlsr_jax.model.layers import Dropout, Dtype, LayerNorm, activation, dense_init
@@ -79,7 +80,7 @@ def _resolve_attention(requested: str, dtype: Any, head_dim: int) -> str:
     if requested != "auto":
         return requested
     fits_cudnn = jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "plain"
+    return "cudnn" if target_backend() == "gpu" and fits_cudnn else "plain"
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, impl: str,
@@ -197,7 +198,7 @@ class Attention(nn.Module):
         frames x 6 heads x 64: 35.0 -> 29.2 ms; at the demo's 8 x 99 x 4 x 64: 6.0 -> 4.4 ms."""
         frames = k.shape[1]
         bias = jnp.where(jnp.arange(frames)[None, :] < lengths[:, None], 0.0, jnp.finfo(jnp.float32).min)
-        heads_first = jax.default_backend() == "cpu"
+        heads_first = target_backend() == "cpu"
         if heads_first:
             q, k, v = jax.lax.optimization_barrier(tuple(a.transpose(0, 2, 1, 3) for a in (q, k, v)))
         spec = "bhqd,bhkd->bhqk" if heads_first else "bqhd,bkhd->bhqk"

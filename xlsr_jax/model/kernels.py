@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from xlsr_jax.backend import target_backend
+
 
 def gelu_value(x: jax.Array) -> jax.Array:
     """Exact GELU, x * Phi(x) = x / 2 * (1 + erf(x / sqrt 2)), elementwise in float32, returned in x's
@@ -84,7 +86,7 @@ def row_means(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     encoder's first bias + LayerNorm + GELU (8 x 12799 x 256) fwd+bwd, 192-202 -> 167-170 ms. At 32
     features (the demo's feature encoder) two stages measured slower."""
     n = a.shape[-1]
-    if jax.default_backend() == "cpu" and n % _LANES == 0 and n >= 4 * _LANES:
+    if target_backend() == "cpu" and n % _LANES == 0 and n >= 4 * _LANES:
         split = lambda v: v.reshape(*v.shape[:-1], n // _LANES, _LANES)  # noqa: E731
         a, b = _sums(split(a), split(b), a.ndim - 1)
     sum_a, sum_b = _sums(a, b, a.ndim - 1)
@@ -203,7 +205,7 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     derivative (the demo model's step on one core: 407 -> 378 ms), elsewhere, and for any other
     contraction, `jax.lax.dot_general` (GPU and TPU matmuls read transposed operands as they are)."""
     dense = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and preferred_element_type is None
-    if dense and jax.default_backend() == "cpu":
+    if dense and target_backend() == "cpu":
         return _dense_dot(lhs, rhs, precision)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from xlsr_jax.backend import target_backend
 from xlsr_jax.config import POS_CONV_IMPLS
 
 
@@ -36,7 +37,7 @@ def resolve_impl(impl: str, dtype: Any = jnp.float32) -> str:
         raise ValueError(f"pos_conv={impl!r}: use one of {POS_CONV_IMPLS}")
     if impl == "auto":
         cpu = "fft" if jnp.dtype(dtype) == jnp.float32 else "tap_grad"
-        return {"cpu": cpu, "gpu": "isolated"}.get(jax.default_backend(), "xla")
+        return {"cpu": cpu, "gpu": "isolated"}.get(target_backend(), "xla")
     return impl
 
 
