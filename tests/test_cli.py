@@ -64,16 +64,16 @@ def test_plan_command_passes_the_config_and_prints_the_table(monkeypatch, capsys
 
     asked = {}
 
-    def fake_plan(config, memory_gib, max_batch):
-        asked.update(config=config, memory_gib=memory_gib, max_batch=max_batch)
+    def fake_plan(config, memory_gib, max_batch, topology):
+        asked.update(config=config, memory_gib=memory_gib, max_batch=max_batch, topology=topology)
         return plan_module.Plan([plan_module.BucketPlan(0, 48000, 32, 12, 70 * plan_module.GIB)], 80 * plan_module.GIB,
                                 "gpu", 1)
 
     monkeypatch.setattr(plan_module, "plan", fake_plan)
     assert main(["plan", "--config", str(CONFIGS / "demo.yaml"), "--set", "data.num_buckets=3",
-                 "--memory-gib", "80", "--max-batch", "64"]) == 0
+                 "--memory-gib", "80", "--max-batch", "64", "--topology", "v5e:2x4"]) == 0
     assert asked == {"config": load_config(CONFIGS / "demo.yaml", ["data.num_buckets=3"]), "memory_gib": 80.0,
-                     "max_batch": 64}
+                     "max_batch": 64, "topology": "v5e:2x4"}
     out = capsys.readouterr().out
     assert "within 80.00 GiB" in out and out.splitlines()[3].split() == ["0", "3.00", "12", "70.00", "36.0"]
     assert "--set train.per_device_audio_seconds=36" in out
