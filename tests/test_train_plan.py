@@ -81,8 +81,9 @@ def test_format_plan_of_a_topology():
     cost = StepCost(int(6 * GIB), int(1 * GIB), int(5 * GIB), flops=19.7e12, bytes_accessed=819e9 * 0.05)
     result = Plan([BucketPlan(0, 160000, 100, 8, cost.bytes, cost), BucketPlan(1, 320000, 200, 0, None)], 16 * GIB,
                   "TPU v5e", 1, topology="v5e:2x4", devices=8, hosts=1, chip=CHIPS["TPU v5 lite"],
-                  mesh={"data": 1, "fsdp": 8}, compile_seconds=75.0)
+                  mesh={"data": 1, "fsdp": 8}, compile_seconds=75.0, scanned=True)
     lines = format_plan(result).splitlines()
+    assert any(line.startswith("model.scan_layers: XLA counts the scanned layers' FLOPs") for line in lines)
     assert lines[0].startswith("v5e:2x4: 8 TPU v5e chips on 1 host(s), mesh {'data': 1, 'fsdp': 8}")
     assert lines[0].endswith("in 75 s")
     # 19.7 TFLOP at 197 TFLOP/s: 100 ms, compute-bound; 64 clips of 10 s in 0.1 s: 6400 audio s/s

@@ -101,6 +101,7 @@ class Plan:
     chip: Chip | None = None
     mesh: dict | None = None  # {axis: size}
     compile_seconds: float = 0.0
+    scanned: bool = False  # layers under lax.scan: XLA's cost analysis counts the loop body once
 
     @property
     def audio_seconds_budget(self) -> float:
@@ -248,7 +249,7 @@ def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
     return Plan(buckets, budget, f"TPU {chip.name if chip else devices[0].device_kind}",
                 config.optim.gradient_accumulation_steps, topology=topology, devices=len(devices),
                 hosts=len({d.process_index for d in devices}), chip=chip, mesh=dict(mesh.shape),
-                compile_seconds=time.monotonic() - start)
+                compile_seconds=time.monotonic() - start, scanned=config.model.scan_layers)
 
 
 def roofline_seconds(cost: StepCost, chip: Chip) -> tuple[float, str]:
@@ -284,6 +285,9 @@ def format_topology_plan(result: Plan) -> str:
     if chip is not None:
         lines.append(f"roofline: XLA's FLOPs per chip at {chip.bf16_tflops:g} TFLOP/s (bf16 peak) or its bytes at "
                      f"{chip.hbm_gbps:g} GB/s, whichever is longer ({chip.source}): an estimate, not a measurement")
+    if result.scanned:
+        lines.append("model.scan_layers: XLA counts the scanned layers' FLOPs and bytes once, not once a layer, so "
+                     "TFLOP and the roofline undercount the step; memory is exact")
     lines.append("batch is per chip (the micro-batch under gradient accumulation); global: the step's clips")
     budget = result.audio_seconds_budget
     if budget > 0:
