@@ -1,5 +1,6 @@
 """xlsr_jax.malloc: glibc keeps the memory XLA:CPU frees, so the next step does not page-fault it in again."""
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -75,9 +76,29 @@ def test_cpu_backend_from_jax_platforms(monkeypatch):
     assert malloc.cpu_is_jax_backend()
 
 
+def _without_libtpu(monkeypatch, present: bool = False):
+    """The test install brings libtpu (the TPU plans' tests): hide it, or pretend it is there."""
+    find_spec = importlib.util.find_spec
+
+    def lookup(name, *args):
+        if name == "libtpu":
+            return find_spec("json") if present else None  # any module's spec says "installed"
+        return find_spec(name, *args)
+    monkeypatch.setattr(importlib.util, "find_spec", lookup)
+
+
+def test_installed_libtpu_means_no_cpu_backend(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    _without_libtpu(monkeypatch, present=False)
+    assert malloc.cpu_is_jax_backend()  # jax and jaxlib only
+    _without_libtpu(monkeypatch, present=True)
+    assert not malloc.cpu_is_jax_backend()
+
+
 def test_an_installed_accelerator_plugin_means_no_cpu_backend(monkeypatch, tmp_path):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    assert malloc.cpu_is_jax_backend()  # this environment: jax and jaxlib only
+    _without_libtpu(monkeypatch)
+    assert malloc.cpu_is_jax_backend()  # jax and jaxlib only
     # What jax[cuda] installs: a PJRT plugin module in the `jax_plugins` namespace package.
     (tmp_path / "jax_plugins" / "xla_cuda13").mkdir(parents=True)
     (tmp_path / "jax_plugins" / "xla_cuda13" / "__init__.py").write_text("")
