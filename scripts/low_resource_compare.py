@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -46,7 +45,6 @@ class Runner:
 
     def __init__(self, out: Path):
         self.out, self.ledger = out, out / "cost.json"
-        self.cost = json.loads(self.ledger.read_text()) if self.ledger.exists() else {}
 
     def __call__(self, charge: str, done: Path, *args: str) -> str:
         if done.exists():
@@ -58,15 +56,19 @@ class Runner:
         with open(log, "w") as f:
             code = subprocess.run([sys.executable, "-m", "xlsr_jax.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                                   cwd=REPO).returncode
-        # Read again before adding: another run of this script (other conditions) may share the folder.
-        self.cost = json.loads(self.ledger.read_text()) if self.ledger.exists() else {}
-        spent = self.cost.setdefault(charge, [0.0, 0.0])
+        # Read when adding, not once: another run of this script (other conditions) may share the folder.
+        cost = self.costs()
+        spent = cost.setdefault(charge, [0.0, 0.0])
         spent[0] += _cpu_seconds() - cpu
         spent[1] += time.monotonic() - wall
-        _replace(self.ledger, json.dumps(self.cost))
+        _replace(self.ledger, json.dumps(cost))
         if code != 0:
             sys.exit(f"xlsr-jax {args[0]} failed (exit {code}); log: {log}")
         return log.read_text()
+
+    def costs(self) -> dict[str, list[float]]:
+        """{condition: [CPU seconds, wall seconds]} so far."""
+        return json.loads(self.ledger.read_text()) if self.ledger.exists() else {}
 
 
 def split_train(corpus: Path, fraction: float, seed: int, out: Path) -> tuple[Path, Path]:
@@ -88,9 +90,9 @@ def split_train(corpus: Path, fraction: float, seed: int, out: Path) -> tuple[Pa
 
 def _replace(path: Path, text: str) -> None:
     """Write `path` whole or not at all (a run of this script beside this one may be reading it)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    from xlsr_jax.rundir import write_atomically
+
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def scores(text: str) -> dict[str, float]:
@@ -195,7 +197,7 @@ def main() -> None:
             results.append(row)
     plot_conditions(out, [row["condition"] for row in results], out / "curves.png")
 
-    cost = json.loads(run.ledger.read_text()) if run.ledger.exists() else {}
+    cost = run.costs()
     columns = ["condition", "dev_cer", "test_cer", "dev_wer", "test_wer", "cpu_min", "wall_min"]
     with open(out / "results.tsv", "w") as f:
         f.write("\t".join(columns) + "\n")

@@ -208,23 +208,22 @@ def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
     # Built before libtpu is loaded: the decoding workers must not load it again.
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, eval=()))
     per_device = config.train.per_device_batch_size * config.optim.gradient_accumulation_steps
-    if topology is None and memory_gib is None and device_memory_bytes() is None:
-        raise UserError(f"plan: this {jax.default_backend()} device reports no memory size; give --memory-gib "
-                        "(e.g. 80 for an 80 GB GPU)")
+    budget = int(memory_gib * GIB) if memory_gib is not None else None
+    if budget is None and topology is None:
+        budget = device_memory_bytes()
+        if budget is None:
+            raise UserError(f"plan: this {jax.default_backend()} device reports no memory size; give --memory-gib "
+                            "(e.g. 80 for an 80 GB GPU)")
     data = build_data(config, Path(config.train.output_dir), per_device, per_device, data_parallel=1)
     devices, chip = None, None
     if topology is not None:
         devices = topology_devices(topology)
         chip = CHIPS.get(devices[0].device_kind)
-    if memory_gib is not None:
-        budget = int(memory_gib * GIB)
-    elif topology is not None:
-        if chip is None:
-            raise UserError(f"plan --topology {topology}: no HBM size known for {devices[0].device_kind!r}; "
-                            "give --memory-gib")
-        budget = int(chip.hbm_gib * GIB)
-    else:
-        budget = device_memory_bytes()
+        if budget is None:
+            if chip is None:
+                raise UserError(f"plan --topology {topology}: no HBM size known for {devices[0].device_kind!r}; "
+                                "give --memory-gib")
+            budget = int(chip.hbm_gib * GIB)
     model, host_params = build_model(config, data.vocab)
     del host_params  # only the shapes matter
     from xlsr_jax.train.loop import total_steps  # the learning-rate schedule's length, as in training
