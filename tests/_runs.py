@@ -36,3 +36,23 @@ def tiny_run_config(cv_dir, output_dir, mesh: dict | None = None, data: dict | N
                   **train},
         "mesh": mesh or {},
     })
+
+
+# Small heads: 2 groups of 8 codes (perplexity at most 16), 20 distractors per masked frame.
+QUANTIZER = dict(codevector_dim=16, proj_codevector_dim=16, num_codevector_groups=2, num_codevectors_per_group=8)
+
+
+def tiny_pretrain_config(cv_dir, output_dir, *, pretrain: dict | None = None, **train):
+    """A tiny pretraining run of `cv_dir`'s audio into `output_dir`/run: 8 steps, evaluated and saved every 4."""
+    return from_dict({
+        "model": {"pretrained": None, "architecture": TINY_ARCH, "freeze_feature_encoder": False, "layerdrop": 0.0,
+                  "hidden_dropout": 0.0, "attention_dropout": 0.0},
+        "data": {"train": [f"cv:{cv_dir}:train+dev"], "eval": [f"cv:{cv_dir}:dev+test"], "num_buckets": 1,
+                 "eval_num_buckets": 1, "cache_dir": str(output_dir / "cache"), "num_workers": 1},
+        "pretrain": {"num_negatives": 20, "mask_time_length": 10, "collapse_perplexity": 0.0, **QUANTIZER,
+                     **(pretrain or {})},
+        "optim": {"learning_rate": 2e-3, "warmup_steps": 2, "schedule": "constant"},
+        "checkpoint": {"best_metric": "eval/loss"},
+        "train": {"output_dir": str(output_dir / "run"), "per_device_batch_size": 1, "logging_steps": 1,
+                  "max_steps": 8, "eval_steps": 4, "save_steps": 4, **train},
+    })

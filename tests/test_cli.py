@@ -64,19 +64,32 @@ def test_plan_command_passes_the_config_and_prints_the_table(monkeypatch, capsys
 
     asked = {}
 
-    def fake_plan(config, memory_gib, max_batch, topology):
-        asked.update(config=config, memory_gib=memory_gib, max_batch=max_batch, topology=topology)
+    def fake_plan(config, memory_gib, max_batch, topology, seconds):
+        asked.update(config=config, memory_gib=memory_gib, max_batch=max_batch, topology=topology, seconds=seconds)
         return plan_module.Plan([plan_module.BucketPlan(0, 48000, 32, 12, 70 * plan_module.GIB)], 80 * plan_module.GIB,
                                 "gpu", 1)
 
     monkeypatch.setattr(plan_module, "plan", fake_plan)
     assert main(["plan", "--config", str(CONFIGS / "demo.yaml"), "--set", "data.num_buckets=3",
-                 "--memory-gib", "80", "--max-batch", "64", "--topology", "v5e:2x4"]) == 0
+                 "--memory-gib", "80", "--max-batch", "64", "--topology", "v5e:2x4", "--seconds", "15,5.5"]) == 0
     assert asked == {"config": load_config(CONFIGS / "demo.yaml", ["data.num_buckets=3"]), "memory_gib": 80.0,
-                     "max_batch": 64, "topology": "v5e:2x4"}
+                     "max_batch": 64, "topology": "v5e:2x4", "seconds": (15.0, 5.5)}
     out = capsys.readouterr().out
     assert "within 80.00 GiB" in out and out.splitlines()[3].split() == ["0", "3.00", "12", "70.00", "36.0"]
     assert "--set train.per_device_audio_seconds=36" in out
+
+
+@pytest.mark.parametrize("seconds", ["0,5", "5,x", ""])
+def test_plan_lengths_must_be_positive_numbers(seconds, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", str(CONFIGS / "demo.yaml"), "--seconds", seconds])
+    assert exit_.value.code == 2 and f"--seconds: {seconds!r}" in capsys.readouterr().err
+
+
+def test_plan_as_configured_needs_a_topology(capsys):
+    assert main(["plan", "--config", str(CONFIGS / "demo.yaml"), "--as-configured"]) == 2
+    err = capsys.readouterr().err
+    assert "give --topology" in err and "Traceback" not in err
 
 
 def test_plan_on_a_cpu_needs_the_memory_size(capsys):

@@ -230,3 +230,20 @@ def test_reexport_replaces_an_earlier_export_and_keeps_what_the_user_added(tmp_p
     assert after[".git/HEAD"] == b"ref: refs/heads/main\n" and after["notes.md"] == b"mine"
     assert "pytorch_model.bin" not in after and "model.safetensors" in after
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_self_check_runs_every_matmul_and_convolution_at_full_precision():
+    """A TPU's default float32 matmul is bfloat16 passes (a GPU's TF32): the check asks for HIGHEST itself, so
+    its tolerance holds on any backend."""
+    import re
+
+    from _models import tiny_config
+    from xlsr_jax.hub.verify import flax_logits
+
+    config = tiny_config()
+    params = FlaxWav2Vec2ForCTC(config).abstract_params()
+    with jax.default_matmul_precision("default"):  # a TPU's default (conftest sets "highest" for every test)
+        text = flax_logits(config).lower(params, jax.ShapeDtypeStruct((1, 4000), np.float32)).as_text()
+    ops = [line for line in text.splitlines() if re.search(r"stablehlo\.(dot_general|convolution)", line)]
+    assert len(ops) >= 10  # the conv stack, the positional conv, every projection and the head
+    assert all(line.count("HIGHEST") == 2 for line in ops), [line for line in ops if "HIGHEST" not in line][:2]

@@ -69,7 +69,26 @@ def _plan(args: argparse.Namespace) -> int:
     from xlsr_jax.train.plan import format_plan, plan
 
     config = load_config(args.config, args.set)
-    print(format_plan(plan(config, memory_gib=args.memory_gib, max_batch=args.max_batch, topology=args.topology)))
+    if args.as_configured or args.pretraining:
+        from xlsr_jax.train.plan import compile_run, format_run_compile
+
+        if args.topology is None:
+            raise UserError("plan --as-configured / --pretraining compile for a TPU slice: give --topology (e.g. "
+                            "v5litepod-8); on a GPU, train itself compiles every step before the first one")
+        if args.pretraining:
+            from xlsr_jax.pretrain.objective import Pretraining
+
+            objective = Pretraining()
+        else:
+            from xlsr_jax.recipe import tasks
+            from xlsr_jax.train.ctc import CTC
+
+            objective = CTC(tasks())
+        result = compile_run(config, objective, args.topology, seconds=args.seconds)
+        print(format_run_compile(result))
+        return 0 if result.fits else 1
+    print(format_plan(plan(config, memory_gib=args.memory_gib, max_batch=args.max_batch, topology=args.topology,
+                           seconds=args.seconds)))
     return 0
 
 
@@ -253,6 +272,17 @@ def _parse_sweep(commands) -> None:
     p.add_argument("--sweep-dir", help="folder of the sweep (default: <train.output_dir>-sweep)")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    """"5,10,15" -> (5.0, 10.0, 15.0), each > 0."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 5,10,15") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: every length must be > 0")
+    return values
+
+
 def _parse_plan(commands) -> None:
     p = _config_command(commands, "plan", _plan,
                         help="largest per-device batch of each length bucket that fits in memory",
@@ -263,9 +293,16 @@ def _parse_plan(commands) -> None:
     p.add_argument("--memory-gib", type=float,
                    help="memory per device in GiB (default: this device's, where it reports one; CPUs do not)")
     p.add_argument("--max-batch", type=int, default=1024, help="largest per-device batch to try (default 1024)")
-    p.add_argument("--topology", help="compile for this TPU slice instead, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, "
-                                      "v6e:2x4, v5e:4x4 (4 hosts): on any machine, no TPU needed (libtpu: "
-                                      "pip install 'xlsr-jax[tpu]'); budget: the chip's HBM")
+    p.add_argument("--topology", help="compile for this TPU slice instead, as Cloud names it (v5litepod-8, v6e-8, "
+                                      "v4-32: 4 hosts, v5p-8) or as libtpu does (v5e:2x4, v4:2x2x4): on any machine, "
+                                      "no TPU needed (libtpu: pip install 'xlsr-jax[tpu]'); budget: the chip's HBM")
+    p.add_argument("--seconds", type=_floats, default=(),
+                   help="plan these padded clip lengths instead of the data's buckets, e.g. 5,10,15")
+    p.add_argument("--as-configured", action="store_true",
+                   help="with --topology: compile the run's train and eval steps at the configured batch as `train` "
+                        "compiles them, print each one's HBM per chip; exit 1 when one does not fit")
+    p.add_argument("--pretraining", action="store_true",
+                   help="--as-configured for `xlsr-jax pretrain` (the config's pretrain: steps)")
 
 
 def _parse_config(commands) -> None:

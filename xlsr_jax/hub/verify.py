@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import numpy as np
@@ -60,6 +60,19 @@ def reference_clips(config, count: int = 3, seconds: float = 3.0) -> list[np.nda
     return clips
 
 
+def flax_logits(config: Wav2Vec2Config) -> Callable[[Any, np.ndarray], jax.Array]:
+    """Jitted (params, input_values float32 [batch, samples]) -> logits float32 [batch, frames, vocab] with
+    every matmul and convolution at full float32 precision, as PyTorch computes them on a CPU. By default a
+    TPU runs float32 matmuls in bfloat16 passes (a GPU in TF32): logits would move by ~1e-2 and fail the
+    check for no fault of the export."""
+    model = FlaxWav2Vec2ForCTC(config)
+
+    def apply(params: Any, inputs: np.ndarray) -> jax.Array:
+        with jax.default_matmul_precision("highest"):  # the trace's precision, on any backend
+            return model.apply({"params": params}, inputs, deterministic=True)
+    return jax.jit(apply)
+
+
 def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab: Vocab,
                   clips: list[np.ndarray], lm: "LMDecoder | None" = None) -> dict[str, Any]:
     """Run both models on `clips` (each `[samples]` at 16 kHz, one at a time, unpadded); with `lm`
@@ -74,15 +87,13 @@ def verify_folder(folder: str | Path, config: Wav2Vec2Config, params: Any, vocab
 
     torch_model = Wav2Vec2ForCTC.from_pretrained(str(folder)).eval()
     processor = Wav2Vec2Processor.from_pretrained(str(folder))
-    flax_model = FlaxWav2Vec2ForCTC(config)
-    apply = jax.jit(lambda p, x: flax_model.apply({"params": p}, x, deterministic=True))
+    apply = flax_logits(config)
     diff, scale, pairs, torch_logits = 0.0, 0.0, [], []
     for clip in clips:
         inputs = processor(clip, sampling_rate=SAMPLING_RATE, return_tensors="np")["input_values"]
         with torch.no_grad():
             expected = torch_model(torch.from_numpy(inputs)).logits.numpy()[0]
-        with jax.default_matmul_precision("highest"):  # TF32 on GPUs would hide nothing but add noise
-            got = np.asarray(apply(params, inputs))[0]
+        got = np.asarray(apply(params, inputs))[0]
         diff = max(diff, float(np.abs(got - expected).max()))
         scale = max(scale, float(np.abs(expected).max()))
         pairs.append((processor.batch_decode(expected.argmax(-1)[None])[0], vocab.decode_ctc(got.argmax(-1))))

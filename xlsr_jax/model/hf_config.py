@@ -22,7 +22,7 @@ def model_overrides(config: ModelConfig, vocab: Vocab) -> dict[str, Any]:
 def model_config(config: ModelConfig, vocab: Vocab) -> Wav2Vec2Config:
     """The `Wav2Vec2Config` of `config` for `vocab` (reads the pretrained folder's config.json)."""
     if config.pretrained:
-        base = Wav2Vec2Config.from_pretrained(resolve_model_dir(config.pretrained))
+        base = Wav2Vec2Config.from_pretrained(resolve_model_dir(config.pretrained, weights=False))
     else:
         base = Wav2Vec2Config(**config.architecture)
     for key, value in model_overrides(config, vocab).items():
@@ -46,7 +46,7 @@ def pretraining_overrides(config: ModelConfig, pretrain: PretrainConfig) -> dict
 def pretraining_model_config(config: ModelConfig, pretrain: PretrainConfig) -> Wav2Vec2Config:
     """The `Wav2Vec2Config` `xlsr-jax pretrain` trains (reads the pretrained folder's config.json)."""
     if config.pretrained:
-        base = Wav2Vec2Config.from_pretrained(resolve_model_dir(config.pretrained))
+        base = Wav2Vec2Config.from_pretrained(resolve_model_dir(config.pretrained, weights=False))
     else:
         base = Wav2Vec2Config(**{**{name: getattr(pretrain, name) for name in QUANTIZER_FIELDS}, **config.architecture})
     for key, value in pretraining_overrides(config, pretrain).items():

@@ -40,8 +40,8 @@ _MAY_BE_MISSING = ("lm_head/", "wav2vec2/masked_spec_embed")
 _HUB_REPO_ID = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
-def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise download the hub repo's config and weights (cached)."""
+def resolve_model_dir(path_or_hub_id: str | os.PathLike, weights: bool = True) -> Path:
+    """A local folder as is; otherwise download the hub repo's config and (with `weights`) its weights (cached)."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -54,7 +54,7 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(
             str(path_or_hub_id),
-            allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin"],
+            allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin"] if weights else ["*.json"],
         ))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; name the model either way
         raise OSError(f"{path_or_hub_id}: not a local folder and could not be downloaded from the "

@@ -24,7 +24,7 @@ from xlsr_jax.model.hf_config import feature_extractor, pretraining_model_config
 from xlsr_jax.plots import plot_pretraining_curves
 from xlsr_jax.rundir import RunDir
 from xlsr_jax.train.loop import run_training
-from xlsr_jax.train.objective import Evaluator, compile_run_steps, summarize_steps
+from xlsr_jax.train.objective import Evaluator, summarize_steps
 from xlsr_jax.train.setup import Data, build_data
 from xlsr_jax.pretrain.step import jit_pretrain_eval_step, jit_pretrain_step
 
@@ -92,12 +92,16 @@ class Pretraining:
         return build_data(config, output_dir, batch_size, eval_batch_size, data_parallel=data_parallel,
                           audio_only=pretraining_model_config(config.model, config.pretrain))
 
+    def shaped_model(self, config: Config, data: Data):
+        dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
+        return FlaxWav2Vec2ForPreTraining(pretraining_model_config(config.model, config.pretrain), dtype=dtype,
+                                          **config.model.execution_options())
+
     def build_model(self, config: Config, data: Data, begin):
         m = config.model
         dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
         if not m.pretrained:
-            return FlaxWav2Vec2ForPreTraining(pretraining_model_config(m, config.pretrain), dtype=dtype,
-                                              **m.execution_options()), None
+            return self.shaped_model(config, data), None
         try:
             return load_pretrained(m.pretrained, head="pretraining", seed=config.train.seed, dtype=dtype,
                                    options=m.execution_options(), **pretraining_overrides(m, config.pretrain))
@@ -107,14 +111,14 @@ class Pretraining:
     def run_files(self, run: RunDir, data: Data):
         return []  # no vocabulary, no text normalisation
 
-    def compile(self, config: Config, data: Data, model, tx, schedule, state, shardings, mesh: Mesh):
+    def jit_steps(self, config: Config, data: Data, model, tx, schedule, shardings, mesh: Mesh):
         p = config.pretrain
         train_jit = jit_pretrain_step(model, tx, schedule, pretrain=p, accum=config.optim.gradient_accumulation_steps,
                                       state_shardings=shardings, mesh=mesh)
         eval_jit = None if data.eval is None else jit_pretrain_eval_step(
             model, negatives_from=p.negatives_from, seed=config.train.seed, params_shardings=shardings.params,
             mesh=mesh)
-        return compile_run_steps(train_jit, eval_jit, data, state, shardings, mesh)
+        return train_jit, eval_jit
 
     def evaluator(self, config: Config, data: Data, eval_fn, mesh: Mesh) -> Evaluator:
         def evaluate(params):

@@ -17,7 +17,7 @@ from xlsr_jax import parallel
 from xlsr_jax.config import Config
 from xlsr_jax.plots import plot_training_curves
 from xlsr_jax.rundir import RunDir
-from xlsr_jax.train.objective import Evaluator, compile_run_steps, summarize_steps
+from xlsr_jax.train.objective import Evaluator, summarize_steps
 from xlsr_jax.train.resume import init_model
 from xlsr_jax.train.setup import Data, build_data, build_model
 from xlsr_jax.train.step import jit_train_step
@@ -73,14 +73,17 @@ class CTC:
     def run_files(self, run: RunDir, data: Data):
         return [(run.vocab, data.vocab.save), (run.normalization, data.normalization.save)]
 
-    def compile(self, config: Config, data: Data, model, tx, schedule, state, shardings, mesh: Mesh):
+    def shaped_model(self, config: Config, data: Data):
+        return build_model(config, data.vocab, weights=False)[0]
+
+    def jit_steps(self, config: Config, data: Data, model, tx, schedule, shardings, mesh: Mesh):
         blank, reduction = data.vocab.pad_id, config.model.ctc_loss_reduction
         train_jit = jit_train_step(model, tx, schedule, blank_id=blank, reduction=reduction,
                                    accum=config.optim.gradient_accumulation_steps, state_shardings=shardings,
                                    mesh=mesh)
         eval_jit = None if data.eval is None else self.tasks.eval_step(
             model, blank_id=blank, reduction=reduction, params_shardings=shardings.params, mesh=mesh)
-        return compile_run_steps(train_jit, eval_jit, data, state, shardings, mesh)
+        return train_jit, eval_jit
 
     def evaluator(self, config: Config, data: Data, eval_fn, mesh: Mesh) -> Evaluator:
         def evaluate(params):

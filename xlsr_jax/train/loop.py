@@ -36,7 +36,7 @@ from xlsr_jax.errors import UserError
 from xlsr_jax.rundir import CONFIG_MARK, RunDir, write_atomically
 from xlsr_jax.train.ctc import CTC, Tasks, ctc_summary
 from xlsr_jax.train.metrics import MetricsWriter
-from xlsr_jax.train.objective import Evaluator, Guard, Objective
+from xlsr_jax.train.objective import Evaluator, Guard, Objective, compile_run_steps
 from xlsr_jax.train.optim import check_consecutive_skips
 from xlsr_jax.train.resume import (check_output_dir, check_start, clear_output_dir, plan_start, start_state,
                                    write_signature)
@@ -228,7 +228,8 @@ def run_training(config: Config, objective: Objective, *, on_eval: EvalCallback 
         data.train.restore(load_stream_state(run.stream_state, start))
 
     # --- compiled steps: every train and eval bucket shape, ahead of time (nothing compiles mid-run)
-    step_fn, eval_fn = objective.compile(config, data, model, tx, schedule, state, shardings, mesh)
+    step_fn, eval_fn = compile_run_steps(*objective.jit_steps(config, data, model, tx, schedule, shardings, mesh),
+                                         data, state, shardings, mesh)
 
     writer = MetricsWriter(run.path, enabled=is_main)
     stopping = None

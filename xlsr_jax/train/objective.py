@@ -37,12 +37,16 @@ class Objective(Protocol):
     def build_model(self, config: Config, data: Any, begin: Any) -> tuple[Any, dict | None]:
         """(model, host params or None for a random init); `begin` is train/resume.py's `Start`."""
 
+    def shaped_model(self, config: Config, data: Any) -> Any:
+        """The model `build_model` gives a fresh run, without reading any weights (a pretrained folder's
+        config.json only): what `plan` compiles."""
+
     def run_files(self, run: RunDir, data: Any) -> Sequence[tuple[Path, Callable[[str], Any]]]:
         """(path, save) of the files besides config, model config and signature a run writes at its start."""
 
-    def compile(self, config: Config, data: Any, model, tx, schedule, state, shardings,
-                mesh: Mesh) -> tuple[ShapeDispatch, ShapeDispatch | None]:
-        """(train step, eval step or None), compiled for every batch shape (`compile_run_steps`)."""
+    def jit_steps(self, config: Config, data: Any, model, tx, schedule, shardings, mesh: Mesh) -> tuple[Any, Any]:
+        """(train step, eval step or None without eval data), jitted with the state's `shardings` over `mesh`,
+        for `compile_run_steps`."""
 
     def evaluator(self, config: Config, data: Any, eval_fn: ShapeDispatch, mesh: Mesh) -> Evaluator: ...
 

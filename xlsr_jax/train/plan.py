@@ -22,7 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -32,32 +32,14 @@ from xlsr_jax.checkpoint import abstract_with_shardings
 from xlsr_jax.config import Config, MeshConfig
 from xlsr_jax.errors import UserError
 from xlsr_jax.data.audio import SAMPLING_RATE
-from xlsr_jax.aot import abstract_batch
+from xlsr_jax.aot import StepToCompile, abstract_batch, compile_steps
 from xlsr_jax.train.optim import build_optimizer
 from xlsr_jax.train.setup import build_data, build_model
 from xlsr_jax.train.state import create_state
 from xlsr_jax.train.step import jit_train_step
+from xlsr_jax.train.topology import CHIPS, Chip, roofline_seconds, topology_devices, tpu_slice
 
 GIB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """A TPU chip's published figures (per chip)."""
-    name: str
-    hbm_gib: float
-    bf16_tflops: float  # peak dense bfloat16 matmul FLOP/s / 1e12
-    hbm_gbps: float  # HBM bandwidth, GB/s
-    source: str
-
-
-# By the `device_kind` libtpu gives a topology's devices. From Google's Cloud TPU pages (2026-12).
-CHIPS = {
-    "TPU v4": Chip("v4", 32, 275, 1200, "https://cloud.google.com/tpu/docs/v4"),
-    "TPU v5 lite": Chip("v5e", 16, 197, 819, "https://cloud.google.com/tpu/docs/v5e"),
-    "TPU v5": Chip("v5p", 95, 459, 2765, "https://cloud.google.com/tpu/docs/v5p"),
-    "TPU v6 lite": Chip("v6e", 32, 918, 1640, "https://cloud.google.com/tpu/docs/v6e"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +83,8 @@ class Plan:
     chip: Chip | None = None
     mesh: dict | None = None  # {axis: size}
     compile_seconds: float = 0.0
-    scanned: bool = False  # layers under lax.scan: XLA's cost analysis counts the loop body once
+    layers_extrapolated: int = 0  # > 0: FLOPs and bytes are `unrolled_costs`' for this many layers
+    lengths_given: bool = False  # the buckets are `plan(seconds=...)`'s lengths, not the data's
 
     @property
     def audio_seconds_budget(self) -> float:
@@ -180,17 +163,27 @@ def step_memory(config: Config, model, steps: int, blank_id: int, devices: list 
     return memory
 
 
-def topology_devices(name: str) -> list:
-    """The devices of TPU topology `name` (e.g. "v5e:2x4"), compiled for without a TPU (libtpu)."""
-    try:
-        from jax.experimental import topologies
-
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
-    except Exception as err:  # libtpu missing, or a name it does not know
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"plan --topology {name}: cannot compile for it ({reason}); it needs libtpu "
-                        "(pip install 'xlsr-jax[tpu]') and a name such as v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4 "
-                        "or a multi-host slice (v5e:4x4, v4:2x2x4)") from None
+def unrolled_costs(config: Config, model, steps: int, blank_id: int, devices: list | None,
+                   costs: dict[tuple[int, int, int], StepCost]) -> dict[tuple[int, int, int], StepCost]:
+    """`costs` (step_memory's, of a model whose layers run under `lax.scan`, by (batch, samples,
+    label_length)) with FLOPs and bytes accessed of every encoder layer: XLA's cost analysis counts a loop
+    body once, so a scanned step reports one layer's. The model is cut to one and to two unscanned layers
+    and both are compiled; their difference is one layer's cost (forward, backward, its optimizer update),
+    counted `num_hidden_layers - 1` more times. The memory figures stay those of the real step."""
+    layers = model.config.num_hidden_layers
+    cut = {}
+    for k in (1, 2):
+        config_k = type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": k})
+        cut[k] = {}
+        memory = step_memory(config, model.clone(config=config_k, scan_layers=False), steps, blank_id, devices,
+                             cut[k])
+        for shape in costs:
+            memory(*shape)
+    return {shape: dataclasses.replace(
+        cost, flops=cut[1][shape].flops + (layers - 1) * (cut[2][shape].flops - cut[1][shape].flops),
+        bytes_accessed=cut[1][shape].bytes_accessed + (layers - 1) * (
+            cut[2][shape].bytes_accessed - cut[1][shape].bytes_accessed))
+        for shape, cost in costs.items()}
 
 
 def device_memory_bytes() -> int | None:
@@ -200,10 +193,11 @@ def device_memory_bytes() -> int | None:
 
 
 def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
-         topology: str | None = None) -> Plan:
+         topology: str | None = None, seconds: Sequence[float] = ()) -> Plan:
     """The largest per-device micro-batch of every training bucket whose train step fits `memory_gib`
     GiB (default: this device's memory, or the HBM of `topology`'s chip), searched in parallel threads
-    (one per bucket)."""
+    (one per bucket). `seconds`: plan buckets of these padded lengths instead of the data's (labels as
+    long per second as the data's densest bucket), e.g. the 15 s clips a full Common Voice release has."""
     # The training data as `train` builds it (its buckets are the step shapes); evaluation is not planned.
     # Built before libtpu is loaded: the decoding workers must not load it again.
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, eval=()))
@@ -224,38 +218,46 @@ def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
                 raise UserError(f"plan --topology {topology}: no HBM size known for {devices[0].device_kind!r}; "
                                 "give --memory-gib")
             budget = int(chip.hbm_gib * GIB)
-    model, host_params = build_model(config, data.vocab)
-    del host_params  # only the shapes matter
+    model, _ = build_model(config, data.vocab, weights=False)  # only the shapes matter
     from xlsr_jax.train.loop import total_steps  # the learning-rate schedule's length, as in training
 
     costs: dict = {}
     with compiling_for("tpu") if topology is not None else contextlib.nullcontext():
-        memory = step_memory(config, model, total_steps(config, data.train.batches_per_epoch), data.vocab.pad_id,
-                             devices, costs)
+        steps = total_steps(config, data.train.batches_per_epoch)
+        memory = step_memory(config, model, steps, data.vocab.pad_id, devices, costs)
 
         def one(bucket: int, samples: int, label_length: int) -> BucketPlan:
             batch, used = largest_batch(lambda b: memory(b, samples, label_length), budget, max_batch)
             return BucketPlan(bucket, samples, label_length, batch, used, costs.get((batch, samples, label_length)))
 
         shapes = {b: (s, length) for b, (_, s, length) in data.train.batch_shapes.items()}
+        if seconds:
+            per_sample = max(length / s for s, length in shapes.values())
+            shapes = {b: (round(t * SAMPLING_RATE), math.ceil(per_sample * t * SAMPLING_RATE))
+                      for b, t in enumerate(sorted(seconds))}
         start = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(shapes), os.cpu_count() or 1)) as pool:
             futures = [pool.submit(one, b, s, length) for b, (s, length) in sorted(shapes.items())]
             buckets = [f.result() for f in futures]
+        layers = model.config.num_hidden_layers if topology is not None and config.model.scan_layers else 0
+        fitted = {(b.batch, b.samples, b.label_length): b.cost for b in buckets if b.cost is not None}
+        if layers and fitted:  # the roofline needs every layer's FLOPs, which a scanned step's analysis lacks
+            total = unrolled_costs(config, model, steps, data.vocab.pad_id, devices, fitted)
+            buckets = [dataclasses.replace(b, cost=total[(b.batch, b.samples, b.label_length)])
+                       if b.cost is not None else b for b in buckets]
     if topology is None:
-        return Plan(buckets, budget, jax.default_backend(), config.optim.gradient_accumulation_steps)
+        return Plan(buckets, budget, jax.default_backend(), config.optim.gradient_accumulation_steps,
+                    lengths_given=bool(seconds))
     mesh = parallel.make_mesh(config.mesh, devices=devices)
     return Plan(buckets, budget, f"TPU {chip.name if chip else devices[0].device_kind}",
                 config.optim.gradient_accumulation_steps, topology=topology, devices=len(devices),
                 hosts=len({d.process_index for d in devices}), chip=chip, mesh=dict(mesh.shape),
-                compile_seconds=time.monotonic() - start, scanned=config.model.scan_layers)
+                compile_seconds=time.monotonic() - start, layers_extrapolated=layers if fitted else 0,
+                lengths_given=bool(seconds))
 
 
-def roofline_seconds(cost: StepCost, chip: Chip) -> tuple[float, str]:
-    """(a lower bound on the step's time on `chip`, "compute" or "memory": which bound it is): XLA's
-    FLOPs at the chip's peak bf16 rate, or its bytes accessed at the chip's HBM bandwidth."""
-    compute, memory = cost.flops / (chip.bf16_tflops * 1e12), cost.bytes_accessed / (chip.hbm_gbps * 1e9)
-    return (compute, "compute") if compute >= memory else (memory, "memory")
+def _buckets(result: Plan) -> str:
+    return "padded length given (--seconds)" if result.lengths_given else "training bucket"
 
 
 def format_topology_plan(result: Plan) -> str:
@@ -265,7 +267,7 @@ def format_topology_plan(result: Plan) -> str:
     lines = [f"{result.topology}: {result.devices} {result.backend} chips on {result.hosts} host(s), mesh "
              f"{result.mesh}; train step compiled for it ahead of time (libtpu, no TPU needed) in "
              f"{result.compile_seconds:.0f} s",
-             f"largest per-chip batch of each training bucket within {result.budget_bytes / GIB:.2f} GiB of HBM "
+             f"largest per-chip batch of each {_buckets(result)} within {result.budget_bytes / GIB:.2f} GiB of HBM "
              "(XLA's memory analysis per chip)",
              f"{'bucket':>6}  {'padded s':>8}  {'batch':>5}  {'global':>6}  {'HBM GiB':>7}  {'state+in':>8}  "
              f"{'temp':>6}  {'TFLOP':>7}  {'roofline ms':>11}  {'bound':>7}  {'audio s/s':>9}"]
@@ -275,7 +277,7 @@ def format_topology_plan(result: Plan) -> str:
             continue
         c, glob = b.cost, b.batch * result.accum * result.devices
         if chip is not None:
-            seconds, bound = roofline_seconds(c, chip)
+            seconds, bound = roofline_seconds(c.flops, c.bytes_accessed, chip)
             timing = f"{1e3 * seconds:>11.1f}  {bound:>7}  {glob * b.seconds / seconds:>9.0f}"
         else:
             timing = f"{'-':>11}  {'-':>7}  {'-':>9}"
@@ -284,9 +286,9 @@ def format_topology_plan(result: Plan) -> str:
     if chip is not None:
         lines.append(f"roofline: XLA's FLOPs per chip at {chip.bf16_tflops:g} TFLOP/s (bf16 peak) or its bytes at "
                      f"{chip.hbm_gbps:g} GB/s, whichever is longer ({chip.source}): an estimate, not a measurement")
-    if result.scanned:
-        lines.append("model.scan_layers: XLA counts the scanned layers' FLOPs and bytes once, not once a layer, so "
-                     "TFLOP and the roofline undercount the step; memory is exact")
+    if result.layers_extrapolated:
+        lines.append(f"model.scan_layers: XLA counts a scanned layer once, so TFLOP and bytes are those of the step "
+                     f"cut to 1 and 2 unscanned layers, extrapolated to {result.layers_extrapolated}")
     lines.append("batch is per chip (the micro-batch under gradient accumulation); global: the step's clips")
     budget = result.audio_seconds_budget
     if budget > 0:
@@ -301,7 +303,7 @@ def format_plan(result: Plan) -> str:
     """The table `xlsr-jax plan` prints, and the per-device audio-seconds budget it suggests."""
     if result.topology is not None:
         return format_topology_plan(result)
-    lines = [f"largest per-device batch of each training bucket within {result.budget_bytes / GIB:.2f} GiB, by "
+    lines = [f"largest per-device batch of each {_buckets(result)} within {result.budget_bytes / GIB:.2f} GiB, by "
              f"XLA's memory estimate of the train step compiled for one {result.backend} device",
              f"(figures hold for {result.backend}; a plan made on a CPU approximates a GPU's)",
              f"{'bucket':>6}  {'padded s':>8}  {'batch':>5}  {'memory GiB':>10}  {'audio s/batch':>13}"]
@@ -318,4 +320,97 @@ def format_plan(result: Plan) -> str:
     lines.append("parameters and optimizer state are counted whole on the device; mesh.fsdp > 1 shards them")
     lines.append(f"suggested: --set train.per_device_audio_seconds={budget:g}  (token-budget batching: each "
                  "bucket gets the most clips within it)")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    name: str  # "train" or "eval"
+    shape: tuple[int, int, int]  # the step's global batch (B, S, L)
+    cost: StepCost  # per chip
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCompile:
+    """A run's steps compiled for a TPU slice as `train` compiles them (`compile_run`)."""
+    topology: str
+    chip_kind: str  # libtpu's device_kind, e.g. "TPU v5 lite"
+    devices: int
+    hosts: int
+    mesh: dict
+    budget_bytes: int  # the chip's HBM
+    steps: list[CompiledStep]
+    seconds: float  # to trace and compile them all
+
+    @property
+    def fits(self) -> bool:
+        return all(s.cost.bytes <= self.budget_bytes for s in self.steps)
+
+
+def compile_run(config: Config, objective, topology: str, seconds: Sequence[float] = ()) -> RunCompile:
+    """Every step a run of `config` compiles (train, and eval with eval data, each for every bucket at the
+    configured batch), compiled for TPU slice `topology` over the config's mesh as `train` would compile
+    them on it, with XLA's per-chip memory and cost of each. `objective`: train/objective.py's (fine-tuning
+    or pretraining). `seconds`: compile buckets of these padded lengths instead of the data's (the
+    configured batch; labels as long per second as the data's densest bucket)."""
+    spec = tpu_slice(topology)
+    accum = config.optim.gradient_accumulation_steps
+    per_device = config.train.per_device_batch_size
+    eval_per_device = config.eval.per_device_batch_size or per_device
+    # Built before libtpu is loaded (the decoding workers must not load it again); batches split over every chip.
+    data = objective.build_data(config, Path(config.train.output_dir), per_device * spec.chips * accum,
+                                eval_per_device * spec.chips, data_parallel=spec.chips)
+    devices = topology_devices(topology)
+    mesh = parallel.make_mesh(config.mesh, devices=devices)
+    from xlsr_jax.train.loop import total_steps  # the learning-rate schedule's length, as in training
+
+    model = objective.shaped_model(config, data)
+    abstract_params = model.abstract_params()
+    tx, schedule = build_optimizer(config.optim, total_steps(config, data.train.batches_per_epoch), abstract_params,
+                                   config.model.freeze_feature_encoder, config.model.freeze_transformer_steps)
+    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, config.train.seed), abstract_params)
+    shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
+    start = time.monotonic()
+    with compiling_for("tpu"):
+        train_jit, eval_jit = objective.jit_steps(config, data, model, tx, schedule, shardings, mesh)
+        steps = [StepToCompile("train", train_jit, abstract_with_shardings(abstract_state, shardings),
+                               _shapes(data.train.batch_shapes.values(), seconds))]
+        if eval_jit is not None:
+            steps.append(StepToCompile("eval", eval_jit, abstract_with_shardings(abstract_state.params, shardings.params),
+                                       _shapes(data.eval.batch_shapes.values(), seconds)))
+        compiled = compile_steps(steps, parallel.batch_sharding(mesh))
+    chip = CHIPS.get(devices[0].device_kind)
+    return RunCompile(
+        topology, devices[0].device_kind, len(devices), len({d.process_index for d in devices}), dict(mesh.shape),
+        int(chip.hbm_gib * GIB) if chip else 0,
+        [CompiledStep(name, shape, step_cost(executable)) for name, dispatch in compiled.items()
+         for shape, executable in sorted(dispatch.executables.items())], time.monotonic() - start)
+
+
+def _shapes(shapes, seconds: Sequence[float]) -> list[tuple[int, int, int]]:
+    """The loader's (B, S, L) shapes, or with `seconds` one per length at the largest batch."""
+    shapes = [tuple(map(int, s)) for s in shapes]
+    if not seconds:
+        return shapes
+    batch, per_sample = max(b for b, _, _ in shapes), max(length / s for _, s, length in shapes)
+    return [(batch, round(t * SAMPLING_RATE), math.ceil(per_sample * t * SAMPLING_RATE)) for t in sorted(seconds)]
+
+
+def format_run_compile(result: RunCompile) -> str:
+    """What `xlsr-jax plan --topology T --as-configured` prints: each compiled step's HBM per chip, and whether
+    it fits."""
+    chip = CHIPS.get(result.chip_kind)
+    name = f"TPU {chip.name}" if chip else result.chip_kind
+    lines = [f"{result.topology}: {result.devices} {name} chips on {result.hosts} host(s), mesh {result.mesh}; the "
+             f"run's steps compiled for it as `train` compiles them (libtpu, no TPU needed) in {result.seconds:.0f} s",
+             f"{'step':>5}  {'batch':>5}  {'padded s':>8}  {'HBM GiB':>7}  {'state+in':>8}  {'temp':>6}  fits "
+             f"{result.budget_bytes / GIB:g} GiB"]
+    for s in result.steps:
+        fits = "yes" if s.cost.bytes <= result.budget_bytes else "NO"
+        lines.append(f"{s.name:>5}  {s.shape[0]:>5}  {s.shape[1] / SAMPLING_RATE:>8.2f}  {s.cost.bytes / GIB:>7.2f}  "
+                     f"{s.cost.argument_bytes / GIB:>8.2f}  {s.cost.temp_bytes / GIB:>6.2f}  {fits}")
+    lines.append("batch: the step's global batch (all chips); HBM: XLA's memory analysis of the compiled step, per chip")
+    if not result.fits:
+        lines.append("a step does not fit: lower train.per_device_batch_size (plan without --as-configured finds the "
+                     "largest that fits), recompute activations (model.remat_policy) or shard over more chips (mesh.fsdp)")
     return "\n".join(lines)

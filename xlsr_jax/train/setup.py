@@ -212,11 +212,12 @@ def _build_streaming(config: Config, output_dir: Path, batch_size: int, eval_bat
     return Data(vocab, normalization, train, evaluation, reports)
 
 
-def build_model(config: Config, vocab: Vocab) -> tuple[FlaxWav2Vec2ForCTC, dict | None]:
-    """The model, and host (numpy) params when starting from a pretrained checkpoint."""
+def build_model(config: Config, vocab: Vocab, weights: bool = True) -> tuple[FlaxWav2Vec2ForCTC, dict | None]:
+    """The model, and host (numpy) params when starting from a pretrained checkpoint (`weights`; without,
+    only its config.json is read)."""
     m = config.model
     dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
-    if m.pretrained:
+    if m.pretrained and weights:
         return load_pretrained(m.pretrained, seed=config.train.seed, dtype=dtype, options=m.execution_options(),
                                **model_overrides(m, vocab))
     return FlaxWav2Vec2ForCTC(model_config(m, vocab), dtype=dtype, **m.execution_options()), None
