@@ -26,14 +26,20 @@ def test_largest_batch_is_the_largest_that_fits(budget, cap):
     calls.clear()
     assert largest_batch(memory, budget, cap) == (expected, 100 + 7 * expected if expected else None)
     assert all(1 <= b <= cap for b in calls)
-    assert len(calls) <= 2 * cap.bit_length() + 1, calls
+    assert len(calls) <= 4, calls  # 1, 2, then where the line meets the budget and one more: 4 compiles
 
 
-def test_largest_batch_with_a_stepwise_memory():
-    """XLA pads and reuses buffers, so memory can stay flat over several batch sizes."""
-    memory = lambda b: 1000 * (-(-b // 8))  # noqa: E731 - grows every 8 clips
-    assert largest_batch(memory, budget=3000, cap=1024) == (24, 3000)
-    assert largest_batch(memory, budget=999, cap=1024) == (0, None)
+@pytest.mark.parametrize("budget", [999, 1000, 3000, 7268, 100_000])
+@pytest.mark.parametrize("memory", [lambda b: 1000 * (-(-b // 8)), lambda b: 100 + b * b, lambda b: 500 + 30 * b + 5 * (b % 4)],
+                         ids=["flat-then-steps", "quadratic", "padded"])
+def test_largest_batch_when_memory_is_not_a_line(memory, budget):
+    """XLA pads and reuses buffers: memory flat over several sizes, or faster than a line; still exact, and
+    within about 2 log2(cap) compiles."""
+    calls = []
+    expected = max([b for b in range(1, 1025) if memory(b) <= budget], default=0)
+    assert largest_batch(lambda b: calls.append(b) or memory(b), budget, 1024) == (
+        expected, memory(expected) if expected else None)
+    assert len(calls) <= 2 * (1024).bit_length(), calls
 
 
 def test_compiled_bytes_reads_xla_memory_analysis():
@@ -57,6 +63,24 @@ def test_plan_of_a_tiny_run_compiles_each_bucket(cv_dir, tmp_path):
     text = format_plan(result)
     assert f"train.per_device_audio_seconds={result.audio_seconds_budget:g}" in text
     assert "a plan made on a CPU approximates a GPU's" in text
+
+
+@pytest.mark.slow  # compiles the tiny train step three times
+def test_plan_shards_the_state_over_this_hosts_devices_as_the_mesh_says(cv_dir, tmp_path):
+    """The tests' 4 CPU devices stand in for a host of 4 GPUs: mesh.fsdp=4 gives each device a quarter of the
+    state, as training would; a mesh this host cannot make falls back to one device holding it all."""
+    def plan_with(fsdp: int):
+        return plan(tiny_run_config(cv_dir, tmp_path, mesh={"fsdp": fsdp}), memory_gib=4.0, max_batch=1)
+
+    replicated, sharded, elsewhere = plan_with(1), plan_with(4), plan_with(8)
+    assert (sharded.devices, sharded.mesh) == (4, {"data": 1, "fsdp": 4})
+    assert (replicated.devices, replicated.mesh) == (4, {"data": 4, "fsdp": 1})
+    assert (elsewhere.devices, elsewhere.mesh) == (1, None)
+    whole = replicated.buckets[0].cost.argument_bytes  # the state, and one clip's ~180 KB of inputs
+    assert sharded.buckets[0].cost.argument_bytes < 0.6 * whole  # a quarter of the state, the same clip
+    assert elsewhere.buckets[0].cost.argument_bytes == pytest.approx(whole, rel=0.05)
+    assert "compiled over 4 cpu devices, mesh {'data': 1, 'fsdp': 4}" in format_plan(sharded)
+    assert "counted whole on the device" in format_plan(elsewhere)
 
 
 def test_format_plan_when_nothing_fits():

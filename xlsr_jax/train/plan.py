@@ -105,8 +105,13 @@ def compiled_bytes(compiled: Any) -> int:
 
 def largest_batch(memory: Callable[[int], int], budget: int, cap: int = 1024) -> tuple[int, int | None]:
     """(largest b in [1, cap] with memory(b) <= budget, memory(b)), assuming memory grows with b;
-    (0, None) when b = 1 does not fit. Doubles b until it does not fit, then bisects: about
-    2 log2(b) calls of `memory`."""
+    (0, None) when b = 1 does not fit.
+
+    Each call of `memory` is a compilation (minutes for XLSR-53 on a TPU topology), so after b = 1 and 2
+    the next b is where the line through the two largest fitting batches meets the budget: a step's memory
+    is close to affine in the batch (the state, plus activations per clip), and then b* and b* + 1 end the
+    search (4 calls). After a b that does not fit comes a bisection step, so memory that is flat over several
+    sizes or grows faster than a line still ends within about 2 log2(cap) calls."""
     seen: dict[int, int] = {}
 
     def fits(b: int) -> bool:
@@ -116,14 +121,21 @@ def largest_batch(memory: Callable[[int], int], budget: int, cap: int = 1024) ->
     if not fits(1):
         return 0, None
     lo, hi = 1, cap + 1  # lo fits; hi does not (cap + 1: not tried)
-    while 2 * lo <= cap:
-        if not fits(2 * lo):
-            hi = 2 * lo
-            break
-        lo *= 2
+    bisect = False
     while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        fitting = sorted(b for b, used in seen.items() if used <= budget)
+        if bisect:
+            b = (lo + hi) // 2
+        elif len(fitting) < 2:
+            b = min(2 * lo, hi - 1)
+        else:
+            b1, b2 = fitting[-2:]
+            slope = (seen[b2] - seen[b1]) / (b2 - b1)
+            b = hi - 1 if slope <= 0 else b2 + int((budget - seen[b2]) // slope)
+            b = min(max(b, lo + 1), hi - 1)
+        ok = fits(b)
+        lo, hi = (b, hi) if ok else (lo, b)
+        bisect = not ok
     return lo, seen[lo]
 
 
@@ -138,7 +150,7 @@ def step_memory(config: Config, model, steps: int, blank_id: int, devices: list 
                 costs: dict | None = None) -> Callable[[int, int, int], int]:
     """`memory(batch, samples, label_length)`: bytes per device of the train step compiled with a
     per-device micro-batch of `batch` clips (x gradient accumulation rows), as `train` would step it:
-    for one local device, or over `devices` (a TPU topology's) with the config's mesh. Each compiled
+    for one local device, or over `devices` (a TPU topology's, or this host's) with the config's mesh. Each compiled
     step's StepCost goes into `costs[(batch, samples, label_length)]` when given."""
     if devices is None:
         mesh = parallel.make_mesh(MeshConfig(), devices=jax.local_devices()[:1])
@@ -186,6 +198,18 @@ def unrolled_costs(config: Config, model, steps: int, blank_id: int, devices: li
         for shape, cost in costs.items()}
 
 
+def local_mesh_devices(mesh: MeshConfig) -> list | None:
+    """This host's devices when the config's mesh covers them and there are several (a host of 8 GPUs with
+    mesh.fsdp=8: each device's step holds its shard of the state, as in training); None: plan for one
+    device holding the whole state."""
+    local = jax.local_devices()
+    try:
+        parallel.make_mesh(mesh, devices=local)
+    except ValueError:  # the mesh spans other hosts' devices, or not all of these
+        return None
+    return local if len(local) > 1 else None
+
+
 def device_memory_bytes() -> int | None:
     """The first local device's memory limit, where its backend reports one (GPUs, TPUs; not CPUs)."""
     stats = jax.local_devices()[0].memory_stats()
@@ -209,7 +233,7 @@ def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
             raise UserError(f"plan: this {jax.default_backend()} device reports no memory size; give --memory-gib "
                             "(e.g. 80 for an 80 GB GPU)")
     data = build_data(config, Path(config.train.output_dir), per_device, per_device, data_parallel=1)
-    devices, chip = None, None
+    devices, chip = local_mesh_devices(config.mesh), None
     if topology is not None:
         devices = topology_devices(topology)
         chip = CHIPS.get(devices[0].device_kind)
@@ -245,10 +269,11 @@ def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
             total = unrolled_costs(config, model, steps, data.vocab.pad_id, devices, fitted)
             buckets = [dataclasses.replace(b, cost=total[(b.batch, b.samples, b.label_length)])
                        if b.cost is not None else b for b in buckets]
+    mesh = parallel.make_mesh(config.mesh, devices=devices) if devices is not None else None
     if topology is None:
         return Plan(buckets, budget, jax.default_backend(), config.optim.gradient_accumulation_steps,
+                    devices=len(devices) if devices else 1, mesh=dict(mesh.shape) if mesh else None,
                     lengths_given=bool(seconds))
-    mesh = parallel.make_mesh(config.mesh, devices=devices)
     return Plan(buckets, budget, f"TPU {chip.name if chip else devices[0].device_kind}",
                 config.optim.gradient_accumulation_steps, topology=topology, devices=len(devices),
                 hosts=len({d.process_index for d in devices}), chip=chip, mesh=dict(mesh.shape),
@@ -303,8 +328,10 @@ def format_plan(result: Plan) -> str:
     """The table `xlsr-jax plan` prints, and the per-device audio-seconds budget it suggests."""
     if result.topology is not None:
         return format_topology_plan(result)
+    where = (f"over {result.devices} {result.backend} devices, mesh {result.mesh}" if result.devices > 1 else
+             f"for one {result.backend} device")
     lines = [f"largest per-device batch of each {_buckets(result)} within {result.budget_bytes / GIB:.2f} GiB, by "
-             f"XLA's memory estimate of the train step compiled for one {result.backend} device",
+             f"XLA's memory estimate of the train step compiled {where}",
              f"(figures hold for {result.backend}; a plan made on a CPU approximates a GPU's)",
              f"{'bucket':>6}  {'padded s':>8}  {'batch':>5}  {'memory GiB':>10}  {'audio s/batch':>13}"]
     for b in result.buckets:
@@ -317,7 +344,8 @@ def format_plan(result: Plan) -> str:
         return "\n".join(lines)
     if result.accum > 1:
         lines.append(f"batch is the micro-batch: each step runs {result.accum} of them (gradient accumulation)")
-    lines.append("parameters and optimizer state are counted whole on the device; mesh.fsdp > 1 shards them")
+    if result.devices == 1:
+        lines.append("parameters and optimizer state are counted whole on the device; mesh.fsdp > 1 shards them")
     lines.append(f"suggested: --set train.per_device_audio_seconds={budget:g}  (token-budget batching: each "
                  "bucket gets the most clips within it)")
     return "\n".join(lines)
