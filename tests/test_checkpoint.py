@@ -154,3 +154,17 @@ def test_save_total_limit_prunes_older_checkpoints(tmp_path, best_metric, kept):
     checkpoints.close()
     assert Checkpointer(tmp_path / "ck", read_only=True).all_steps() == kept
     assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == kept
+
+
+def test_select_steps_for_averaging(tmp_path):
+    """The N newest kept, or the N best by the metric (returned by step); too few is an error naming the limit."""
+    wers = {1: 0.50, 2: 0.30, 3: 0.40, 4: None, 5: 0.35}
+    checkpoints = _save_series(tmp_path / "ck", wers, max_to_keep=5, best_metric="eval/wer", best_mode="min")
+    assert checkpoints.select_steps(3) == [3, 4, 5]
+    assert checkpoints.select_steps(2, best=True) == [2, 5] and checkpoints.select_steps(3, best=True) == [2, 3, 5]
+    with pytest.raises(UserError, match=r"averaging 6 checkpoints needs 6 kept, it has 5 .*checkpoint.save_total_limit"):
+        checkpoints.select_steps(6)
+    with pytest.raises(UserError, match=r"needs 5 evaluated by eval/wer, it has 4"):
+        checkpoints.select_steps(5, best=True)
+    highest = _save_series(tmp_path / "max", wers, max_to_keep=5, best_metric="eval/wer", best_mode="max")
+    assert highest.select_steps(2, best=True) == [1, 3]

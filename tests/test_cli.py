@@ -278,3 +278,25 @@ def test_a_damaged_checkpoint_is_named_by_evaluate_and_export(trained_run, cv_di
     assert main(["evaluate", str(copy), "--data", f"cv:{cv_dir}:test", "--step", "6"]) == 2
     assert "steps kept: [3, 6], choose another with --step" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["evaluate", "runs/x", "--data", "cv:/cv:test"], ["export", "runs/x", "out"],
+                                     ["transcribe", "runs/x", "a.wav"], ["pseudo-label", "runs/x", "--data", "audio:/a",
+                                                                         "--out", "l.tsv"]])
+def test_average_reaches_each_command_that_reads_a_checkpoint(command, monkeypatch, capsys):
+    """--average N goes to the loader of evaluate, export, transcribe and pseudo-label; 0 is refused."""
+    from xlsr_jax.infer import load
+
+    asked = []
+
+    def fake_load_run(path, *, step=None, best=False, mesh=None, average=1):
+        asked.append(average)
+        raise load.UserError("stop here")
+
+    monkeypatch.setattr(load, "load_run", fake_load_run)
+    monkeypatch.setattr(load.RunDir, "is_run", lambda self: True)
+    monkeypatch.setattr("xlsr_jax.hub.export.RunDir.is_run", lambda self: True)
+    assert main([*command, "--average", "3"]) in (1, 2) and asked == [3]
+    with pytest.raises(SystemExit):
+        main([*command, "--average", "0"])
+    assert "--average: '0': expected a whole number >= 1" in capsys.readouterr().err

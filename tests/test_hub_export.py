@@ -68,6 +68,34 @@ def test_export_a_given_step_bit_for_bit(trained_run, tmp_path):
     assert not list(tmp_path.glob("*.partial-*")), "no temporary folder left behind"
 
 
+def test_export_the_mean_of_the_newest_checkpoints_with_its_own_results(trained_run, tmp_path):
+    """--average 2: the weights are the mean of steps 3 and 6, the card says so and reports the results of
+    that mean (evaluate --average 2), not step 6's."""
+    import shutil
+
+    from xlsr_jax.infer.evaluate import evaluate
+
+    _, trained = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)  # evaluate writes eval_results.json into the run
+    config = load_config(run / "config.yaml")
+    scored = evaluate(str(run), [config.data.eval[0]], average=2)
+    assert (scored["step"], scored["averaged"]) == (6, [3, 6])
+    out = export_run(run, tmp_path / "mean", average=2, verify=True)
+    folder = tmp_path / "mean"
+    assert (out["step"], out["selected"]) == (6, "mean of the 2 newest checkpoints")
+    assert json.loads((folder / EXPORT_INFO).read_text())["averaged"] == [3, 6]
+    expected = flax_to_pytorch(jax.tree.map(lambda a, b: (a + b) / 2, _checkpoint_params(run, 3),
+                                            _checkpoint_params(run, 6)))
+    exported = load_file(str(folder / "model.safetensors"))
+    for key, value in expected.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    (result,) = json.loads((folder / "eval_results.json").read_text())["results"]
+    assert (result["averaged"], result["wer"]) == ([3, 6], scored["wer"])
+    assert "mean of the checkpoints of steps 3, 6" in (folder / "README.md").read_text()
+    assert out["check"]["transcripts_identical"]
+
+
 def test_a_failed_self_check_leaves_nothing(trained_run, tmp_path, monkeypatch):
     _, run = trained_run
     real = export_module.save_pytorch_weights
@@ -167,6 +195,9 @@ def test_the_card_reports_the_newest_test_results_of_the_exported_step():
     assert card_results(results, 600) == [result("test", 600, 0.88), result("test", 600, 0.67, "lm")]
     assert card_results(results[1:3], 600) == [result("dev", 600, 0.7, "lm")]  # no test result: dev it is
     assert card_results(results, 200) == []
+    averaged = {**result("test", 600, 0.8), "averaged": [400, 600]}
+    assert card_results(results + [averaged], 600, averaged=[400, 600]) == [averaged]
+    assert averaged not in card_results(results + [averaged], 600)  # step 600's own weights are not the mean
 
 
 def _tiny_export(out_dir, **kw):

@@ -69,7 +69,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 1, best_metric: str | None = None,
                  best_mode: str = "min", read_only: bool = False):
         self.directory = _directory(directory)
-        self.best_metric = best_metric
+        self.best_metric, self.best_mode = best_metric, best_mode
         best_fn = None
         keep: list = [policies.LatestN(n=max_to_keep)]
         if best_metric:
@@ -200,6 +200,23 @@ class Checkpointer:
                                 f"({self.best_metric or 'checkpoint.best_metric is null'}); steps kept: {steps}")
             return chosen
         return steps[-1]
+
+    def select_steps(self, count: int, best: bool = False) -> list[int]:
+        """The `count` newest kept steps, or with `best` the `count` best by `best_metric` (ascending by step),
+        for averaging; errors name the folder and what it keeps."""
+        steps = self.all_steps()
+        if best:
+            scored = [s for s in steps if self.best_metric and self.best_metric in (self.metrics(s) or {})]
+            sign = 1 if self.best_mode == "min" else -1
+            steps = sorted(scored, key=lambda s: (sign * self.metrics(s)[self.best_metric], -s))
+            steps = sorted(steps[:count])
+        else:
+            steps = steps[-count:]
+        if len(steps) < count:
+            kind = f"evaluated by {self.best_metric}" if best else "kept"
+            raise UserError(f"{self.directory}: averaging {count} checkpoints needs {count} {kind}, it has "
+                            f"{len(steps)} ({steps}); keep more with checkpoint.save_total_limit")
+        return steps
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -102,7 +102,7 @@ def _config(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from xlsr_jax.infer.evaluate import evaluate, format_summary
 
-    result = evaluate(args.source, args.data, step=args.step, best=args.best, out=args.out, lm=args.lm,
+    result = evaluate(args.source, args.data, step=args.step, best=args.best, average=args.average, out=args.out, lm=args.lm,
                       alpha=args.alpha, beta=args.beta, beam_width=args.beam_width, batch_size=args.batch_size,
                       fsdp=args.fsdp, language=args.language, cache_dir=args.cache_dir)
     print(format_summary(result))
@@ -112,7 +112,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _pseudo_label(args: argparse.Namespace) -> int:
     from xlsr_jax.infer.pseudo_label import format_summary, pseudo_label
 
-    result = pseudo_label(args.source, args.data, args.out, step=args.step, best=args.best, lm=args.lm,
+    result = pseudo_label(args.source, args.data, args.out, step=args.step, best=args.best, average=args.average,
+                          lm=args.lm,
                           alpha=args.alpha, beta=args.beta, beam_width=args.beam_width,
                           min_confidence=args.min_confidence, top_fraction=args.top_fraction,
                           batch_size=args.batch_size, fsdp=args.fsdp, cache_dir=args.cache_dir)
@@ -124,7 +125,8 @@ def _export(args: argparse.Namespace) -> int:
     from xlsr_jax.hub.export import export_run
 
     lm = {"path": args.lm, "alpha": args.alpha, "beta": args.beta} if args.lm else None
-    out = export_run(args.run_dir, args.out_dir, step=args.step, best=args.best, torch_bin=args.bin, lm=lm,
+    out = export_run(args.run_dir, args.out_dir, step=args.step, best=args.best, average=args.average, torch_bin=args.bin,
+                     lm=lm,
                      verify=False if args.no_check else None, force=args.force)
     print(f"exported step {out['step']} ({out['selected']}) of {args.run_dir} to {out['out_dir']}")
     check = out["check"]
@@ -156,7 +158,7 @@ def _push(args: argparse.Namespace) -> int:
 def _transcribe(args: argparse.Namespace) -> int:
     from xlsr_jax.infer.transcribe import run_transcribe
 
-    result = run_transcribe(args.model, args.files, step=args.step, best=args.best, out=args.out,
+    result = run_transcribe(args.model, args.files, step=args.step, best=args.best, average=args.average, out=args.out,
                             chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
                             batch_size=args.batch_size, lm=args.lm, alpha=args.alpha, beta=args.beta,
                             beam_width=args.beam_width)
@@ -206,6 +208,8 @@ def _add_checkpoint_choice(parser: argparse.ArgumentParser) -> None:
     choice.add_argument("--step", type=int, help="use the run's checkpoint of this step (default: the newest)")
     choice.add_argument("--best", action="store_true",
                         help="use the run's best checkpoint by checkpoint.best_metric (default eval/wer)")
+    parser.add_argument("--average", type=_positive_int, default=1, metavar="N",
+                        help="the mean of the run's N newest kept checkpoints (with --best: its N best)")
 
 
 def _add_model_pass(parser: argparse.ArgumentParser, data_help: str) -> None:
@@ -270,6 +274,16 @@ def _parse_sweep(commands) -> None:
                    help="trials in the sweep, counting those already run (default for grid: every point); "
                         "0: only print the results so far")
     p.add_argument("--sweep-dir", help="folder of the sweep (default: <train.output_dir>-sweep)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -36,6 +36,7 @@ def write_model_card(
     repo_id: str | None = None,
     normalization: Mapping[str, Any] | None = None,
     model_name: str | None = None,
+    averaged: Sequence[int] = (),
 ) -> Path:
     """Write `out_dir/README.md` and return its path.
 
@@ -43,7 +44,7 @@ def write_model_card(
     `dataset` {type, name, config, split}, `wer`, `cer` (fractions), `num_utterances`, `decoder`.
     `normalization`: the folder's `text_normalization.json` content; default: the config's data fields.
     `curves_png`: a file name inside `out_dir` to embed. `model_name`: the title (default: `repo_id`,
-    else the folder's name).
+    else the folder's name). `averaged`: the checkpoints whose mean the weights are (empty: `step`'s own).
     """
     out_dir = Path(out_dir)
     model_name = model_name or repo_id or out_dir.resolve().name
@@ -66,7 +67,7 @@ def write_model_card(
         _results_section(results),
         _usage(repo_id or "PATH/TO/THIS/FOLDER", has_lm),
         _evaluation(repo_id or "PATH/TO/THIS/FOLDER", language, normalization, config),
-        _training(config, step, curves_png),
+        _training(config, step, curves_png, averaged),
     ])
     path = out_dir / README
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n").save(path)
@@ -233,12 +234,13 @@ def _evaluation(model_id: str, language: str | None, normalization: Mapping[str,
     ])
 
 
-def _training(config: Config, step: int, curves_png: str | None) -> str:
+def _training(config: Config, step: int, curves_png: str | None, averaged: Sequence[int] = ()) -> str:
     d, m, o, t = config.data, config.model, config.optim, config.train
     specs = "\n".join(f"- `{spec}`" for spec in d.train) or "- (not recorded)"
     hyper = [
         ("learning rate", o.learning_rate), ("schedule", f"{o.schedule} (after linear warmup)"),
         ("warmup steps", o.warmup_steps), ("steps trained", step),
+        *([("weights", "mean of the checkpoints of steps " + ", ".join(map(str, averaged)))] if averaged else []),
         ("per-device batch size", t.per_device_batch_size),
         ("gradient accumulation steps", o.gradient_accumulation_steps),
         ("precision", t.precision), ("weight decay", o.weight_decay), ("max grad norm", o.max_grad_norm),

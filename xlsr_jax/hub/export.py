@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from transformers import Wav2Vec2Config
@@ -118,13 +118,14 @@ def _swap(new: Path, target: Path) -> None:
         os.replace(new, target)  # a symlink at `target` is replaced itself, never written through
 
 
-def card_results(results: list[dict], step: int | None) -> list[dict]:
-    """What a card reports of a run's eval_results.json: the exported step's results, the newest per
-    data spec and decoder kind (greedy / LM), and only those on test splits when there are any (the
-    benchmark; dev scores used to tune LM weights stay in the run's file)."""
+def card_results(results: list[dict], step: int | None, averaged: Sequence[int] = ()) -> list[dict]:
+    """What a card reports of a run's eval_results.json: the exported weights' results (`step`'s, or those
+    of the mean of the `averaged` checkpoints), the newest per data spec and decoder kind (greedy / LM), and
+    only those on test splits when there are any (the benchmark; dev scores used to tune LM weights stay in
+    the run's file)."""
     newest: dict[tuple, dict] = {}
     for r in results:
-        if r.get("step") == step:
+        if r.get("step") == step and list(r.get("averaged", [])) == list(averaged):
             newest[(r["data"], r["decoder"]["type"])] = r
     chosen = list(newest.values())
     tests = [r for r in chosen if "test" in r["dataset"]["split"].split("+")]
@@ -132,18 +133,19 @@ def card_results(results: list[dict], step: int | None) -> list[dict]:
 
 
 def finish_folder(tmp: Path, out_dir: Path, *, run: RunDir | None, config, step: int | None,
-                  normalization: TextNormalization, has_lm: bool) -> list[dict]:
-    """Curves, evaluation results of `step` and the model card into `tmp`; returns those results."""
+                  normalization: TextNormalization, has_lm: bool, averaged: Sequence[int] = ()) -> list[dict]:
+    """Curves, evaluation results of `step` (of the mean of `averaged`) and the model card into `tmp`;
+    returns those results."""
     from xlsr_jax.hub.card import write_model_card
     from xlsr_jax.plots import plot_training_curves
 
-    results = card_results(read_eval_results(run.eval_results), step) if run else []
+    results = card_results(read_eval_results(run.eval_results), step, averaged) if run else []
     if results:
         (tmp / "eval_results.json").write_text(json.dumps({"results": results}, indent=1, ensure_ascii=False) + "\n")
     curves = plot_training_curves(run.metrics, tmp / CURVES_FILE) if run else None
     write_model_card(tmp, config=config, language=normalization.language, step=step, results=results,
                      curves_png=CURVES_FILE if curves else None, has_lm=has_lm, normalization=vars(normalization),
-                     model_name=out_dir.name)
+                     model_name=out_dir.name, averaged=averaged)
     return results
 
 
@@ -151,7 +153,7 @@ def export_params(params: Any, config: Wav2Vec2Config, vocab: Vocab, out_dir: st
                   normalization: TextNormalization, run: RunDir | None, run_config=None, step: int | None,
                   torch_bin: bool = False, lm: dict | None = None, verify: bool | None = None,
                   clips: list[np.ndarray] | None = None, info: dict | None = None,
-                  force: bool = False) -> dict[str, Any]:
+                  force: bool = False, averaged: Sequence[int] = ()) -> dict[str, Any]:
     """Write, card and (with torch) check a complete folder; move it to `out_dir` when it passed.
     `params`: host arrays, per-layer or stacked.
 
@@ -174,7 +176,7 @@ def export_params(params: Any, config: Wav2Vec2Config, vocab: Vocab, out_dir: st
             decoder = LMDecoder.from_path(lm["path"], vocab, alpha=lm["alpha"], beta=lm["beta"])
             decoder.save_for_processor(tmp)
         results = finish_folder(tmp, out_dir, run=run, config=run_config, step=step, normalization=normalization,
-                                has_lm=lm is not None)
+                                has_lm=lm is not None, averaged=averaged)
         check = None
         if verify or (verify is None and _torch_available()):
             check = verify_folder(tmp, config, params, vocab, clips if clips is not None else
@@ -194,7 +196,7 @@ def _torch_available() -> bool:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, best: bool = False,
-               torch_bin: bool = False, lm: dict | None = None, verify: bool | None = None,
+               average: int = 1, torch_bin: bool = False, lm: dict | None = None, verify: bool | None = None,
                force: bool = False) -> dict[str, Any]:
     """`xlsr-jax export`: one kept checkpoint of a run (newest, `step`, or the best by eval metric)
     -> a complete, checked Hugging Face folder. Works whatever mesh saved it (restored onto one device)."""
@@ -202,10 +204,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
 
     if not RunDir(run_dir).is_run():
         raise UserError(f"{run_dir}: not a training run directory (no config.yaml and checkpoints/)")
-    loaded = load_run(run_dir, step=step, best=best)
+    loaded = load_run(run_dir, step=step, best=best, average=average)
     selected = "best" if best else "step" if step is not None else "latest"
+    if loaded.averaged:
+        selected = f"mean of the {len(loaded.averaged)} {'best' if best else 'newest'} checkpoints"
     out = export_params(parallel.host_params(loaded.params), loaded.model.config, loaded.vocab, out_dir,
                         normalization=loaded.normalization, run=loaded.run, run_config=loaded.config,
                         step=loaded.step, torch_bin=torch_bin, lm=lm, verify=verify, force=force,
-                        info={"run": str(Path(run_dir).absolute()), "selected": selected})
+                        averaged=loaded.averaged,
+                        info={"run": str(Path(run_dir).absolute()), "selected": selected,
+                              **({"averaged": list(loaded.averaged)} if loaded.averaged else {})})
     return {**out, "step": loaded.step, "selected": selected}

@@ -76,13 +76,15 @@ def describe_dataset(spec: str, language: str | None) -> dict[str, str]:
 
 
 def eval_result(data: Sequence[str], step: int | None, metrics: dict[str, float], *, language: str | None,
-                headline: str, decoder: dict[str, Any]) -> dict[str, Any]:
-    """One entry of eval_results.json (what the model card reports)."""
+                headline: str, decoder: dict[str, Any], averaged: Sequence[int] = ()) -> dict[str, Any]:
+    """One entry of eval_results.json (what the model card reports). `averaged`: the checkpoints whose mean
+    was scored (`step` is the newest of them); empty for one checkpoint."""
     spec = ",".join(data)
     return {
         "data": spec,
         "dataset": describe_dataset(data[0], language),
         "step": step,
+        **({"averaged": list(averaged)} if averaged else {}),
         "wer": metrics["wer"],
         "cer": metrics["cer"],
         "num_utterances": int(metrics["examples"]),
@@ -110,6 +112,7 @@ def _outputs(loaded: LoadedModel, result: dict[str, Any], out: str | None) -> tu
     if out is None:
         split = result["dataset"]["split"].replace("+", "-")
         tags = [split] + ([f"step{loaded.step}"] if loaded.step is not None else [])
+        tags += [f"avg{len(loaded.averaged)}"] if loaded.averaged else []
         tags += ["lm"] if result["decoder"]["type"] == "lm" else []
         out = folder / f"predictions-{'-'.join(tags)}.tsv"
     return Path(out), folder / "eval_results.json"
@@ -127,12 +130,12 @@ def compiled_eval_step(loaded: LoadedModel, loader, mesh, *, with_log_probs: boo
 
 def model_pass(source: str, *, step: int | None, best: bool, fsdp: int, cache_dir: str | None, lm: str | None,
                alpha: float | None, beta: float | None, beam_width: int, batch_size: int | None,
-               language: str | None = None) -> tuple[Mesh, LoadedModel, DataConfig, Any, int]:
+               language: str | None = None, average: int = 1) -> tuple[Mesh, LoadedModel, DataConfig, Any, int]:
     """What a pass of a model over data needs (evaluate, pseudo-label): (mesh with `fsdp`, the loaded model,
     its data settings with `cache_dir`, the LM decoder or None for greedy, the global batch size: `batch_size`
     or the run's eval / train per-device batch, else 8, times the data-parallel devices)."""
     mesh = parallel.make_mesh(MeshConfig(fsdp=fsdp))
-    loaded = load_model(source, step=step, best=best, mesh=mesh, language=language)
+    loaded = load_model(source, step=step, best=best, mesh=mesh, language=language, average=average)
     data_config = loaded.config.data if loaded.config is not None else DataConfig()
     if cache_dir:
         data_config = dataclasses.replace(data_config, cache_dir=cache_dir)
@@ -146,7 +149,7 @@ def model_pass(source: str, *, step: int | None, best: bool, fsdp: int, cache_di
     return mesh, loaded, data_config, decoder, per_device * parallel.data_parallel_size(mesh)
 
 
-def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best: bool = False,
+def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best: bool = False, average: int = 1,
              out: str | None = None, lm: str | None = None, alpha: float | None = None,
              beta: float | None = None, beam_width: int = 100, batch_size: int | None = None, fsdp: int = 1,
              language: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
@@ -157,7 +160,7 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
         raise UserError("evaluate: give the data to score, e.g. --data cv:/path/to/tr:test")
     mesh, loaded, data_config, decoder, global_batch = model_pass(
         source, step=step, best=best, fsdp=fsdp, cache_dir=cache_dir, lm=lm, alpha=alpha, beta=beta,
-        beam_width=beam_width, batch_size=batch_size, language=language)
+        beam_width=beam_width, batch_size=batch_size, language=language, average=average)
     if loaded.config is not None and set(data) & set(loaded.config.data.train):
         logger.warning("%s: this run trained on %s; its score there says nothing about new speakers",
                        source, sorted(set(data) & set(loaded.config.data.train)))
@@ -173,7 +176,7 @@ def evaluate(source: str, data: Sequence[str], *, step: int | None = None, best:
     metrics, predictions = predict(loaded.params, loader, eval_fn, loaded.vocab, mesh, decoder)
     language = loaded.normalization.language
     result = eval_result(data, loaded.step, metrics, language=language, headline=headline_metric(language),
-                         decoder=_decoder_info(lm, decoder))
+                         decoder=_decoder_info(lm, decoder), averaged=loaded.averaged)
     predictions_path, results_path = _outputs(loaded, result, out)
     if jax.process_index() == 0:
         write_predictions(predictions_path, predictions, [e.path for e in loader.dataset.examples])
@@ -186,6 +189,8 @@ def format_summary(result: dict[str, Any]) -> str:
     """What `xlsr-jax evaluate` prints; the last two lines are `wer: X` and `cer: X` (fractions)."""
     report = result["report"]
     step = f" (step {result['step']})" if result["step"] is not None else ""
+    if result.get("averaged"):
+        step = f" (the mean of the checkpoints of steps {', '.join(map(str, result['averaged']))})"
     decoder = result["decoder"]
     decoded = "greedy (argmax)" if decoder["type"] == "greedy" else (
         f"n-gram LM {decoder['lm']} (alpha {decoder['alpha']}, beta {decoder['beta']}, beam {decoder['beam_width']})")

@@ -8,9 +8,10 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from transformers import Wav2Vec2Config
 
@@ -39,6 +40,7 @@ class LoadedModel:
     folder: Path  # the run directory or the model folder (a hub id's download)
     run: RunDir | None = None  # set when the source is a training run
     config: Config | None = None  # the run's config
+    averaged: tuple[int, ...] = ()  # the checkpoints whose mean `params` is (`step`: the newest of them)
 
 
 def _single_device():
@@ -83,9 +85,10 @@ def run_checkpointer(run: RunDir, config: Config) -> Checkpointer:
 
 
 def load_run(path: str | Path, *, step: int | None = None, best: bool = False,
-             mesh: Mesh | None = None) -> LoadedModel:
+             mesh: Mesh | None = None, average: int = 1) -> LoadedModel:
     """The parameters of one kept checkpoint of a run (the newest, `step`, or the best by
-    `checkpoint.best_metric`), restored onto `mesh` (or one device) whatever mesh saved them."""
+    `checkpoint.best_metric`), restored onto `mesh` (or one device) whatever mesh saved them. `average` > 1:
+    the mean of the `average` newest kept checkpoints (with `best`: the best ones), as icefall's averaged model."""
     run = RunDir(path)
     config = load_config(run.config)
     if not run.vocab.exists():
@@ -94,14 +97,30 @@ def load_run(path: str | Path, *, step: int | None = None, best: bool = False,
     # The checkpoints hold the layout the run trained with (stacked layers when scanned).
     model = FlaxWav2Vec2ForCTC(run_model_config(run, config, vocab), scan_layers=config.model.scan_layers)
     checkpoints = run_checkpointer(run, config)
+    if average > 1 and step is not None:
+        raise UserError(f"{path}: --average takes the newest (or with --best, the best) checkpoints, not --step")
     try:
-        chosen = checkpoints.select_step(step, best)
+        chosen = checkpoints.select_steps(average, best) if average > 1 else [checkpoints.select_step(step, best)]
         abstract = model.abstract_params()
-        params = checkpoints.restore_params(abstract_with_shardings(abstract, _shardings(abstract, mesh)), chosen)
+        target = abstract_with_shardings(abstract, _shardings(abstract, mesh))
+        params = average_params(checkpoints.restore_params(target, s) for s in chosen)
     finally:
         checkpoints.close()
-    return LoadedModel(model, params, vocab, stored_normalization(run, config), chosen, str(path), run.path,
-                       run=run, config=config)
+    return LoadedModel(model, params, vocab, stored_normalization(run, config), max(chosen), str(path), run.path,
+                       run=run, config=config, averaged=tuple(chosen) if average > 1 else ())
+
+
+def average_params(trees: Iterable[Any]) -> Any:
+    """The element-wise mean of parameter trees, taken one tree at a time (two in memory at once): summed
+    in float32 in order, then divided by their count; a tree alone is returned as is."""
+    total, count = None, 0
+    for tree in trees:
+        total = tree if total is None else _add(total, tree)
+        count += 1
+    return total if count == 1 else jax.jit(lambda t: jax.tree.map(lambda x: x / count, t), donate_argnums=0)(total)
+
+
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
 
 
 def load_folder(source: str | Path, *, mesh: Mesh | None = None, language: str | None = None) -> LoadedModel:
@@ -129,13 +148,13 @@ def load_folder(source: str | Path, *, mesh: Mesh | None = None, language: str |
 
 
 def load_model(source: str | Path, *, step: int | None = None, best: bool = False, mesh: Mesh | None = None,
-               language: str | None = None) -> LoadedModel:
+               language: str | None = None, average: int = 1) -> LoadedModel:
     """A run directory, a Hugging Face model folder, or a hub id -> LoadedModel."""
     if RunDir(source).is_run():
-        model = load_run(source, step=step, best=best, mesh=mesh)
+        model = load_run(source, step=step, best=best, mesh=mesh, average=average)
     else:
-        if step is not None or best:
-            raise UserError(f"{source}: --step and --best choose among a training run's checkpoints; "
+        if step is not None or best or average > 1:
+            raise UserError(f"{source}: --step, --best and --average choose among a training run's checkpoints; "
                             "this is a model folder or hub id")
         model = load_folder(source, mesh=mesh, language=language)
     if language and model.normalization.language != language:

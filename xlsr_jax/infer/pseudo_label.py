@@ -112,7 +112,7 @@ def _cell(value: Any) -> str:
 
 
 def pseudo_label(source: str, data: Sequence[str], out: str | os.PathLike, *, step: int | None = None,
-                 best: bool = False, lm: str | None = None, alpha: float | None = None, beta: float | None = None,
+                 best: bool = False, average: int = 1, lm: str | None = None, alpha: float | None = None, beta: float | None = None,
                  beam_width: int = 100, min_confidence: float | None = None, top_fraction: float | None = None,
                  batch_size: int | None = None, fsdp: int = 1, cache_dir: str | None = None) -> dict[str, Any]:
     """Transcribe the audio of `data` with `source` (a run, an exported folder or a hub id) and write the
@@ -125,7 +125,7 @@ def pseudo_label(source: str, data: Sequence[str], out: str | os.PathLike, *, st
     _check_fraction(top_fraction)  # before the pass, not after it
     mesh, loaded, data_config, decoder, global_batch = model_pass(
         source, step=step, best=best, fsdp=fsdp, cache_dir=cache_dir, lm=lm, alpha=alpha, beta=beta,
-        beam_width=beam_width, batch_size=batch_size)
+        beam_width=beam_width, batch_size=batch_size, average=average)
     # Audio alone (no vocabulary: transcripts neither needed nor checked); a clip the model gives no frame is dropped.
     loader, report = eval_loader(read_examples(data, data_config, need_text=False), data=data_config, vocab=None,
                                  normalization=None,

@@ -377,7 +377,7 @@ class TranscribeResult:
 
 
 def run_transcribe(source: str, files: Sequence[str], *, step: int | None = None, best: bool = False,
-                   out: str | None = None, chunk_length_s: float = 20.0, stride_length_s=None,
+                   average: int = 1, out: str | None = None, chunk_length_s: float = 20.0, stride_length_s=None,
                    batch_size: int = 8, lm: str | None = None, alpha: float | None = None,
                    beta: float | None = None, beam_width: int = 100, file: TextIO = sys.stdout) -> TranscribeResult:
     """Transcribe `files` with `source` (run dir, model folder or hub id): `path<TAB>text` lines to
@@ -389,7 +389,7 @@ def run_transcribe(source: str, files: Sequence[str], *, step: int | None = None
     writer = {".json": write_json, ".tsv": write_tsv}.get(os.path.splitext(out)[1].lower()) if out else None
     if out and writer is None:
         raise UserError(f"--out {out}: expected a .tsv or .json file")
-    loaded = load_model(source, step=step, best=best)
+    loaded = load_model(source, step=step, best=best, average=average)
     decoder = None
     if lm is not None:
         from xlsr_jax.infer.lm import LMDecoder  # needs the `lm` extra
