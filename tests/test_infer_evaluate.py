@@ -196,3 +196,12 @@ def test_summary_counts_skipped_and_scored_problems_by_reason():
     assert format_summary(result).splitlines()[1] == (
         "utterances: 9 scored; 3 skipped (1 missing_file, 1 silence, 1 empty_text); 1 longer in characters than "
         "the model has frames and 2 with characters outside the vocabulary (scored)")
+
+
+def test_collapse_shares_count_blank_frames_and_empty_transcripts():
+    from xlsr_jax.infer.predict import Prediction, collapse_shares
+
+    predictions = [Prediction(0, "a b", "", frames=50, blank_frames=50), Prediction(1, "c", "c", frames=30, blank_frames=20),
+                   Prediction(2, "d", " ", frames=20, blank_frames=20)]
+    assert collapse_shares(predictions) == {"blank_frames": 0.9, "empty": 2 / 3}
+    assert collapse_shares([]) == {"blank_frames": 0.0, "empty": 0.0}

@@ -33,6 +33,8 @@ class Prediction:
     hypothesis: str
     confidence: float | None = None
     lm_score: float | None = None
+    frames: int = 0  # the model's frames of the utterance
+    blank_frames: int = 0  # of those, the frames whose most likely token is the CTC blank
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
@@ -67,13 +69,16 @@ def _fetch(index: jax.Array, out: dict[str, jax.Array], loader: BatchLoader, voc
     real = index >= 0  # filler rows of the last batch
     frames = _gather(out["frames"])[real]
     if decoder is None:
-        texts, lm_scores = vocab.decode_ctc_batch(_gather(out["pred_ids"])[real], frames), [None] * len(frames)
+        ids = _gather(out["pred_ids"])[real]
+        texts, lm_scores = vocab.decode_ctc_batch(ids, frames), [None] * len(frames)
     else:
-        scored = decoder.decode_scored([lp[:n] for lp, n in zip(_gather(out["log_probs"])[real], frames)])
-        texts, lm_scores = [text for text, _ in scored], [score for _, score in scored]
+        log_probs = _gather(out["log_probs"])[real]
+        scored = decoder.decode_scored([lp[:n] for lp, n in zip(log_probs, frames)])
+        texts, lm_scores, ids = [text for text, _ in scored], [score for _, score in scored], log_probs.argmax(-1)
+    blanks = ((ids == vocab.pad_id) & (np.arange(ids.shape[1]) < frames[:, None])).sum(-1).tolist()
     confidence = _gather(out["confidence"])[real].tolist() if "confidence" in out else [None] * len(frames)
-    predictions = [Prediction(i, loader.dataset.texts[i], text, c, s)
-                   for i, text, c, s in zip(index[real].tolist(), texts, confidence, lm_scores)]
+    predictions = [Prediction(i, loader.dataset.texts[i], text, c, s, int(n), b)
+                   for i, text, c, s, n, b in zip(index[real].tolist(), texts, confidence, lm_scores, frames, blanks)]
     return float(out["loss_sum"]), float(out["examples"]), predictions
 
 
@@ -105,9 +110,17 @@ def run_predictions(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: 
 
 def predict(params: Any, loader: BatchLoader, eval_fn: Callable, vocab: Vocab, mesh: Mesh,
             decoder=None) -> tuple[dict[str, float], list[Prediction]]:
-    """`run_predictions` scored against the loader's transcripts: ({"loss", "wer", "cer", "examples"},
-    predictions in dataset order)."""
+    """`run_predictions` scored against the loader's transcripts: ({"loss", "wer", "cer", "examples",
+    "blank_frames": the share of frames whose most likely token is the blank, "empty": the share of empty
+    transcripts}, predictions in dataset order). Both near 1 past the warm-up: a model collapsed to blanks."""
     loss, predictions = run_predictions(params, loader, eval_fn, vocab, mesh, decoder)
     metrics = {"loss": loss, **error_rates([p.reference for p in predictions], [p.hypothesis for p in predictions]),
-               "examples": float(len(predictions))}
+               "examples": float(len(predictions)), **collapse_shares(predictions)}
     return metrics, predictions
+
+
+def collapse_shares(predictions: Sequence[Prediction]) -> dict[str, float]:
+    """{"blank_frames": blank frames / frames, "empty": empty transcripts / utterances} over `predictions`."""
+    frames = sum(p.frames for p in predictions)
+    return {"blank_frames": sum(p.blank_frames for p in predictions) / max(frames, 1),
+            "empty": sum(not p.hypothesis.strip() for p in predictions) / max(len(predictions), 1)}

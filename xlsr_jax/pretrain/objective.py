@@ -135,6 +135,9 @@ class Pretraining:
     def summarize(fetched: list[dict]) -> dict[str, float]:
         return summarize_steps(fetched, "pretrain", SUMMARY)
 
+    def advise(self, config: Config, step: int, scores: dict[str, float]) -> str | None:
+        return None  # a collapsed quantizer stops the run (`guard`)
+
     def guard(self, config: Config, model_config) -> CollapseGuard | None:
         p = config.pretrain
         if not p.collapse_perplexity:

@@ -92,7 +92,9 @@ class CTC:
             shown = "\n".join(f"  ref: {p.reference}\n  hyp: {p.hypothesis}"
                               for p in predictions[: config.eval.num_examples_to_print])
             summary = (f"loss {scores['eval/loss']:.3f}  WER {100 * scores['eval/wer']:.2f}%  CER "
-                       f"{100 * scores['eval/cer']:.2f}% ({scores['eval/examples']:.0f} utterances)")
+                       f"{100 * scores['eval/cer']:.2f}% ({scores['eval/examples']:.0f} utterances; blank on "
+                       f"{100 * scores['eval/blank_frames']:.0f} % of frames, {100 * scores['eval/empty']:.0f} % "
+                       "empty)")
             return scores, summary, shown
         return evaluate
 
@@ -100,6 +102,10 @@ class CTC:
 
     def guard(self, config: Config, model_config):
         return None
+
+    @staticmethod
+    def advise(config: Config, step: int, scores: dict[str, float]) -> str | None:
+        return blank_collapse_advice(config, step, scores)
 
     def export(self, run: RunDir, config: Config, model, params, data: Data, step: int, *, is_main: bool,
                selected: str = "final") -> None:
@@ -125,3 +131,24 @@ class CTC:
 
     def plot(self, metrics: Path, out_png: Path) -> None:
         plot_training_curves(metrics, out_png)
+
+
+# A CTC model that emits only blanks: (nearly) every eval frame's most likely token, or (nearly) every
+# transcript empty. A working model at 50 frames/s gives 20-40 % of frames to characters.
+COLLAPSED_BLANK_FRAMES, COLLAPSED_EMPTY = 0.98, 0.9
+
+
+def blank_collapse_advice(config: Config, step: int, scores: dict[str, float]) -> str | None:
+    """What to check when the evaluation of `step`, past the warm-up (optim.warmup_steps, plus
+    model.freeze_transformer_steps), shows a model that predicts only blanks; None otherwise."""
+    blank, empty = scores.get("eval/blank_frames"), scores.get("eval/empty")
+    settled = config.optim.warmup_steps + config.model.freeze_transformer_steps
+    if blank is None or step <= settled or (blank < COLLAPSED_BLANK_FRAMES and empty < COLLAPSED_EMPTY):
+        return None
+    return (f"step {step}: the model predicts the blank on {100 * blank:.1f} % of eval frames and an empty transcript "
+            f"for {100 * empty:.0f} % of utterances, {step - settled} steps past the warm-up. XLSR models often do "
+            "for their first few hundred updates while eval/loss falls; if it still does later, check: "
+            f"optim.learning_rate ({config.optim.learning_rate:g}: too high collapses to blanks, too low never leaves "
+            "them), the vocabulary against the transcripts (xlsr-jax inventory; out_of_vocabulary rows in "
+            "data_report.tsv), clips with few frames per character (infeasible rows), and a head-only phase "
+            f"(model.freeze_transformer_steps={config.model.freeze_transformer_steps}) long enough for the new head")

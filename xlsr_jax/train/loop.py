@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -239,7 +240,7 @@ def run_training(config: Config, objective: Objective, *, on_eval: EvalCallback 
     evaluator = objective.evaluator(config, data, eval_fn, mesh) if eval_fn is not None else None
     loop = _Loop(config, step_fn, eval_fn, data, mesh, checkpoints, writer, stopping, on_eval, run_dir=run,
                  evaluator=evaluator, summarize=objective.summarize, namespace=objective.namespace,
-                 guard=objective.guard(config, model.config))
+                 guard=objective.guard(config, model.config), advise=functools.partial(objective.advise, config))
     try:
         with _StopSignal().installed() as stop:
             state, last = loop.run(state, start, steps, stop)
@@ -318,6 +319,7 @@ class _Loop:
     summarize: Callable[[list[dict]], dict[str, float]] = ctc_summary  # the step metrics -> logged ones
     namespace: str = "train"  # of the logged training metrics
     guard: Guard | None = None  # (step, logged metrics) -> a reason to stop the run, or None
+    advise: Callable[[int, dict[str, float]], str | None] | None = None  # (step, eval scores) -> a warning
     stopped_by_guard: str | None = None  # the guard's reason, once it stopped the run
     _evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
@@ -401,6 +403,9 @@ class _Loop:
         self._evaluated = {step: scores}
         self.writer.write(step, scores)
         logger.info("step %d eval: %s%s", step, summary, f"\n{examples}" if examples else "")
+        advice = self.advise(step, scores) if self.advise is not None else None
+        if advice:
+            logger.warning(advice)
         if examples:
             self.writer.text(step, "eval/examples", examples)
         return scores

@@ -55,6 +55,9 @@ class Objective(Protocol):
 
     def guard(self, config: Config, model_config) -> Guard | None: ...
 
+    def advise(self, config: Config, step: int, scores: dict[str, float]) -> str | None:
+        """A warning the evaluation of `step` (its `eval/` scores) calls for, logged by the loop; or None."""
+
     def export(self, run: RunDir, config: Config, model, params, data: Any, step: int, *, is_main: bool,
                selected: str) -> None:
         """hf_model/ at the end of the run."""
