@@ -75,3 +75,20 @@ def forward(model, params, x, mask, deterministic: bool, seed: int = 0, mutable:
             {"params": p}, x, attention_mask=m, deterministic=deterministic, rngs={"dropout": rng},
             mutable=["intermediates"] if mutable else False))
     return _JITTED[key][1](params, x, mask, jax.random.key(seed))
+
+
+# The wav2vec2 families people fine-tune today, as their Hub config.json files give them (all XLSR-53's
+# conv stack, stable layer norm and positional conv): {name: (hidden, layers, intermediate)}. Attention heads
+# are 16 in each. MMS-300m and MMS-1b share XLS-R 300M's and 1B's shapes.
+FAMILIES = {
+    "xls-r-300m / mms-300m": (1024, 24, 4096),
+    "xls-r-1b / mms-1b": (1280, 48, 5120),
+    "xls-r-2b": (1920, 48, 7680),
+}
+
+
+def family_config(name: str, layers: int | None = None, **overrides) -> Wav2Vec2Config:
+    """FAMILIES[name]'s architecture (XLSR-53's otherwise), with `layers` encoder layers if given."""
+    hidden, depth, intermediate = FAMILIES[name]
+    return xlsr53_config(hidden_size=hidden, num_hidden_layers=layers or depth, intermediate_size=intermediate,
+                         **overrides)

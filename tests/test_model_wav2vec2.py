@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Wav2Vec2ForCTC
 
-from _models import forward, padded_batch, quiet_config, tiny_config, xlsr53_config
+from _models import FAMILIES, family_config, forward, padded_batch, quiet_config, tiny_config, xlsr53_config
 from xlsr_jax.model import FlaxWav2Vec2ForCTC, pytorch_to_flax
 from xlsr_jax.model.wav2vec2 import frame_mask_from_attention_mask
 
@@ -58,6 +58,33 @@ def test_logits_equal_pytorch_xlsr53_shape(report):
     error = _max_logit_error(config, lengths=[16000, 9600], total=16000, scan_layers=True)
     report("parity max|dlogits| XLSR-53 shape (24x1024, 1 s, scanned)", error)
     assert error <= 1e-4
+
+
+@pytest.mark.slow  # builds each family's width in torch and in Flax
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_loads_from_its_folder_and_equals_pytorch(family, tmp_path, report):
+    """A Hugging Face folder of each family's architecture (perturbed random weights, 2 of its encoder layers:
+    the per-layer arithmetic is the same at any depth, and 48 layers of 1920 do not fit this CPU's tests),
+    loaded by `load_pretrained`, gives transformers' logits."""
+    from xlsr_jax.model import load_pretrained
+
+    config = family_config(family, layers=2)
+    torch.manual_seed(0)
+    reference = Wav2Vec2ForCTC(config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path)
+    model, params = load_pretrained(tmp_path, options={"scan_layers": True})
+    x, mask = padded_batch([16000, 9600], 16000)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    logits = np.asarray(jax.jit(model.apply, static_argnames="deterministic")(
+        {"params": params}, x, attention_mask=mask, deterministic=True))
+    frames = np.asarray(frame_mask_from_attention_mask(config, mask, logits.shape[1]))
+    error = float(np.abs(logits - expected)[frames].max()) / float(np.abs(expected[frames]).max())
+    report(f"parity {family} (2 layers of {config.hidden_size}, 1 s), max|dlogits| / max|logit|", error)
+    assert model.config.hidden_size == FAMILIES[family][0] and error <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["stable", "group"])

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -223,3 +224,32 @@ def test_token_budget_trains_each_bucket_with_its_own_batch_size(cv_maker, tmp_p
     assert result["train/buckets_used"] == result["train/compiled_shapes"] == 2
     losses = [r["train/loss"] for r in _records(tmp_path / "run") if "train/loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+@pytest.mark.slow  # trains a 2-layer model of XLS-R 2B's width
+def test_xls_r_2b_width_trains_with_its_state_sharded_over_four_devices(cv_dir, tmp_path):
+    """Two updates of a model as wide as XLS-R 2B (1920, 2 of its 48 layers) with mesh.fsdp=4 on the tests' 4 CPU
+    devices, bfloat16 compute and remat, as a slice would run it: the loss is finite and the weights moved."""
+    from _models import family_config
+    from xlsr_jax.config import from_dict, to_dict
+    from xlsr_jax.infer.load import load_run
+
+    arch = family_config("xls-r-2b", layers=2).to_dict()
+    tree = to_dict(tiny_run_config(cv_dir, tmp_path, mesh={"fsdp": 4}, max_steps=2, eval_steps=10_000,
+                                   save_steps=1, precision="bfloat16"))
+    tree["model"].update(remat_policy="full", scan_layers=True, freeze_feature_encoder=True,
+                         architecture={key: arch[key] for key in tree["model"]["architecture"]})
+    tree["checkpoint"] = {"save_total_limit": 2}
+    train(from_dict(tree))
+    run = tmp_path / "run"
+    losses = [r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "train/loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    first, second = load_run(run, step=1), load_run(run, step=2)
+    assert first.model.config.hidden_size == 1920
+    moved = {jax.tree_util.keystr(path): not np.array_equal(a, b) for (path, a), b in
+             zip(jax.tree_util.tree_leaves_with_path(first.params), jax.tree.leaves(second.params))}
+    frozen = {k for k in moved if "feature_extractor" in k}
+    assert frozen and not any(moved[k] for k in frozen)  # the conv feature encoder is frozen
+    # (masked_spec_embed only trains where SpecAugment masked a frame; one step may not)
+    assert all(moved[k] for k in moved.keys() - frozen if "masked_spec_embed" not in k), moved
