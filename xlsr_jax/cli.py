@@ -302,8 +302,9 @@ def _parse_plan(commands) -> None:
                         help="largest per-device batch of each length bucket that fits in memory",
                         description="Build the training data as `train` would, then for each length bucket find the "
                                     "largest per-device batch whose compiled train step fits --memory-gib (XLA's "
-                                    "memory estimate, on the backend this runs on), and suggest a per-device "
-                                    "audio-seconds budget for token-budget batching.")
+                                    "memory estimate, compiled over this host's devices as mesh shards them, or "
+                                    "with --topology for a TPU slice), and suggest a per-device audio-seconds "
+                                    "budget for token-budget batching.")
     p.add_argument("--memory-gib", type=float,
                    help="memory per device in GiB (default: this device's, where it reports one; CPUs do not)")
     p.add_argument("--max-batch", type=int, default=1024, help="largest per-device batch to try (default 1024)")
