@@ -260,11 +260,30 @@ def test_a_compiled_step_over_the_chips_hbm_is_named():
     from xlsr_jax.train.plan import CompiledStep, RunCompile, format_run_compile
 
     steps = [CompiledStep("train", (4, 16000, 10), StepCost(2 * GIB, GIB, GIB, 0, 0)),
-             CompiledStep("eval", (4, 16000, 10), StepCost(GIB // 2, GIB // 4, GIB // 4, 0, 0))]
+             CompiledStep("eval", (4, 16000, 10), StepCost(GIB // 2, GIB // 4, GIB // 4, 0, 0)),
+             CompiledStep("eval", (4, 32000, 20), None)]  # the compiler ran out of HBM
     compiled = RunCompile("v5e:2x2", "TPU v5 lite", 4, 1, {"data": 4, "fsdp": 1}, GIB, steps, 1.0)
     assert not compiled.fits
     lines = format_run_compile(compiled).splitlines()
     assert lines[0].startswith("v5e:2x2: 4 TPU v5e chips on 1 host(s)")
     assert lines[2].split() == ["train", "4", "1.00", "2.00", "1.00", "1.00", "NO"]
     assert lines[3].split() == ["eval", "4", "1.00", "0.50", "0.25", "0.25", "yes"]
+    assert lines[4].split()[:3] == ["eval", "4", "2.00"] and lines[4].endswith("NO: the compiler ran out of HBM for it")
+    assert not RunCompile("v5e:2x2", "TPU v5 lite", 4, 1, {}, GIB, steps[1:], 1.0).fits  # the refused one alone
+    assert RunCompile("v5e:2x2", "TPU v5 lite", 4, 1, {}, GIB, steps[1:2], 1.0).fits
     assert lines[-1].startswith("a step does not fit")
+
+
+def test_a_program_the_tpu_compiler_cannot_fit_is_none_not_an_error():
+    """XLA:TPU checks a program's buffers against the chip's HBM while compiling: 160 GB of temporaries on a
+    16 GiB v5e raise RESOURCE_EXHAUSTED, which plan takes for "does not fit"."""
+    pytest.importorskip("libtpu", reason=NEEDS_LIBTPU)
+    from xlsr_jax.train.plan import compile_within_memory
+    from xlsr_jax.train.topology import topology_devices
+
+    chip = jax.sharding.SingleDeviceSharding(topology_devices("v5e-1")[0])
+    sort_rows = jax.jit(lambda x: jnp.sort(x @ x.T, axis=0)[::7].sum(0), in_shardings=chip, out_shardings=chip)
+    small = compile_within_memory(sort_rows.lower(jax.ShapeDtypeStruct((1000, 1024), jnp.float32, sharding=chip)))
+    assert small is not None and small.memory_analysis().temp_size_in_bytes > 1000 * 1000 * 4
+    assert compile_within_memory(sort_rows.lower(jax.ShapeDtypeStruct((200_000, 1024), jnp.float32,
+                                                                      sharding=chip))) is None

@@ -32,7 +32,7 @@ from xlsr_jax.checkpoint import abstract_with_shardings
 from xlsr_jax.config import Config, MeshConfig
 from xlsr_jax.errors import UserError
 from xlsr_jax.data.audio import SAMPLING_RATE
-from xlsr_jax.aot import StepToCompile, abstract_batch, compile_steps
+from xlsr_jax.aot import abstract_batch
 from xlsr_jax.train.optim import build_optimizer
 from xlsr_jax.train.setup import build_data, build_model
 from xlsr_jax.train.state import create_state
@@ -168,11 +168,30 @@ def step_memory(config: Config, model, steps: int, blank_id: int, devices: list 
 
     def memory(batch: int, samples: int, label_length: int) -> int:
         shape = (batch * accum * mesh.size, samples, label_length)
-        cost = step_cost(jitted.lower(first, abstract_batch(shape, batch_sharding)).compile())
+        compiled = compile_within_memory(jitted.lower(first, abstract_batch(shape, batch_sharding)))
+        if compiled is None:
+            return OUT_OF_MEMORY
+        cost = step_cost(compiled)
         if costs is not None:
             costs[(batch, samples, label_length)] = cost
         return cost.bytes
     return memory
+
+
+# What `step_memory` answers for a step the compiler refused for want of memory.
+OUT_OF_MEMORY = 2 ** 62
+
+
+def compile_within_memory(lowered: Any) -> Any | None:
+    """`lowered.compile()`, or None when the compiler says the program cannot fit the device's memory: XLA:TPU
+    checks its buffers against the chip's usable HBM (30.75 of a v4's 32 GiB) and raises RESOURCE_EXHAUSTED
+    ("Ran out of memory on HBM") instead of compiling."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" in str(err):
+            return None
+        raise
 
 
 def unrolled_costs(config: Config, model, steps: int, blank_id: int, devices: list | None,
@@ -355,7 +374,7 @@ def format_plan(result: Plan) -> str:
 class CompiledStep:
     name: str  # "train" or "eval"
     shape: tuple[int, int, int]  # the step's global batch (B, S, L)
-    cost: StepCost  # per chip
+    cost: StepCost | None  # per chip; None: the compiler found it cannot fit the chip's HBM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +391,7 @@ class RunCompile:
 
     @property
     def fits(self) -> bool:
-        return all(s.cost.bytes <= self.budget_bytes for s in self.steps)
+        return all(s.cost is not None and s.cost.bytes <= self.budget_bytes for s in self.steps)
 
 
 def compile_run(config: Config, objective, topology: str, seconds: Sequence[float] = ()) -> RunCompile:
@@ -401,18 +420,20 @@ def compile_run(config: Config, objective, topology: str, seconds: Sequence[floa
     start = time.monotonic()
     with compiling_for("tpu"):
         train_jit, eval_jit = objective.jit_steps(config, data, model, tx, schedule, shardings, mesh)
-        steps = [StepToCompile("train", train_jit, abstract_with_shardings(abstract_state, shardings),
-                               _shapes(data.train.batch_shapes.values(), seconds))]
+        todo = [("train", train_jit, abstract_with_shardings(abstract_state, shardings), data.train)]
         if eval_jit is not None:
-            steps.append(StepToCompile("eval", eval_jit, abstract_with_shardings(abstract_state.params, shardings.params),
-                                       _shapes(data.eval.batch_shapes.values(), seconds)))
-        compiled = compile_steps(steps, parallel.batch_sharding(mesh))
+            todo.append(("eval", eval_jit, abstract_with_shardings(abstract_state.params, shardings.params), data.eval))
+        batch_sharding = parallel.batch_sharding(mesh)
+        lowered = [(name, shape, jitted.lower(first, abstract_batch(shape, batch_sharding)))
+                   for name, jitted, first, loader in todo for shape in _shapes(loader.batch_shapes.values(), seconds)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        compiled = list(pool.map(lambda item: compile_within_memory(item[2]), lowered))
     chip = CHIPS.get(devices[0].device_kind)
     return RunCompile(
         topology, devices[0].device_kind, len(devices), len({d.process_index for d in devices}), dict(mesh.shape),
         int(chip.hbm_gib * GIB) if chip else 0,
-        [CompiledStep(name, shape, step_cost(executable)) for name, dispatch in compiled.items()
-         for shape, executable in sorted(dispatch.executables.items())], time.monotonic() - start)
+        [CompiledStep(name, shape, step_cost(c) if c is not None else None)
+         for (name, shape, _), c in zip(lowered, compiled)], time.monotonic() - start)
 
 
 def _shapes(shapes, seconds: Sequence[float]) -> list[tuple[int, int, int]]:
@@ -434,9 +455,13 @@ def format_run_compile(result: RunCompile) -> str:
              f"{'step':>5}  {'batch':>5}  {'padded s':>8}  {'HBM GiB':>7}  {'state+in':>8}  {'temp':>6}  fits "
              f"{result.budget_bytes / GIB:g} GiB"]
     for s in result.steps:
+        head = f"{s.name:>5}  {s.shape[0]:>5}  {s.shape[1] / SAMPLING_RATE:>8.2f}"
+        if s.cost is None:
+            lines.append(f"{head}  NO: the compiler ran out of HBM for it")
+            continue
         fits = "yes" if s.cost.bytes <= result.budget_bytes else "NO"
-        lines.append(f"{s.name:>5}  {s.shape[0]:>5}  {s.shape[1] / SAMPLING_RATE:>8.2f}  {s.cost.bytes / GIB:>7.2f}  "
-                     f"{s.cost.argument_bytes / GIB:>8.2f}  {s.cost.temp_bytes / GIB:>6.2f}  {fits}")
+        lines.append(f"{head}  {s.cost.bytes / GIB:>7.2f}  {s.cost.argument_bytes / GIB:>8.2f}  "
+                     f"{s.cost.temp_bytes / GIB:>6.2f}  {fits}")
     lines.append("batch: the step's global batch (all chips); HBM: XLA's memory analysis of the compiled step, per chip")
     if not result.fits:
         lines.append("a step does not fit: lower train.per_device_batch_size (plan without --as-configured finds the "

@@ -93,6 +93,10 @@ def topology_devices(name: str) -> list:
                                                  chips_per_host_bounds=spec.chips_per_host).devices)
     except Exception as err:  # libtpu missing, or a slice it does not know
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "lockfile" in reason:  # libtpu's advice (rm the lock) would break a process that holds it
+            raise UserError(f"plan --topology {name}: another process has libtpu loaded (another plan, or a TPU "
+                            "program); wait for it, or, where neither drives a TPU, set ALLOW_MULTIPLE_LIBTPU_LOAD=1"
+                            ) from None
         raise UserError(f"plan --topology {name}: cannot compile for it ({reason}); it needs libtpu "
                         "(pip install 'xlsr-jax[tpu]')") from None
 
