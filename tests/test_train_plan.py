@@ -121,7 +121,7 @@ def test_plan_compiles_the_train_step_for_a_tpu_topology_without_a_tpu(cv_dir, t
     result = plan(config, max_batch=1, topology="v5e:2x2")
     assert seen and set(seen) == {"tpu"}
     assert (result.backend, result.devices, result.hosts, result.mesh) == ("TPU v5e", 4, 1, {"data": 1, "fsdp": 4})
-    assert result.budget_bytes == 16 * GIB
+    assert result.budget_bytes == int(15.75 * GIB)  # what libtpu's compiler lets a program use of a v5e's 16 GiB
     (bucket,) = result.buckets
     assert bucket.batch == 1 and bucket.cost.bytes == bucket.bytes
     assert 0 < bucket.cost.argument_bytes < bucket.bytes < GIB and bucket.cost.flops > 0
@@ -208,7 +208,7 @@ def test_xlsr53_train_and_eval_steps_compile_for_v5e_and_fit_its_hbm(cv_dir, tmp
     assert (result.devices, result.hosts, result.mesh) == (4, 1, {"data": 1, "fsdp": 4})
     steps = {s.name: s for s in result.steps}
     assert steps.keys() == {"train", "eval"} and steps["train"].shape[:2] == (8, 160000)
-    assert result.budget_bytes == 16 * GIB and result.fits
+    assert result.budget_bytes == int(15.75 * GIB) and result.fits
     # float32 parameters and Adam's two moments of the trainable ones (not the frozen conv feature encoder), a
     # quarter on each chip, plus the batch and the replicated scalars
     params = FlaxWav2Vec2ForCTC(xlsr53_config()).abstract_params()
@@ -216,7 +216,7 @@ def test_xlsr53_train_and_eval_steps_compile_for_v5e_and_fit_its_hbm(cv_dir, tmp
     state = weights + 2 * (weights - frozen)
     assert state / 4 < steps["train"].cost.argument_bytes < state / 4 + 0.05 * GIB
     assert weights / 4 < steps["eval"].cost.argument_bytes < weights / 4 + 0.05 * GIB  # parameters only
-    assert "fits 16 GiB" in format_run_compile(result)
+    assert "fits 15.75 GiB" in format_run_compile(result)
 
 
 @pytest.mark.slow  # compiles the tiny model's steps for a TPU slice of 2 hosts (libtpu)
@@ -287,3 +287,14 @@ def test_a_program_the_tpu_compiler_cannot_fit_is_none_not_an_error():
     assert small is not None and small.memory_analysis().temp_size_in_bytes > 1000 * 1000 * 4
     assert compile_within_memory(sort_rows.lower(jax.ShapeDtypeStruct((200_000, 1024), jnp.float32,
                                                                       sharding=chip))) is None
+
+
+@pytest.mark.parametrize("name, usable_gib", [("v5e-1", 15.75), ("v4-8", 30.75), ("v5p-8", 95.74), ("v6e-4", 31.25)])
+def test_the_hbm_a_program_may_use_is_the_compilers(name, usable_gib):
+    """Less than the chip's HBM: a v4 plan at 31.96 GiB compiled (temporaries under 30.75 GiB) but would not run."""
+    pytest.importorskip("libtpu", reason=NEEDS_LIBTPU)
+    from xlsr_jax.train.plan import usable_hbm_bytes
+    from xlsr_jax.train.topology import topology_devices
+
+    device = topology_devices(name)[0]
+    assert usable_hbm_bytes(device) == int(usable_gib * GIB) < CHIPS[device.device_kind].hbm_gib * GIB

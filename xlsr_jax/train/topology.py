@@ -24,7 +24,8 @@ class Chip:
 CHIPS = {
     "TPU v4": Chip("v4", 32, 275, 1200, "https://cloud.google.com/tpu/docs/v4"),
     "TPU v5 lite": Chip("v5e", 16, 197, 819, "https://cloud.google.com/tpu/docs/v5e"),
-    "TPU v5": Chip("v5p", 95, 459, 2765, "https://cloud.google.com/tpu/docs/v5p"),
+    # v5p: the page says 95 GB of HBM; libtpu's compiler lets one program use 95.74 GiB of it (usable_hbm_bytes)
+    "TPU v5": Chip("v5p", 96, 459, 2765, "https://cloud.google.com/tpu/docs/v5p"),
     "TPU v6 lite": Chip("v6e", 32, 918, 1640, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
