@@ -184,7 +184,7 @@ def test_evaluate_an_exported_folder_scores_like_its_run(run_copy, cv_dir, tmp_p
     assert from_folder["step"] == from_run["step"] == 6  # the export knows the step it came from
     assert _read_tsv(tmp_path / "folder.tsv") == _read_tsv(tmp_path / "run.tsv")
     assert read_eval_results(folder / "eval_results.json")[0]["wer"] == from_run["wer"]
-    with pytest.raises(UserError, match="--step and --best choose among a training run's checkpoints"):
+    with pytest.raises(UserError, match="--step, --best and --average choose among a training run's checkpoints"):
         evaluate(str(folder), [f"cv:{cv_dir}:dev"], best=True)
 
 
