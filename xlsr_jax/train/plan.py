@@ -35,9 +35,7 @@ from xlsr_jax.config import Config, MeshConfig
 from xlsr_jax.errors import UserError
 from xlsr_jax.data.audio import SAMPLING_RATE
 from xlsr_jax.aot import abstract_batch
-from xlsr_jax.train.optim import build_optimizer
-from xlsr_jax.train.setup import build_data, build_model
-from xlsr_jax.train.state import create_state
+from xlsr_jax.train.setup import abstract_state, build_data, build_model
 from xlsr_jax.train.step import jit_train_step
 from xlsr_jax.train.topology import CHIPS, Chip, roofline_seconds, topology_devices, tpu_slice
 
@@ -158,15 +156,11 @@ def step_memory(config: Config, model, steps: int, blank_id: int, devices: list 
         mesh = parallel.make_mesh(MeshConfig(), devices=jax.local_devices()[:1])
     else:
         mesh = parallel.make_mesh(config.mesh, devices=devices)
-    abstract_params = model.abstract_params()
-    tx, schedule = build_optimizer(config.optim, steps, abstract_params, config.model.freeze_feature_encoder,
-                                   config.model.freeze_transformer_steps)
-    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, config.train.seed), abstract_params)
-    shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
+    state, shardings, tx, schedule = abstract_state(config, model, mesh, steps)
     accum = config.optim.gradient_accumulation_steps
     jitted = jit_train_step(model, tx, schedule, blank_id=blank_id, reduction=config.model.ctc_loss_reduction,
                             accum=accum, state_shardings=shardings, mesh=mesh)
-    first, batch_sharding = abstract_with_shardings(abstract_state, shardings), parallel.batch_sharding(mesh)
+    first, batch_sharding = abstract_with_shardings(state, shardings), parallel.batch_sharding(mesh)
 
     def memory(batch: int, samples: int, label_length: int) -> int:
         shape = (batch * accum * mesh.size, samples, label_length)
@@ -272,8 +266,10 @@ def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
             raise UserError(f"plan: this {jax.default_backend()} device reports no memory size; give --memory-gib "
                             "(e.g. 80 for an 80 GB GPU)")
     data = build_data(config, Path(config.train.output_dir), per_device, per_device, data_parallel=1)
-    devices, chip = local_mesh_devices(config.mesh), None
-    if topology is not None:
+    devices, chip = None, None
+    if topology is None:
+        devices = local_mesh_devices(config.mesh)
+    else:
         devices = topology_devices(topology)
         chip = CHIPS.get(devices[0].device_kind)
         if budget is None:
@@ -292,9 +288,7 @@ def plan(config: Config, memory_gib: float | None = None, max_batch: int = 1024,
 
         shapes = {b: (s, length) for b, (_, s, length) in data.train.batch_shapes.items()}
         if seconds:
-            per_sample = max(length / s for s, length in shapes.values())
-            shapes = {b: (round(t * SAMPLING_RATE), math.ceil(per_sample * t * SAMPLING_RATE))
-                      for b, t in enumerate(sorted(seconds))}
+            shapes = dict(enumerate((s, length) for _, s, length in _shapes(data.train.batch_shapes.values(), seconds)))
         start = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(shapes), os.cpu_count() or 1)) as pool:
             futures = [pool.submit(one, b, s, length) for b, (s, length) in sorted(shapes.items())]
@@ -429,17 +423,13 @@ def compile_run(config: Config, objective, topology: str, seconds: Sequence[floa
     from xlsr_jax.train.loop import total_steps  # the learning-rate schedule's length, as in training
 
     model = objective.shaped_model(config, data)
-    abstract_params = model.abstract_params()
-    tx, schedule = build_optimizer(config.optim, total_steps(config, data.train.batches_per_epoch), abstract_params,
-                                   config.model.freeze_feature_encoder, config.model.freeze_transformer_steps)
-    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, config.train.seed), abstract_params)
-    shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
+    state, shardings, tx, schedule = abstract_state(config, model, mesh, total_steps(config, data.train.batches_per_epoch))
     start = time.monotonic()
     with compiling_for("tpu"):
         train_jit, eval_jit = objective.jit_steps(config, data, model, tx, schedule, shardings, mesh)
-        todo = [("train", train_jit, abstract_with_shardings(abstract_state, shardings), data.train)]
+        todo = [("train", train_jit, abstract_with_shardings(state, shardings), data.train)]
         if eval_jit is not None:
-            todo.append(("eval", eval_jit, abstract_with_shardings(abstract_state.params, shardings.params), data.eval))
+            todo.append(("eval", eval_jit, abstract_with_shardings(state.params, shardings.params), data.eval))
         batch_sharding = parallel.batch_sharding(mesh)
         lowered = [(name, shape, jitted.lower(first, abstract_batch(shape, batch_sharding)))
                    for name, jitted, first, loader in todo for shape in _shapes(loader.batch_shapes.values(), seconds)]
@@ -453,7 +443,8 @@ def compile_run(config: Config, objective, topology: str, seconds: Sequence[floa
 
 
 def _shapes(shapes, seconds: Sequence[float]) -> list[tuple[int, int, int]]:
-    """The loader's (B, S, L) shapes, or with `seconds` one per length at the largest batch."""
+    """The loader's (B, S, L) shapes by bucket, or with `seconds` one per padded length (shortest first) at
+    the largest batch, its labels as long per second as the data's densest bucket."""
     shapes = [tuple(map(int, s)) for s in shapes]
     if not seconds:
         return shapes

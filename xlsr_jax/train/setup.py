@@ -229,16 +229,23 @@ def _put(host_params: dict, shardings: Any) -> Any:
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host_params, shardings)
 
 
+def abstract_state(config: Config, model: FlaxWav2Vec2ForCTC | FlaxWav2Vec2ForPreTraining, mesh: Mesh,
+                   total_steps: int) -> tuple[Any, Any, optax.GradientTransformation, optax.Schedule]:
+    """(the train state's shapes and dtypes, its shardings over `mesh`, optimizer, lr schedule), nothing
+    computed: what `build_state` builds, and what `plan` compiles steps for."""
+    abstract_params = model.abstract_params()
+    tx, schedule = build_optimizer(config.optim, total_steps, abstract_params, config.model.freeze_feature_encoder,
+                                   config.model.freeze_transformer_steps)
+    shapes = jax.eval_shape(lambda p: create_state(p, tx, config.train.seed), abstract_params)
+    return shapes, parallel.tree_shardings(shapes, mesh, config.mesh.rules), tx, schedule
+
+
 def build_state(config: Config, model: FlaxWav2Vec2ForCTC | FlaxWav2Vec2ForPreTraining, host_params: dict | None,
                 mesh: Mesh,
                 total_steps: int) -> tuple[TrainState, Any, optax.GradientTransformation, optax.Schedule]:
     """(state built already sharded, its shardings, optimizer, lr schedule)."""
-    abstract_params = model.abstract_params()
-    tx, schedule = build_optimizer(config.optim, total_steps, abstract_params, config.model.freeze_feature_encoder,
-                                   config.model.freeze_transformer_steps)
+    _, shardings, tx, schedule = abstract_state(config, model, mesh, total_steps)
     seed = config.train.seed
-    abstract_state = jax.eval_shape(lambda p: create_state(p, tx, seed), abstract_params)
-    shardings = parallel.tree_shardings(abstract_state, mesh, config.mesh.rules)
     if host_params is None:
         def init(rng):
             return create_state(model.init_params(rng), tx, seed)
